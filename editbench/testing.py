@@ -1,0 +1,121 @@
+"""Tiny Stable-Diffusion-architecture models for tests and examples (random weights, no download).
+
+``tiny_unet(geometry)`` builds a ``UNet2DConditionModel`` whose block layout follows SD 1.x, SD 2.x or SDXL
+at a fraction of the width; ``tiny_pipeline()`` assembles a complete ``StableDiffusionPipeline`` from tiny
+parts with the real CLIP tokenizer. ``unet_config(geometry, full=True)`` gives the real-size configs, for
+geometry-only measurements (build those on the ``meta`` device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from editbench.models import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
+
+_FULL = {
+    "sd15": dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        layers_per_block=2,
+        sample_size=64,
+    ),
+    "sd21": dict(
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=1024,
+        attention_head_dim=(5, 10, 20, 20),
+        use_linear_projection=True,
+        layers_per_block=2,
+        sample_size=96,
+    ),
+    "sdxl": dict(
+        block_out_channels=(320, 640, 1280),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=2048,
+        attention_head_dim=(5, 10, 20),
+        transformer_layers_per_block=(1, 2, 10),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=256,
+        projection_class_embeddings_input_dim=2816,
+        layers_per_block=2,
+        sample_size=128,
+    ),
+}
+
+_TINY = {
+    "sd15": dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
+                 attention_head_dim=8, layers_per_block=1, sample_size=8, norm_num_groups=8),
+    "sd21": dict(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=48,
+                 attention_head_dim=(2, 4), use_linear_projection=True, layers_per_block=1, sample_size=8,
+                 norm_num_groups=8),
+    "sdxl": dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                 up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=64,
+                 attention_head_dim=(2, 4), transformer_layers_per_block=(1, 2), use_linear_projection=True,
+                 addition_embed_type="text_time", addition_time_embed_dim=8,
+                 projection_class_embeddings_input_dim=80, layers_per_block=1, sample_size=8, norm_num_groups=8),
+}
+
+GEOMETRIES = tuple(_FULL)
+
+
+def unet_config(geometry: str = "sd15", *, full: bool = False) -> dict:
+    """The ``UNet2DConditionModel`` config of ``geometry`` (``sd15``, ``sd21``, ``sdxl``), tiny or full size."""
+    table = _FULL if full else _TINY
+    if geometry not in table:
+        from editbench.errors import EditbenchError
+
+        raise EditbenchError(f"unknown geometry {geometry!r}; choose one of {sorted(table)}")
+    return dict(in_channels=4, out_channels=4, **table[geometry])
+
+
+def tiny_unet(geometry: str = "sd15", *, seed: int = 0):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**unet_config(geometry))
+
+
+def tiny_text_encoder(hidden_size: int = 32, *, seed: int = 0):
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH,
+                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+    return CLIPTextModel(cfg)
+
+
+def tiny_vae(*, seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
+                         layers_per_block=1, sample_size=16)
+
+
+def tiny_pipeline(*, seed: int = 0):
+    """A complete, randomly initialised SD-1.x-shaped ``StableDiffusionPipeline`` (16x16 px, 8x8 latents)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(seed=seed),
+        text_encoder=tiny_text_encoder(32, seed=seed),
+        tokenizer=clip_tokenizer(),
+        unet=tiny_unet("sd15", seed=seed),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                                    steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
