@@ -1,0 +1,120 @@
+"""The ``editbench`` command line.
+
+``editbench world train|eval|data`` builds and measures the toy world; ``train``, ``generate``, ``compose``,
+``bench``, ``report`` and ``demo`` run methods and suites. A user mistake prints ``editbench: error: ...`` and
+exits with status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from editbench.errors import EditbenchError
+
+
+def _dtype(name: str | None):
+    if name is None:
+        return None
+    import torch
+
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if name not in table:
+        raise EditbenchError(f"unknown --dtype {name!r}; choose one of {sorted(table)}")
+    return table[name]
+
+
+# ------------------------------------------------------------------------------------------------ world
+def cmd_world_train(args) -> None:
+    from editbench.toyworld import WEIGHTS
+    from editbench.toyworld.train import WorldConfig, train_world
+
+    cfg = WorldConfig(seed=args.seed)
+    if args.smoke:  # a minutes-long run of every stage, for tests and CI
+        cfg = WorldConfig(seed=args.seed, n_scenes=256, vae_steps=4, unet_steps=4, evaluator_steps=2,
+                          evaluator_batch=16, checkpoint_every=2, warmup=2)
+    train_world(Path(args.out or WEIGHTS), work=args.work, cfg=cfg, progress=not args.quiet)
+
+
+def cmd_world_eval(args) -> None:
+    from editbench.io import write_json
+    from editbench.toyworld import evaluator, load_pipeline
+    from editbench.toyworld.quality import evaluator_report, quality_gate, summary_table
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe = load_pipeline(args.device, _dtype(args.dtype))
+    df, summary = quality_gate(pipe, n_single=args.n, n_double=args.n // 2, steps=args.steps,
+                               guidance_scale=args.guidance)
+    df.to_csv(out / "quality_gate.csv", index=False)
+    ev = evaluator_report(*evaluator(args.device))
+    write_json(out / "toyworld_eval.json", {"quality_gate": summary, "evaluator": ev})
+    print(summary_table(summary))
+    print(f"gate passed: {summary['passes']}")
+    print(f"evaluator: top-1 retrieval {ev['retrieval_top1']:.3f} (1 of {ev['group_size']}), "
+          f"min concept gap {ev['concept_gap_min']:.3f}")
+
+
+def cmd_world_data(args) -> None:
+    from editbench.toyworld import DATA, write_concept_data
+
+    files = write_concept_data(Path(args.out or DATA))
+    print(f"wrote {len(files)} concepts to {args.out or DATA}")
+
+
+# --------------------------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="editbench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default=None, help="torch device (default: cpu)")
+    p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    world = sub.add_parser("world", help="build and measure the toy world")
+    wsub = world.add_subparsers(dest="world_command", required=True)
+    t = wsub.add_parser("train", help="train the toy world from scratch (resumable)")
+    t.add_argument("--out", default=None, help="output folder (default: the package's weights folder)")
+    t.add_argument("--work", default=None, help="checkpoint folder (default: OUT/_work)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--smoke", action="store_true", help="a tiny run of every stage (minutes), for testing")
+    t.add_argument("--quiet", action="store_true")
+    t.set_defaults(func=cmd_world_train)
+    e = wsub.add_parser("eval", help="quality gate of the base model and the evaluator's report")
+    e.add_argument("--out", default="runs/world_eval")
+    e.add_argument("--n", type=int, default=200, help="single-object held-out captions (two-object: n/2)")
+    e.add_argument("--steps", type=int, default=25)
+    e.add_argument("--guidance", type=float, default=4.0)
+    e.set_defaults(func=cmd_world_eval)
+    d = wsub.add_parser("data", help="write the personal concepts in DreamBench / CustomConcept101 layouts")
+    d.add_argument("--out", default=None)
+    d.set_defaults(func=cmd_world_data)
+
+    _add_method_commands(sub)
+    return p
+
+
+def _add_method_commands(sub) -> None:
+    """The method, suite and report commands (they import the heavier modules only when run)."""
+    from editbench import commands
+
+    commands.register(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except EditbenchError as e:
+        print(f"editbench: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("editbench: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

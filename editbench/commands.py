@@ -1,0 +1,226 @@
+"""The method, suite and report commands of the ``editbench`` CLI (see :mod:`editbench.cli`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from editbench.errors import EditbenchError
+
+
+def _kv(items: list[str] | None) -> dict:
+    """``["beta=0.7", "scale=1"]`` -> ``{"beta": 0.7, "scale": 1}`` (values parsed as YAML scalars)."""
+    import yaml
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise EditbenchError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def _pipeline(args):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from editbench.cli import _dtype
+
+    if args.model is None:
+        from editbench.toyworld import load_pipeline
+
+        return load_pipeline(args.device, _dtype(args.dtype))
+    if not Path(args.model, "model_index.json").exists():
+        raise EditbenchError(f"--model {args.model!r} is not a diffusers pipeline folder (no model_index.json)")
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype) or torch.float32,
+                                                   safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(args.device or "cpu")
+
+
+def _concept(args):
+    from editbench.concepts import ConceptData
+
+    if args.concept:
+        from editbench.toyworld import concept_data
+
+        return concept_data(args.concept)
+    if not (args.images and args.superclass and args.placeholder):
+        raise EditbenchError("give --concept NAME (a toy-world concept) or --images DIR --superclass WORD "
+                             "--placeholder TOKEN")
+    folder = Path(args.images)
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not images:
+        raise EditbenchError(f"no .png/.jpg/.jpeg/.webp images in {folder}")
+    return ConceptData(args.placeholder, args.superclass, images)
+
+
+def cmd_train(args) -> None:
+    from editbench import methods
+
+    editor = methods.get(args.method)(**_kv(args.set))
+    art = editor.fit(_pipeline(args), _concept(args), steps=args.steps, seed=args.seed,
+                     checkpoint_dir=args.checkpoint_dir)
+    path = art.save(args.out)
+    print(f"{args.method} artifact written to {path} ({art.nbytes:,} bytes)")
+
+
+def _editor_for(paths: list[str]):
+    from editbench import methods
+    from editbench.methods.base import Artifact
+
+    arts = [Artifact.load(p) for p in paths]
+    names = {a.method for a in arts}
+    if len(names) != 1:
+        raise EditbenchError(f"artifacts of several methods given ({sorted(names)}); pass one method's artifacts")
+    return methods.get(names.pop())(), arts
+
+
+def cmd_generate(args) -> None:
+    import torch
+
+    pipe = _pipeline(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    handle = None
+    if args.artifact:
+        editor, arts = _editor_for(args.artifact)
+        handle = editor.apply(pipe, arts, **_kv(args.set))
+    try:
+        for i, prompt in enumerate(args.prompt):
+            gen = torch.Generator(pipe.device).manual_seed(args.seed + i)
+            images = pipe([prompt] * args.n, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                          generator=gen).images
+            for j, im in enumerate(images):
+                im.save(out / f"p{i:02d}_{j:02d}.png")
+    finally:
+        if handle is not None:
+            handle.undo()
+    print(f"wrote {len(args.prompt) * args.n} images to {out}")
+
+
+def cmd_compose(args) -> None:
+    editor, arts = _editor_for(args.artifact)
+    merged = editor.compose(arts)
+    path = merged.save(args.out)
+    print(f"composed {len(arts)} {editor.name} artifacts into {path} ({merged.nbytes:,} bytes)")
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise EditbenchError(f"--shard expects i/N such as 0/4, got {text!r}") from None
+    if not 0 <= i < n:
+        raise EditbenchError(f"--shard {text}: need 0 <= i < N")
+    return i, n
+
+
+def cmd_bench(args) -> None:
+    from editbench.cli import _dtype
+    from editbench.eval.report import summary_table
+    from editbench.eval.suite import run_suite, write_report
+
+    out = Path(args.out)
+    df = run_suite(args.suite, out, shard=_shard(args.shard), device=args.device, dtype=_dtype(args.dtype))
+    report = write_report(out)
+    print(summary_table(df).to_string())
+    print(f"\nresults: {out / 'results.csv'}\nreport:  {report}")
+
+
+def cmd_report(args) -> None:
+    from editbench.eval.suite import write_report
+
+    print(f"report written to {write_report(Path(args.out))}")
+
+
+def cmd_demo(args) -> None:
+    """Perfusion on one toy concept: train, then sample the concept in new contexts, beside the base model."""
+    from editbench import methods
+    from editbench.toyworld import concept_data, load_pipeline
+
+    import torch
+    from PIL import Image
+
+    from editbench.cli import _dtype
+
+    pipe = load_pipeline(args.device, _dtype(args.dtype))
+    concept = concept_data(args.concept)
+    editor = methods.get("perfusion")()
+    art = editor.fit(pipe, concept, steps=args.steps, seed=0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    art.save(out / f"{args.concept}.perfusion.safetensors")
+    from editbench.toyworld import single_prompts
+    from editbench.toyworld.personal import PERSONAL_CONCEPTS
+
+    c = next(c for c in PERSONAL_CONCEPTS if c.name == args.concept)
+    prompts = single_prompts(c)[:4]
+    rows = []
+    for phrase, handle in ((c.category, None), (c.placeholder, editor.apply(pipe, art))):
+        gen = torch.Generator(pipe.device).manual_seed(0)
+        rows.append(pipe([p.format(phrase) for p in prompts], num_inference_steps=25, generator=gen).images)
+        if handle is not None:
+            handle.undo()
+    size = rows[0][0].size[0]
+    grid = Image.new("RGB", (size * len(prompts), size * 2))
+    for r, images in enumerate(rows):
+        for i, im in enumerate(images):
+            grid.paste(im, (i * size, r * size))
+    grid.resize((grid.width * 4, grid.height * 4), Image.NEAREST).save(out / "demo.png")
+    print(f"top row: base model with the superclass; bottom row: Perfusion {c.placeholder}; prompts:")
+    print("\n".join(p.format(c.placeholder) for p in prompts))
+    print(f"grid written to {out / 'demo.png'}")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    def model_args(p):
+        p.add_argument("--model", default=None, help="a local diffusers pipeline folder (default: the toy world)")
+
+    t = sub.add_parser("train", help="train one method on one concept into an artifact")
+    t.add_argument("--method", required=True)
+    t.add_argument("--concept", help="a toy-world concept name (see `editbench.toyworld.concepts()`)")
+    t.add_argument("--images", help="folder of the concept's images")
+    t.add_argument("--superclass")
+    t.add_argument("--placeholder")
+    t.add_argument("--steps", type=int, default=None)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--set", action="append", help="config override key=value (repeatable)")
+    t.add_argument("--checkpoint-dir", default=None)
+    t.add_argument("--out", required=True, help="artifact path (.safetensors)")
+    model_args(t)
+    t.set_defaults(func=cmd_train)
+
+    g = sub.add_parser("generate", help="generate images for prompts, with artifacts applied")
+    g.add_argument("--artifact", action="append", help="artifact path (repeatable)")
+    g.add_argument("--prompt", action="append", required=True)
+    g.add_argument("--n", type=int, default=4, help="images per prompt")
+    g.add_argument("--steps", type=int, default=25)
+    g.add_argument("--guidance", type=float, default=4.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--set", action="append", help="inference setting key=value (repeatable), e.g. beta=0.6")
+    g.add_argument("--out", required=True)
+    model_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    c = sub.add_parser("compose", help="merge several artifacts of one method (where it has a merge)")
+    c.add_argument("--artifact", action="append", required=True)
+    c.add_argument("--out", required=True)
+    c.set_defaults(func=cmd_compose)
+
+    b = sub.add_parser("bench", help="run a benchmark suite (bundled name or YAML file)")
+    b.add_argument("--suite", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--shard", default="0/1", help="run slice i of N (e.g. 0/4)")
+    b.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("report", help="write report.md and plots for a suite output folder")
+    r.add_argument("out")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("demo", help="Perfusion on one toy concept, beside the base model")
+    d.add_argument("--concept", default="zebra")
+    d.add_argument("--steps", type=int, default=None)
+    d.add_argument("--out", default="runs/demo")
+    d.set_defaults(func=cmd_demo)

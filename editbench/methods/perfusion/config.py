@@ -1,0 +1,85 @@
+"""Perfusion's training config and inference settings (defaults scaled to the toy world; paper values in
+:meth:`PerfusionConfig.reference`)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from editbench.errors import EditbenchError
+from editbench.training import TrainConfig
+
+__all__ = ["LOCKS", "PerfusionConfig", "PerfusionSettings"]
+
+LOCKS = ("local", "global")
+
+
+def _positive(name: str, v: float) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+        raise EditbenchError(f"{name} must be a finite number > 0, got {v!r}")
+
+
+@dataclass
+class PerfusionConfig(TrainConfig):
+    """Training settings. Defaults are the toy-world scale (200 steps of batch 4); the paper's reference run is
+    ``PerfusionConfig.reference()`` (400 steps, batch 16 = 4 x 4 accumulation). Learning rates are the
+    reference ones: Adam step sizes per parameter group, so they do not depend on batch size."""
+
+    steps: int = 200
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr_values: float = 0.03        # o*_V of every cross-attention layer
+    lr_embedding: float = 0.006    # the concept word's embedding row
+    beta_train: float = 0.75       # sigmoid bias of the gate during training
+    tau_train: float = 0.10        # sigmoid temperature during training
+    ema_decay: float = 0.99        # of i*, the concept token's encoding
+    cov_ridge: float = 1e-4        # C + cov_ridge * tr(C) / d * I
+
+    @classmethod
+    def reference(cls, **overrides) -> PerfusionConfig:
+        """The paper's / reference implementation's settings: 400 steps, batch 16 as 4 x 4 accumulation."""
+        return cls(**{"steps": 400, "batch_size": 4, "grad_accum": 4, **overrides})
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("lr_values", "lr_embedding", "tau_train", "cov_ridge"):
+            _positive(name, getattr(self, name))
+        if not (isinstance(self.beta_train, (int, float)) and math.isfinite(self.beta_train)):
+            raise EditbenchError(f"beta_train must be a finite number, got {self.beta_train!r}")
+        if not (isinstance(self.ema_decay, (int, float)) and 0 <= self.ema_decay < 1):
+            raise EditbenchError(f"ema_decay must be in [0, 1), got {self.ema_decay!r}")
+
+
+@dataclass
+class PerfusionSettings:
+    """Inference settings of :meth:`PerfusionEditor.apply`.
+
+    ``beta`` (gate bias; lower = stronger concept) and ``tau`` (gate temperature) are one number for every
+    concept or one per artifact. ``lock``: ``"local"`` (key-lock the concept's keys to its superclass) or
+    ``"global"`` (the key projections see the whole prompt with superclass words in place of the concepts).
+    """
+
+    beta: float | Sequence[float] = 0.70
+    tau: float | Sequence[float] = 0.15
+    lock: str = "local"
+
+    def per_concept(self, name: str, n: int) -> list[float]:
+        v = getattr(self, name)
+        vals = [v] * n if isinstance(v, (int, float)) and not isinstance(v, bool) else list(v)
+        if len(vals) != n:
+            raise EditbenchError(f"{name} must be one number or one per artifact ({n}), got {v!r}")
+        return [float(x) for x in vals]
+
+    def validate(self, n_artifacts: int) -> None:
+        try:
+            betas, taus = self.per_concept("beta", n_artifacts), self.per_concept("tau", n_artifacts)
+        except (TypeError, ValueError):
+            raise EditbenchError(f"beta and tau must be numbers or lists of numbers, got {self.beta!r}, "
+                                 f"{self.tau!r}") from None
+        if not all(math.isfinite(b) for b in betas):
+            raise EditbenchError(f"beta must be finite, got {self.beta!r}")
+        for t in taus:
+            _positive("tau", t)
+        if self.lock not in LOCKS:
+            raise EditbenchError(f"lock must be one of {LOCKS}, got {self.lock!r}")

@@ -1,0 +1,269 @@
+"""Perfusion (Tewel et al., SIGGRAPH 2023) on the editbench interface: training session, artifact, apply/undo.
+
+Artifact tensors (float32 or float16):
+
+* ``embedding`` ``(d_emb,)``: the concept word's token embedding;
+* ``i_star`` ``(d,)``: the EMA of the concept token's encoding (the gate direction);
+* ``o_v.<site>`` ``(o_site,)``: the learned value target of every cross-attention layer ``<site>``
+  (e.g. ``o_v.down_blocks.0.attentions.0.transformer_blocks.0.attn2``).
+
+The key targets are not stored: ``o*_K = W_K i_super`` is recomputed from the superclass word (per prompt while
+sampling; a template average as fallback). ``C`` is not stored either: it is a property of the base text encoder,
+computed once and cached on disk (:func:`text_covariance`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from editbench.concepts import DEFAULT_TEMPLATES, ConceptData
+from editbench.errors import ArtifactError, EditbenchError
+from editbench.fingerprint import module_tensors, text_encoder_fingerprint
+from editbench.methods import register
+from editbench.methods.base import Artifact, EditHandle, Editor
+from editbench.methods.perfusion.config import PerfusionConfig, PerfusionSettings
+from editbench.methods.perfusion.layers import ConceptBank, GatedRank1Linear
+from editbench.methods.tokens import add_tokens, base_tokenizer, single_token_id, token_position
+from editbench.sites import CrossAttentionSite, find_cross_attention_sites
+from editbench.training import ParamGroup, TrainingSession, TrainResult, tokenize
+
+__all__ = ["PerfusionEditor", "cache_root", "superclass_encoding", "text_covariance"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the text second moment C, cached per base text encoder
+# ----------------------------------------------------------------------------------------------------------------
+
+def cache_root() -> Path:
+    """``$EDITBENCH_CACHE`` or ``~/.cache/editbench``."""
+    return Path(os.environ.get("EDITBENCH_CACHE") or Path.home() / ".cache" / "editbench")
+
+
+def text_covariance(pipeline: Any, *, progress: bool = False):
+    """Second moment ``C`` of ``pipeline``'s text encoder over :func:`editbench.solver.default_captions`.
+
+    Cached at ``<cache_root>/cov/<text-encoder fingerprint>.safetensors``; recomputed if the file is unreadable or
+    was built from another caption corpus.
+    """
+    from editbench.solver import SecondMoment, default_captions, estimate_text_covariance
+
+    tok = base_tokenizer(pipeline.tokenizer)
+    path = cache_root() / "cov" / f"{text_encoder_fingerprint(pipeline.text_encoder, tok)}.safetensors"
+    captions = default_captions()
+    corpus = hashlib.sha256(("\n".join(captions) + "\n").encode()).hexdigest()
+    if path.is_file():
+        try:
+            moment = SecondMoment.load(path)
+            if moment.metadata.get("corpus_sha256") == corpus:
+                return moment
+        except ArtifactError:
+            pass
+    moment = estimate_text_covariance(pipeline.text_encoder, tok, captions, progress=progress,
+                                      corpus="editbench default captions")
+    moment.save(path)
+    return moment
+
+
+def _cholesky(pipeline: Any, ridge: float) -> torch.Tensor:
+    """Lower Cholesky factor ``(d, d)`` of ``C + ridge tr(C)/d I`` on the pipeline's device (float64 if possible)."""
+    device = pipeline.text_encoder.device
+    c = text_covariance(pipeline).matrix(ridge)                                      # (d, d) float64, CPU
+    chol = torch.linalg.cholesky(c)
+    return chol.to(device, torch.float32 if device.type == "mps" else torch.float64)
+
+
+def superclass_encoding(pipeline: Any, superclass_id: int, templates=DEFAULT_TEMPLATES) -> torch.Tensor:
+    """Mean encoding ``(d,)`` float32 of the superclass token over ``templates`` filled with the superclass word."""
+    word = pipeline.tokenizer.convert_ids_to_tokens(superclass_id).removesuffix("</w>")
+    ids = tokenize(pipeline, [t.format(word) for t in templates])                    # (b, n)
+    with torch.no_grad():
+        hidden = pipeline.text_encoder(ids)[0]                                       # (b, n, d)
+    pos = token_position(ids, superclass_id)                                         # (b,)
+    if bool((pos < 0).any()):
+        raise EditbenchError(f"superclass word {word!r} did not survive tokenization of the templates")
+    return hidden[torch.arange(len(ids)), pos].float().mean(0)
+
+
+def _sites(pipeline: Any) -> list[CrossAttentionSite]:
+    unet = pipeline.unet
+    if any(isinstance(m, GatedRank1Linear) for m in unet.modules()):
+        raise EditbenchError("Perfusion is already applied to this pipeline; undo that handle first and apply all "
+                             "concepts in one call: apply(pipeline, [a, b])")
+    return find_cross_attention_sites(unet)
+
+
+def _install_layers(handle: EditHandle, pipeline: Any, sites: list[CrossAttentionSite], bank: ConceptBank,
+                    i_super: torch.Tensor, o_v: dict[str, torch.Tensor]) -> dict[str, GatedRank1Linear]:
+    """Swap every site's K and V projections for gated rank-1 layers; hook the text encoder for key-locking.
+
+    i_super ``(c, d)``: superclass template encodings (the keys' fallback targets); o_v: site -> ``(c, o)``.
+    """
+    layers = {}
+    for site in sites:
+        k_fallback = F.linear(i_super.to(site.key.weight), site.key.weight).detach()     # (c, o)
+        layers[site.key_name] = GatedRank1Linear(site.key, bank, "key", k_fallback)
+        layers[site.value_name] = GatedRank1Linear(site.value, bank, "value", o_v[site.name])
+    for path, layer in layers.items():
+        handle.swap_module(pipeline.unet, path, layer)
+    handle.add_hook(pipeline.text_encoder.register_forward_hook(bank.hook, with_kwargs=True), "key-lock hook")
+    handle.info.update(bank=bank, layers=layers)
+    return layers
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+# ----------------------------------------------------------------------------------------------------------------
+
+class PerfusionSession(TrainingSession):
+    """Trains ``o*_V`` of every layer and the concept embedding; ``i*`` is an EMA with a straight-through term."""
+
+    def __init__(self, pipeline: Any, concept: ConceptData, handle: EditHandle, config: PerfusionConfig):
+        self.pipeline, self.concept, self.config = pipeline, concept, config
+        sites = _sites(pipeline)
+        encoder = pipeline.text_encoder
+        sup_id = single_token_id(pipeline.tokenizer, concept.superclass)
+        base_row = encoder.get_input_embeddings().weight[sup_id]
+        self.embedding = torch.nn.Parameter(base_row.detach().float().clone()[None])           # (1, d_emb)
+        i_super = superclass_encoding(pipeline, sup_id, concept.templates)[None]              # (1, d)
+        self.token_id = add_tokens(handle, pipeline, [concept.placeholder], self.embedding)[0]
+        self.bank = ConceptBank(_cholesky(pipeline, config.cov_ridge), [self.token_id], [sup_id],
+                                [config.beta_train], [config.tau_train])
+        self.o_v = {s.name: torch.nn.Parameter(F.linear(i_super.to(s.value.weight), s.value.weight).detach().float())
+                    for s in sites}                                                           # site -> (1, o)
+        self.ema: torch.Tensor | None = None                                                   # (d,) float64
+        self.bank.set_i_star(i_super)
+        _install_layers(handle, pipeline, sites, self.bank, i_super, self.o_v)
+
+    def param_groups(self) -> list[ParamGroup]:
+        return [ParamGroup("values", list(self.o_v.values()), self.config.lr_values),
+                ParamGroup("embedding", [self.embedding], self.config.lr_embedding)]
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        ids = tokenize(self.pipeline, prompts)                                    # (b, n)
+        hidden = self.pipeline.text_encoder(ids)[0]                               # (b, n, d); hook stashes superclass
+        pos = token_position(ids, self.token_id)                                  # (b,)
+        if bool((pos < 0).any()):
+            raise EditbenchError(f"a training prompt lost the placeholder {self.concept.placeholder!r} "
+                                 "(truncated template?)")
+        mean = hidden[torch.arange(len(ids)), pos].mean(0).to(self.bank.chol)     # (d,) batch mean of the concept token
+        with torch.no_grad():
+            d = self.config.ema_decay
+            self.ema = mean.detach().clone() if self.ema is None else d * self.ema + (1 - d) * mean.detach()
+        self.bank.set_i_star((self.ema + (mean - mean.detach()))[None])           # value: EMA; gradient: the batch
+        return hidden
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self.ema is None else {"ema_i_star": self.ema}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        ema = tensors.pop("ema_i_star", None)
+        super().load_state_tensors(tensors)
+        self.ema = None if ema is None else ema.to(self.bank.chol)
+
+    def artifact(self, result: TrainResult) -> Artifact:
+        if self.ema is None:
+            raise EditbenchError("no training step ran; nothing to save")
+        tensors = {"embedding": self.embedding.detach()[0].clone(), "i_star": self.ema.float().clone(),
+                   **{f"o_v.{name}": p.detach()[0].clone() for name, p in self.o_v.items()}}
+        return Artifact(PerfusionEditor.name, tensors, {"beta_train": self.config.beta_train,
+                                                        "tau_train": self.config.tau_train})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the editor
+# ----------------------------------------------------------------------------------------------------------------
+
+@register
+class PerfusionEditor(Editor):
+    """Perfusion: key-locked, gated rank-1 edits of every cross-attention K and V projection.
+
+    ``apply(pipeline, artifacts, beta=0.70, tau=0.15, lock="local")`` takes one or several separately trained
+    concepts (exact multi-concept gating); ``compose`` is not needed and not offered.
+    """
+
+    name = "perfusion"
+    Config = PerfusionConfig
+    Settings = PerfusionSettings
+    max_artifacts = None
+
+    def affected_tensors(self, pipeline: Any) -> dict[str, torch.Tensor]:
+        tensors = module_tensors(pipeline.text_encoder, "text_encoder.")
+        for s in find_cross_attention_sites(pipeline.unet):
+            tensors[f"unet.{s.key_name}.weight"] = s.key.weight
+            tensors[f"unet.{s.value_name}.weight"] = s.value.weight
+        return tensors
+
+    def check_pipeline(self, pipeline: Any) -> None:
+        for part in ("tokenizer", "text_encoder", "unet"):
+            if getattr(pipeline, part, None) is None:
+                raise EditbenchError(f"Perfusion needs a pipeline with a {part}")
+        if getattr(pipeline, "text_encoder_2", None) is not None:
+            raise EditbenchError("Perfusion supports single-text-encoder pipelines (SD 1.x / 2.x), not SDXL")
+        _sites(pipeline)
+
+    def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,
+                         config: PerfusionConfig) -> PerfusionSession:
+        return PerfusionSession(pipeline, concept, handle, config)
+
+    def check_artifact(self, artifact: Artifact, pipeline: Any = None) -> None:
+        t, where = artifact.tensors, artifact.path or "artifact"
+        missing = sorted({"embedding", "i_star"} - set(t)) or ([] if any(k.startswith("o_v.") for k in t)
+                                                                else ["o_v.<layer>"])
+        if missing:
+            raise ArtifactError(f"{where} is not a complete Perfusion artifact: missing {missing}")
+        unknown = sorted(k for k in t if k not in ("embedding", "i_star") and not k.startswith("o_v."))
+        if unknown:
+            raise ArtifactError(f"{where} has unknown tensors {unknown[:5]}; expected embedding, i_star, o_v.<layer>")
+        for k, v in t.items():
+            if v.ndim != 1 or not v.is_floating_point() or not bool(torch.isfinite(v).all()):
+                raise ArtifactError(f"{where}: tensor {k!r} must be a finite float vector, got {tuple(v.shape)} "
+                                    f"{v.dtype}")
+        concept = artifact.metadata.get("concept", {})
+        if not isinstance(concept, dict) or not {"placeholder", "superclass"} <= set(concept):
+            raise ArtifactError(f"{where}: metadata lacks the concept's placeholder/superclass words")
+        if pipeline is None:
+            return
+        sites = {s.name: s for s in find_cross_attention_sites(pipeline.unet)}
+        names = {k[4:] for k in t if k.startswith("o_v.")}
+        if names != set(sites):
+            extra, lacking = sorted(names - set(sites)), sorted(set(sites) - names)
+            raise ArtifactError(f"{where} does not fit this UNet: layers not in the model {extra[:3]}, model layers "
+                                f"without a value target {lacking[:3]}")
+        d, d_emb = sites[next(iter(sites))].in_features, pipeline.text_encoder.get_input_embeddings().weight.shape[1]
+        bad = [(k, tuple(v.shape)) for k, v in t.items()
+               if v.shape != ((d_emb,) if k == "embedding" else (d,) if k == "i_star"
+                              else (sites[k[4:]].value_features,))]
+        if bad:
+            raise ArtifactError(f"{where} does not fit this model (text width {d}, embedding width {d_emb}): "
+                                f"wrong shapes {bad[:3]}")
+
+    def install(self, pipeline: Any, artifacts: list[Artifact], handle: EditHandle,
+                settings: PerfusionSettings) -> None:
+        n = len(artifacts)
+        words = [a.metadata["concept"] for a in artifacts]
+        placeholders = [w["placeholder"] for w in words]
+        if len(set(placeholders)) != n:
+            raise EditbenchError(f"two artifacts use the same placeholder ({placeholders}); retrain one with another")
+        ridges = {a.metadata.get("config", {}).get("cov_ridge", PerfusionConfig.cov_ridge) for a in artifacts}
+        if len(ridges) != 1:
+            raise EditbenchError(f"the artifacts were trained with different cov_ridge values {sorted(ridges)}")
+        sites = _sites(pipeline)
+        device = pipeline.text_encoder.device
+        sup_ids = [single_token_id(pipeline.tokenizer, w["superclass"]) for w in words]
+        i_super = torch.stack([superclass_encoding(pipeline, s) for s in sup_ids])          # (c, d)
+        emb = pipeline.text_encoder.get_input_embeddings().weight
+        rows = torch.stack([a.tensors["embedding"] for a in artifacts]).to(emb)             # (c, d_emb)
+        token_ids = add_tokens(handle, pipeline, placeholders, rows)
+        bank = ConceptBank(_cholesky(pipeline, ridges.pop()), token_ids, sup_ids, settings.per_concept("beta", n),
+                           settings.per_concept("tau", n), settings.lock)
+        bank.set_i_star(torch.stack([a.tensors["i_star"] for a in artifacts]).to(device))
+        o_v = {s.name: torch.stack([a.tensors[f"o_v.{s.name}"] for a in artifacts]).to(s.value.weight)
+               for s in sites}                                                               # site -> (c, o)
+        _install_layers(handle, pipeline, sites, bank, i_super, o_v)
+        handle.info.update(token_ids=token_ids, placeholders=placeholders)

@@ -1,0 +1,280 @@
+"""Perfusion's gated rank-1 K/V projections (pure torch).
+
+For concepts ``c = 1..C`` with input directions ``i*_c`` (rows of ``i_star``, width d), target outputs ``o*_c``
+(width o), gate bias ``beta_c`` and temperature ``tau_c``, and the text second moment ``C``::
+
+    U    = i_star^T                                  (d, c)
+    s(x) = (U^T C^-1 U)^-1 U^T C^-1 x                (c,)   s_c(i*_c') = [c == c']
+    h(x) = W (x - U s(x)) + sum_c sigmoid((s_c(x) - beta_c) / tau_c) o*_c
+
+For one concept ``s(x) = x^T C^-1 i* / (i*^T C^-1 i*)``. Everything that does not depend on ``x`` is computed
+once in float64 (``G = (U^T C^-1 U)^-1 U^T C^-1`` and ``W U``); the per-call work is ``x G^T``, a sigmoid and two
+small matmuls in the input dtype. Shape legend: b batch, n tokens, d text width, o output width, c concepts.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from editbench.errors import EditbenchError
+
+__all__ = ["ConceptBank", "GatedRank1Linear", "KeyLock", "gate_projection", "gated_output", "gated_rank1"]
+
+
+def _wide(device: torch.device) -> torch.dtype:
+    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+
+
+def gate_projection(u: torch.Tensor, cinv_u: torch.Tensor) -> torch.Tensor:
+    """``G = (U^T C^-1 U)^-1 (C^-1 U)^T`` ``(c, d)`` so that ``s(x) = x @ G.T``, from ``u = U^T`` ``(c, d)`` and
+    ``cinv_u = (C^-1 U)^T`` ``(c, d)``. Solves the ``(c, c)`` system; EditbenchError if the concepts are dependent."""
+    gram = cinv_u @ u.T                                    # (c, c) = U^T C^-1 U
+    try:
+        return torch.linalg.solve(gram, cinv_u)            # (c, d)
+    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+        raise EditbenchError("the concepts' i* are linearly dependent (or zero) in the C^-1 metric; they cannot be "
+                             "gated separately") from None
+
+
+def gated_output(x: torch.Tensor, base_out: torch.Tensor, g: torch.Tensor, wu: torch.Tensor,
+                 o_star: torch.Tensor, beta: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """``h(x) = W x + b - (W U) s(x) + sigmoid((s - beta) / tau) o*`` given ``base_out = W x + b``.
+
+    x ``(..., d)``, base_out ``(..., o)``, g ``(c, d)``, wu = ``(W U)^T`` ``(c, o)``, beta/tau ``(c,)``;
+    o_star ``(c, o)`` shared by all rows, or ``(b, c, o)`` one per batch row (key-locking, x ``(b, n, d)``).
+    """
+    s = x @ g.T                                            # (..., c) gate inputs
+    gate = torch.sigmoid((s - beta) / tau)                 # (..., c)
+    if o_star.ndim == 2:
+        target = gate @ o_star                             # (..., o)
+    else:
+        target = torch.einsum("bnc,bco->bno", gate, o_star)
+    return base_out - s @ wu + target
+
+
+def gated_rank1(x: torch.Tensor, weight: torch.Tensor, cov_inv: torch.Tensor, i_star: torch.Tensor,
+                o_star: torch.Tensor, beta: float | torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+    """Perfusion's gated rank-1 projection ``h(x)`` (module docstring), as a pure function.
+
+    Args:
+        x: ``(..., d)`` inputs.  weight: ``(o, d)``.  cov_inv: ``(d, d)`` ``C^-1``.
+        i_star: ``(c, d)`` (or ``(d,)``) concept input directions.  o_star: ``(c, o)`` (or ``(o,)``) targets.
+        beta, tau: scalars or ``(c,)``.
+    Returns ``(..., o)`` in ``x``'s dtype (the x-independent parts are computed in float64).
+    """
+    i_star = i_star[None] if i_star.ndim == 1 else i_star
+    o_star = o_star[None] if o_star.ndim == 1 else o_star
+    (o, d), c = weight.shape, i_star.shape[0]
+    if x.shape[-1] != d or cov_inv.shape != (d, d) or i_star.shape != (c, d) or o_star.shape != (c, o):
+        raise EditbenchError(f"shape mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)}, cov_inv "
+                             f"{tuple(cov_inv.shape)}, i_star {tuple(i_star.shape)}, o_star {tuple(o_star.shape)}; "
+                             "need x (..., d), weight (o, d), cov_inv (d, d), i_star (c, d), o_star (c, o)")
+    wide = _wide(x.device)
+    u = i_star.to(wide)                                    # (c, d)
+    cinv_u = (cov_inv.to(wide) @ u.T).T                    # (c, d) = (C^-1 U)^T
+    g = gate_projection(u, cinv_u).to(x.dtype)             # (c, d)
+    wu = (u @ weight.to(wide).T).to(x.dtype)               # (c, o) = (W U)^T
+    beta = torch.as_tensor(beta, dtype=x.dtype, device=x.device).expand(c)
+    tau = torch.as_tensor(tau, dtype=x.dtype, device=x.device).expand(c)
+    return gated_output(x, x @ weight.T.to(x.dtype), g, wu, o_star.to(x.dtype), beta, tau)
+
+
+@dataclass
+class KeyLock:
+    """Superclass information for the rows of one encoder-hidden-states tensor ``(b, n, d)``."""
+
+    matched: torch.Tensor    # (b,) bool: row is a known concept prompt
+    x_super: torch.Tensor    # (b, n, d) the same prompt with superclass words (zeros where unmatched)
+    i_super: torch.Tensor    # (b, c, d) superclass encoding at each concept's position (zeros where absent)
+    present: torch.Tensor    # (b, c) bool: concept c occurs in row b
+
+
+class ConceptBank:
+    """State shared by every Perfusion layer of one pipeline.
+
+    Holds the concepts' token ids, ``i*`` and the gate projection ``G`` (float64 master copy, cast per dtype),
+    ``beta``/``tau``, the lock mode, and the key-locking stash: a text-encoder forward hook (:meth:`hook`)
+    sees every prompt that contains a concept token, encodes the same prompt with the superclass words
+    (cached per token sequence: constant across denoising steps) and remembers both encodings; a key layer
+    then finds the rows of its input among them (:meth:`lookup`, exact match, cached per input tensor), which
+    works for classifier-free-guidance batches and ``num_images_per_prompt`` copies alike.
+
+    Args:
+        chol: ``(d, d)`` lower Cholesky factor of the (ridged) text second moment ``C``.
+        token_ids, superclass_ids: one per concept.
+        beta, tau: one per concept.  lock: ``"local"`` or ``"global"``.
+    """
+
+    STASH_SIZE = 64
+
+    def __init__(self, chol: torch.Tensor, token_ids: Sequence[int], superclass_ids: Sequence[int],
+                 beta: Sequence[float], tau: Sequence[float], lock: str = "local"):
+        self.chol = chol.to(_wide(chol.device))
+        self.device = chol.device
+        self.token_ids, self.superclass_ids = list(token_ids), list(superclass_ids)
+        self.beta = torch.tensor(beta, dtype=torch.float64, device=self.device)   # (c,)
+        self.tau = torch.tensor(tau, dtype=torch.float64, device=self.device)     # (c,)
+        self.lock = lock
+        self.version = 0
+        self._busy = False
+        self._stash: OrderedDict[bytes, list] = OrderedDict()   # ids bytes -> [ids (n,), out (n, d), sup (n, d)]
+        self._last: tuple[Any, int, KeyLock | None] | None = None
+        self._cast: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
+
+    @property
+    def n_concepts(self) -> int:
+        return len(self.token_ids)
+
+    # ---- i* and the gate projection -----------------------------------------------------------------------
+
+    def set_i_star(self, i_star: torch.Tensor) -> None:
+        """Set ``i*`` ``(c, d)``; may carry gradients (training), which then flow through ``G`` and ``W U``."""
+        if i_star.shape != (self.n_concepts, self.chol.shape[0]):
+            raise EditbenchError(f"i_star must be ({self.n_concepts}, {self.chol.shape[0]}), got {tuple(i_star.shape)}")
+        u = i_star.to(self.chol)                                    # (c, d)
+        cinv_u = torch.cholesky_solve(u.T, self.chol).T             # (c, d) = (C^-1 U)^T
+        self.i_star, self.g = u, gate_projection(u, cinv_u)         # (c, d), (c, d)
+        self.version += 1
+        self._cast.clear()
+
+    def params(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(i_star, G, beta, tau)`` in ``dtype`` (cached unless ``i*`` carries gradients)."""
+        if self.i_star.requires_grad:
+            return self.i_star.to(dtype), self.g.to(dtype), self.beta.to(dtype), self.tau.to(dtype)
+        if dtype not in self._cast:
+            self._cast[dtype] = tuple(t.to(dtype) for t in (self.i_star, self.g, self.beta, self.tau))
+        return self._cast[dtype]
+
+    # ---- key-locking stash ---------------------------------------------------------------------------------
+
+    def superclass_ids_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """``ids`` ``(b, n)`` with every concept token replaced by its superclass token."""
+        out = ids.clone()
+        for t, s in zip(self.token_ids, self.superclass_ids):
+            out[ids == t] = s
+        return out
+
+    def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Text-encoder forward hook (``register_forward_hook(bank.hook, with_kwargs=True)``); output untouched."""
+        if self._busy:
+            return
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
+            return
+        concept = torch.zeros_like(ids, dtype=torch.bool)
+        for t in self.token_ids:
+            concept |= ids == t
+        rows = concept.any(-1)                                               # (b,)
+        if not bool(rows.any()):
+            return
+        hidden = (output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state).detach()
+        mask = kwargs.get("attention_mask")
+        for b in rows.nonzero().flatten().tolist():
+            key = ids[b].cpu().numpy().tobytes()
+            entry = self._stash.pop(key, None)
+            if entry is None:
+                self._busy = True
+                try:
+                    with torch.no_grad():
+                        sup = module(self.superclass_ids_of(ids[b : b + 1]),
+                                     attention_mask=None if mask is None else mask[b : b + 1])
+                finally:
+                    self._busy = False
+                sup = (sup[0] if isinstance(sup, (tuple, list)) else sup.last_hidden_state)[0].detach()
+                entry = [ids[b].clone(), None, sup]                           # (n,), -, (n, d)
+            entry[1] = hidden[b]                                              # (n, d) latest concept encoding
+            self._stash[key] = entry
+            while len(self._stash) > self.STASH_SIZE:
+                self._stash.popitem(last=False)
+        self._last = None
+
+    def lookup(self, x: torch.Tensor) -> KeyLock | None:
+        """Match the rows of ``x`` ``(b, n, d)`` to remembered concept prompts; None if no row matches."""
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == x._version:
+            return last[2]
+        b, n, d = x.shape
+        c = self.n_concepts
+        matched = torch.zeros(b, dtype=torch.bool, device=x.device)
+        x_super = x.new_zeros(b, n, d)
+        i_super = x.new_zeros(b, c, d)
+        present = torch.zeros(b, c, dtype=torch.bool, device=x.device)
+        xd = x.detach()
+        for row in range(b):
+            for ids, out, sup in self._stash.values():
+                if out.shape == (n, d) and torch.equal(out.to(x.dtype), xd[row]):
+                    matched[row] = True
+                    x_super[row] = sup.to(x.dtype)
+                    for j, t in enumerate(self.token_ids):
+                        pos = (ids == t).nonzero()
+                        if len(pos):
+                            present[row, j] = True
+                            i_super[row, j] = x_super[row, int(pos[0])]
+                    break
+        lock = KeyLock(matched, x_super, i_super, present) if bool(matched.any()) else None
+        self._last = (weakref.ref(x), x._version, lock)
+        return lock
+
+
+class GatedRank1Linear(torch.nn.Module):
+    """Drop-in replacement of a cross-attention ``to_k``/``to_v`` ``nn.Linear``: ``h(x)`` of the module docstring.
+
+    The base ``weight``/``bias`` are the original Parameters (same state-dict keys, never modified). Perfusion
+    tensors are plain attributes, not registered, so the UNet's state dict is unchanged while applied.
+
+    Args:
+        base: the original projection.  bank: the shared :class:`ConceptBank`.
+        role: ``"value"`` (targets ``o_star`` ``(c, o)``, learned) or ``"key"`` (targets ``W i_super`` from the
+            bank's key-lock stash; ``o_star`` ``(c, o)`` is the fallback for rows without superclass info).
+    """
+
+    def __init__(self, base: torch.nn.Linear, bank: ConceptBank, role: str, o_star: torch.Tensor):
+        super().__init__()
+        if role not in ("key", "value"):
+            raise EditbenchError(f"role must be 'key' or 'value', got {role!r}")
+        if o_star.shape != (bank.n_concepts, base.out_features):
+            raise EditbenchError(f"o_star must be ({bank.n_concepts}, {base.out_features}), got {tuple(o_star.shape)}")
+        self.weight = base.weight
+        self.bias = base.bias
+        self.in_features, self.out_features, self.role = base.in_features, base.out_features, role
+        object.__setattr__(self, "bank", bank)
+        object.__setattr__(self, "o_star", o_star)
+        self._wu: tuple[int, torch.dtype, torch.Tensor] | None = None
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, role={self.role}, concepts={self.bank.n_concepts}"
+
+    def _wu_for(self, i_star: torch.Tensor) -> torch.Tensor:
+        """``(W U)^T`` ``(c, o)``; cached per bank version and dtype unless ``i*`` carries gradients."""
+        if i_star.requires_grad:
+            return i_star @ self.weight.T.to(i_star.dtype)
+        if self._wu is None or self._wu[:2] != (self.bank.version, i_star.dtype):
+            w = self.weight.to(self.bank.chol.dtype)
+            self._wu = (self.bank.version, i_star.dtype, (self.bank.i_star @ w.T).to(i_star.dtype))
+        return self._wu[2]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        i_star, g, beta, tau = self.bank.params(x.dtype)
+        wu = self._wu_for(i_star)                                           # (c, o)
+        base_out = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        o_star = self.o_star.to(x.dtype)                                    # (c, o)
+        if self.role == "value" or x.ndim != 3:
+            return gated_output(x, base_out, g, wu, o_star, beta, tau)
+        lock = self.bank.lookup(x)
+        if lock is None:
+            return gated_output(x, base_out, g, wu, o_star, beta, tau)
+        locked = F.linear(lock.i_super, self.weight.to(x.dtype))            # (b, c, o) = W i_super
+        targets = torch.where(lock.present[..., None], locked, o_star)      # (b, c, o)
+        out = gated_output(x, base_out, g, wu, targets, beta, tau)          # (b, n, o)
+        if self.bank.lock == "global":
+            whole = F.linear(lock.x_super, self.weight.to(x.dtype),
+                             None if self.bias is None else self.bias.to(x.dtype))  # (b, n, o) keys of superclass prompt
+            out = torch.where(lock.matched[:, None, None], whole, out)
+        return out

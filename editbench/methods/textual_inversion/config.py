@@ -1,0 +1,47 @@
+"""Textual inversion's training config (toy-world defaults; the reference recipe is
+:meth:`TextualInversionConfig.reference`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from editbench.errors import EditbenchError
+from editbench.training import TrainConfig
+
+__all__ = ["TextualInversionConfig"]
+
+
+@dataclass
+class TextualInversionConfig(TrainConfig):
+    """Training settings of textual inversion: only the placeholder's embedding row(s) are learned.
+
+    Defaults are the toy-world scale: 300 steps of batch 4 at 32x32 px. The learning rate follows the reference's
+    ``scale_lr`` rule (base lr x batch x accumulation = 5e-4 x 4 = 2e-3, the same effective rate as the
+    reference's 5e-4 x 1 x 4). ``num_vectors`` > 1 learns several vectors, stored as tokens ``<p>``, ``<p>_1``, ...
+    (diffusers' multi-vector convention; the pipeline expands ``<p>`` in prompts). ``initializer`` is the
+    single-token word the vectors start from (None: the concept's superclass word).
+    """
+
+    steps: int = 300
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 1e-2          # AdamW decay of the learned rows only (the reference decays them too)
+    num_vectors: int = 1
+    initializer: str | None = None
+
+    @classmethod
+    def reference(cls, **overrides) -> TextualInversionConfig:
+        """diffusers' ``textual_inversion.py`` README recipe at 512 px: 3000 steps, batch 1 x 4 accumulation,
+        lr 5e-4 scaled by the batch (2e-3), AdamW weight decay 1e-2, one vector."""
+        return cls(**{"steps": 3000, "batch_size": 1, "grad_accum": 4, "lr": 2e-3, **overrides})
+
+    def validate(self) -> None:
+        super().validate()
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            raise EditbenchError(f"lr must be a finite number > 0, got {self.lr!r}")
+        if isinstance(self.num_vectors, bool) or not isinstance(self.num_vectors, int) or self.num_vectors < 1:
+            raise EditbenchError(f"num_vectors must be a positive int, got {self.num_vectors!r}")
+        if self.initializer is not None and (not isinstance(self.initializer, str) or not self.initializer.strip()):
+            raise EditbenchError(f"initializer must be a word or None, got {self.initializer!r}")

@@ -1,0 +1,126 @@
+"""New placeholder tokens without touching the base tokenizer or embedding matrix.
+
+:func:`add_tokens` swaps in a *copy* of the pipeline's tokenizer that knows the new words and wraps the text
+encoder's token embedding in an :class:`ExtendedEmbedding`, which looks up the new ids in its own ``rows`` and
+every other id in the untouched base matrix. Nothing of the base is modified in place, so undoing the
+:class:`~editbench.methods.base.EditHandle` puts back the original objects and every base row is bitwise what it
+was; during training only ``rows`` receive gradients (no weight decay drift on the other 49,408 rows).
+The state-dict keys of the text encoder do not change (the wrapper re-registers the base ``weight``), so
+fingerprints of the base model are stable while tokens are added.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from editbench.errors import ConceptDataError, EditbenchError
+
+__all__ = ["ExtendedEmbedding", "add_tokens", "base_tokenizer", "initial_rows", "single_token_id",
+           "token_position"]
+
+
+class ExtendedEmbedding(torch.nn.Module):
+    """A token embedding with extra rows for new ids; the base embedding is used as is, never modified.
+
+    Args:
+        base: the text encoder's current input embedding (``nn.Embedding`` or another ``ExtendedEmbedding``).
+        token_ids: the ids of the new tokens.
+        rows: ``(k, d)`` their vectors (a float32 ``nn.Parameter`` when training); cast to the base dtype.
+    """
+
+    def __init__(self, base: torch.nn.Module, token_ids: Sequence[int], rows: torch.Tensor):
+        super().__init__()
+        if rows.ndim != 2 or rows.shape[0] != len(token_ids) or rows.shape[1] != base.weight.shape[1]:
+            raise EditbenchError(f"rows must be (k={len(token_ids)}, d={base.weight.shape[1]}), got "
+                                 f"{tuple(rows.shape)}")
+        object.__setattr__(self, "base", base)  # not a submodule: state-dict keys stay those of the base
+        self.weight = base.weight                # registered under the base's name ("...token_embedding.weight")
+        self.token_ids = [int(t) for t in token_ids]
+        object.__setattr__(self, "rows", rows)   # not registered: not part of the text encoder's state dict
+        self.num_embeddings, self.embedding_dim = base.weight.shape[0], base.weight.shape[1]
+        self.padding_idx = getattr(base, "padding_idx", None)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        new = torch.zeros_like(ids, dtype=torch.bool)
+        for t in self.token_ids:
+            new |= ids == t
+        safe = ids.masked_fill(new, 0)
+        if isinstance(self.base, torch.nn.Embedding):
+            out = F.embedding(safe, self.weight, self.padding_idx)       # (b, n, d)
+        else:
+            out = self.base(safe)                                         # (b, n, d)
+        rows = self.rows.to(out.dtype)
+        for j, t in enumerate(self.token_ids):
+            out = torch.where((ids == t)[..., None], rows[j], out)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"base={tuple(self.weight.shape)}, new_ids={self.token_ids}"
+
+
+def base_tokenizer(tokenizer: Any) -> Any:
+    """The tokenizer ``tokenizer`` was copied from by :func:`add_tokens` (itself if it is not such a copy)."""
+    return getattr(tokenizer, "_editbench_base_tokenizer", tokenizer)
+
+
+def single_token_id(tokenizer: Any, word: str) -> int:
+    """The id of ``word`` if it is exactly one token; ConceptDataError otherwise."""
+    ids = list(tokenizer(word, add_special_tokens=False).input_ids)
+    if len(ids) != 1:
+        raise ConceptDataError(f"{word!r} is {len(ids)} tokens for this tokenizer; a single-token word is needed")
+    return int(ids[0])
+
+
+def token_position(ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """``(b,)`` index of the first occurrence of ``token_id`` in every row of ``ids`` ``(b, n)``; -1 if absent."""
+    hit = ids == token_id                                      # (b, n)
+    first = hit.int().argmax(-1)                               # (b,)
+    return torch.where(hit.any(-1), first, torch.full_like(first, -1))
+
+
+def add_tokens(handle: Any, pipeline: Any, tokens: Sequence[str], rows: torch.Tensor) -> list[int]:
+    """Make ``tokens`` new single-token words of ``pipeline`` with embedding ``rows`` ``(k, d)``; return their ids.
+
+    Recorded on ``handle`` (an :class:`~editbench.methods.base.EditHandle`): undo restores the original
+    tokenizer object and embedding module. Raises ConceptDataError if a word already is a token.
+    """
+    tokens = list(tokens)
+    tok = copy.deepcopy(pipeline.tokenizer)
+    existing = [t for t in tokens if t in tok.get_vocab() or len(tok(t, add_special_tokens=False).input_ids) == 1]
+    if existing or len(set(tokens)) != len(tokens):
+        raise ConceptDataError(f"cannot add {existing or tokens}: already a token of the vocabulary (or repeated); "
+                               "pick new placeholder strings")
+    if tok.add_tokens(tokens) != len(tokens):
+        raise ConceptDataError(f"the tokenizer refused to add {tokens}")
+    ids = [int(i) for i in tok.convert_tokens_to_ids(tokens)]
+    for word, i in zip(tokens, ids):
+        got = tok(f"a photo of a {word}", add_special_tokens=False).input_ids
+        if list(got).count(i) != 1:
+            raise ConceptDataError(f"placeholder {word!r} is not recognised as one token in a prompt (got ids {got}); "
+                                   "use a lower-case string without spaces, such as '<my-teddy>'")
+    tok._editbench_base_tokenizer = base_tokenizer(pipeline.tokenizer)
+    encoder = pipeline.text_encoder
+    emb = encoder.get_input_embeddings()
+    handle.set_attr(pipeline, "tokenizer", tok)
+    ext = ExtendedEmbedding(emb, ids, rows)
+    encoder.set_input_embeddings(ext)
+    handle.on_undo("text encoder input embedding", lambda: encoder.set_input_embeddings(emb),
+                   check=lambda: None if encoder.get_input_embeddings() is ext else "replaced by a later edit")
+    return ids
+
+
+def initial_rows(pipeline: Any, words: Sequence[str]) -> torch.nn.Parameter:
+    """Trainable float32 ``(k, d)`` rows for new tokens, row j copied from the embedding of the one-token ``words[j]``.
+
+    Pass the result to :func:`add_tokens`: only these rows are then trained (textual inversion's and Custom
+    Diffusion's initialisation from a coarse word or a rare token). ConceptDataError if a word is not one token.
+    """
+    tok = base_tokenizer(pipeline.tokenizer)
+    weight = pipeline.text_encoder.get_input_embeddings().weight               # (V, d)
+    ids = [single_token_id(tok, w) for w in words]
+    return torch.nn.Parameter(weight[ids].detach().to(torch.float32).clone())  # (k, d)

@@ -1,0 +1,390 @@
+"""``editbench world train``: reproduce the toy world's weights from scratch on a CPU.
+
+Stages, each checkpointed (atomic safetensors + JSON, no pickle) and resumable:
+
+1. ``data``      render the training scenes once (deterministic per seed) and tokenize their captions;
+2. ``vae``       train the ``AutoencoderKL`` (reconstruction + small KL), then cache the scaled latents;
+3. ``unet``      train the ``UNet2DConditionModel`` jointly with the ``CLIPTextModel`` (v-prediction on a
+                 zero-terminal-SNR schedule, caption dropout for classifier-free guidance, EMA of the weights);
+4. ``evaluator`` train the open_clip evaluator contrastively, on scenes that include the appearances the base
+                 model never sees (hidden patterns and the personal concepts);
+5. ``export``    write the diffusers pipeline folder (``model/``) and the evaluator (``evaluator/``).
+
+Why the loop is hand-written rather than diffusers' example scripts: those are CLI scripts, not importable
+functions, and they do not train a text encoder from scratch or checkpoint without pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+import zlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from editbench.errors import TrainingError
+from editbench.io import (load_optimizer_state, load_rng_state, optimizer_state, read_json, read_tensors,
+                          rng_state, write_json, write_tensors)
+from editbench.models import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
+from editbench.toyworld import scenes as R
+from editbench.toyworld.personal import EXCLUDED_APPEARANCES, PERSONAL_CONCEPTS
+
+
+@dataclass
+class WorldConfig:
+    seed: int = 0
+    image_size: int = 32
+    n_scenes: int = 30000
+    vae_steps: int = 800
+    vae_batch: int = 32
+    vae_lr: float = 1e-3
+    unet_steps: int = 2800
+    unet_batch: int = 64
+    unet_lr: float = 6e-4
+    text_lr: float = 3e-4
+    warmup: int = 150
+    ema_decay: float = 0.998
+    cond_dropout: float = 0.1
+    evaluator_steps: int = 700
+    evaluator_batch: int = 128
+    evaluator_lr: float = 1e-3
+    checkpoint_every: int = 200
+    text_width: int = 64
+
+
+# ------------------------------------------------------------------------------------------ model configs
+def vae_config(cfg: WorldConfig) -> dict:
+    # Two levels: a 2x downsampling, 32x32x3 pixels <-> 16x16x4 latents.
+    return dict(in_channels=3, out_channels=3, block_out_channels=(32, 64),
+                down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                latent_channels=4, layers_per_block=1, norm_num_groups=16, sample_size=cfg.image_size)
+
+
+def unet_config(cfg: WorldConfig) -> dict:
+    # SD's block types; cross-attention at 8x8 and 4x4 latents only (self-attention at 16x16 dominates CPU
+    # cost and the grammar's positions are a 3x3 grid).
+    return dict(sample_size=cfg.image_size // 2, in_channels=4, out_channels=4,
+                block_out_channels=(48, 96, 128),
+                down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                layers_per_block=1, cross_attention_dim=cfg.text_width, attention_head_dim=32,
+                norm_num_groups=16)
+
+
+def text_config(cfg: WorldConfig) -> dict:
+    return dict(vocab_size=CLIP_VOCAB_SIZE, hidden_size=cfg.text_width, intermediate_size=4 * cfg.text_width,
+                num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=CLIP_MAX_LENGTH,
+                bos_token_id=49406, eos_token_id=49407, pad_token_id=49407, projection_dim=cfg.text_width)
+
+
+def scheduler_kwargs() -> dict:
+    return dict(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+EVALUATOR_NAME = "editbench-toyclip"
+EVALUATOR_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 32, "layers": 4, "width": 128, "head_width": 32, "patch_size": 4},
+    "text_cfg": {"context_length": 77, "vocab_size": CLIP_VOCAB_SIZE, "width": 64, "heads": 4, "layers": 3},
+}
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _scene_rng(seed: int, i: int, stream: str) -> random.Random:
+    return random.Random(f"{stream}:{seed}:{i}")
+
+
+def _to_tensor(images: list) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.uint8) for im in images])  # (b, h, w, 3)
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()  # (b, 3, h, w) uint8
+
+
+def _pixels(u8: torch.Tensor) -> torch.Tensor:
+    return u8.float() / 127.5 - 1.0
+
+
+class _Stage:
+    """Checkpoint bookkeeping of one stage: ``<work>/<name>.safetensors`` + ``<name>.json``."""
+
+    def __init__(self, work: Path, name: str):
+        self.tensors_path, self.meta_path = work / f"{name}.safetensors", work / f"{name}.json"
+
+    def load(self):
+        if not self.meta_path.exists():
+            return None, None
+        return read_tensors(self.tensors_path), read_json(self.meta_path)
+
+    def save(self, tensors: dict, meta: dict):
+        write_tensors(self.tensors_path, tensors)
+        write_json(self.meta_path, meta)  # written last: the JSON marks a complete checkpoint
+
+
+def _prefixed(module: torch.nn.Module, prefix: str) -> dict:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def _unprefixed(tensors: dict, prefix: str) -> dict:
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+
+
+def _lr_lambda(warmup: int, total: int):
+    def f(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup)))) * 0.95 + 0.05
+    return f
+
+
+# ------------------------------------------------------------------------------------------------ stages
+def stage_data(cfg: WorldConfig, work: Path, tokenizer, progress=True) -> dict:
+    path = work / "data.safetensors"
+    if path.exists():
+        return read_tensors(path)
+    images, ids = [], []
+    for i in tqdm(range(cfg.n_scenes), desc="render scenes", disable=not progress):
+        spec = R.sample_scene(_scene_rng(cfg.seed, i, "base"), split="train", excluded=EXCLUDED_APPEARANCES)
+        r = R.render(spec, cfg.image_size)
+        images.append(r.image)
+        ids.append(r.caption)
+    tok = tokenizer(ids, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
+                    return_tensors="pt").input_ids
+    data = {"images": _to_tensor(images), "input_ids": tok.to(torch.int32)}
+    write_tensors(path, data)
+    return data
+
+
+def _train_loop(name, work, cfg, steps, modules: dict, opt, sched, step_fn, progress, ema: dict | None = None):
+    """Generic resumable loop: ``step_fn(step, generator) -> loss``."""
+    stage = _Stage(work, name)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + zlib.crc32(name.encode()) % 1000)
+    tensors, meta = stage.load()
+    start, losses, wall = 0, [], 0.0
+    if meta is not None:
+        for p, m in modules.items():
+            m.load_state_dict(_unprefixed(tensors, p))
+        if ema is not None:
+            for p, m in ema.items():
+                m.load_state_dict(_unprefixed(tensors, "ema_" + p))
+        load_optimizer_state(opt, tensors, meta["optimizer"])
+        sched.load_state_dict(meta["scheduler"])
+        load_rng_state(tensors, gen)
+        start, losses, wall = meta["step"], meta["losses"], meta["wall_s"]
+    if start >= steps:
+        return meta
+    bar = tqdm(range(start, steps), desc=f"train {name}", disable=not progress, initial=start, total=steps)
+    t0 = time.time()
+    run = []
+    for step in bar:
+        loss = step_fn(step, gen)
+        if not math.isfinite(loss):
+            raise TrainingError(f"{name}: non-finite loss at step {step}; the last good checkpoint is kept in {work}")
+        run.append(loss)
+        if ema is not None:
+            with torch.no_grad():
+                d = min(cfg.ema_decay, (1 + step) / (10 + step))
+                for p, m in ema.items():
+                    for pe, pm in zip(m.parameters(), modules[p].parameters()):
+                        pe.lerp_(pm.detach(), 1 - d)
+        if (step + 1) % 50 == 0:
+            losses.append([step + 1, float(np.mean(run))])
+            bar.set_postfix(loss=f"{np.mean(run):.4f}")
+            run = []
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == steps:
+            t = {k: v for p, m in modules.items() for k, v in _prefixed(m, p).items()}
+            if ema is not None:
+                t.update({k: v for p, m in ema.items() for k, v in _prefixed(m, "ema_" + p).items()})
+            ot, om = optimizer_state(opt)
+            t.update(ot)
+            t.update(rng_state(gen))
+            stage.save(t, {"step": step + 1, "losses": losses, "wall_s": wall + time.time() - t0,
+                           "optimizer": om, "scheduler": sched.state_dict()})
+    return stage.load()[1]
+
+
+def stage_vae(cfg, work, data, progress=True):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(cfg.seed)
+    vae = AutoencoderKL(**vae_config(cfg))
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50, cfg.vae_steps))
+    images = data["images"]
+
+    def step_fn(step, gen):
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
+        x = _pixels(images[idx])
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        rec = vae.decode(z).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    meta = _train_loop("vae", work, cfg, cfg.vae_steps, {"vae": vae}, opt, sched, step_fn, progress)
+    vae.eval()
+    lat_path = work / "latents.safetensors"
+    if lat_path.exists():
+        lat = read_tensors(lat_path)
+        return vae, lat["latents"], float(lat["scale"])
+    chunks = []
+    with torch.no_grad():
+        for i in tqdm(range(0, len(images), 256), desc="encode latents", disable=not progress):
+            chunks.append(vae.encode(_pixels(images[i:i + 256])).latent_dist.mean)
+    latents = torch.cat(chunks)
+    scale = float(1.0 / latents.std())
+    vae.register_to_config(scaling_factor=scale)
+    write_tensors(lat_path, {"latents": latents * scale, "scale": torch.tensor(scale)})
+    del meta
+    return vae, latents * scale, scale
+
+
+def stage_unet(cfg, work, data, latents, progress=True):
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(cfg.seed + 1)
+    unet = UNet2DConditionModel(**unet_config(cfg))
+    text = CLIPTextModel(CLIPTextConfig(**text_config(cfg)))
+    ema_unet, ema_text = UNet2DConditionModel(**unet_config(cfg)), CLIPTextModel(CLIPTextConfig(**text_config(cfg)))
+    ema_unet.load_state_dict(unet.state_dict())
+    ema_text.load_state_dict(text.state_dict())
+    noise_sched = DDPMScheduler(**{k: v for k, v in scheduler_kwargs().items() if k not in ("set_alpha_to_one",)})
+    opt = torch.optim.AdamW([
+        {"params": list(unet.parameters()), "lr": cfg.unet_lr, "weight_decay": 0.01},
+        {"params": list(text.parameters()), "lr": cfg.text_lr, "weight_decay": 0.0},
+    ])
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.unet_steps))
+    ids_all = data["input_ids"].long()
+    empty = clip_tokenizer()([""], padding="max_length", max_length=CLIP_MAX_LENGTH, return_tensors="pt").input_ids
+
+    def step_fn(step, gen):
+        b = cfg.unet_batch
+        idx = torch.randint(len(latents), (b,), generator=gen)
+        x0 = latents[idx]
+        ids = ids_all[idx].clone()
+        drop = torch.rand(b, generator=gen) < cfg.cond_dropout
+        ids[drop] = empty
+        noise = torch.randn(x0.shape, generator=gen)
+        t = torch.randint(0, 1000, (b,), generator=gen)
+        xt = noise_sched.add_noise(x0, noise, t)
+        target = noise_sched.get_velocity(x0, noise, t)
+        h = text(ids).last_hidden_state  # (b, 77, d)
+        pred = unet(xt, t, h).sample
+        loss = F.mse_loss(pred, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    _train_loop("unet", work, cfg, cfg.unet_steps, {"unet": unet, "text": text}, opt, sched, step_fn, progress,
+                ema={"unet": ema_unet, "text": ema_text})
+    return ema_unet.eval(), ema_text.eval(), noise_sched
+
+
+def evaluator_scene(cfg: WorldConfig, i: int) -> R.Rendered:
+    """Evaluator training scenes: everything, hidden patterns and the personal concepts' appearances included."""
+    rng = _scene_rng(cfg.seed, i, "evaluator")
+    if rng.random() < 0.15:  # a personal concept's appearance, anywhere, described in words
+        c = rng.choice(PERSONAL_CONCEPTS)
+        obj = c.object(position=rng.choice(tuple(R.POSITIONS)), size=rng.choice(tuple(R.SIZES)),
+                       jitter=(rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03)))
+        bg = rng.choice([k for k in R.COLORS if k not in (c.color,)])
+        spec = R.SceneSpec((obj,), bg)
+    else:
+        spec = R.fully_specified(R.sample_scene(rng, split="any", pattern_prob=0.5, hidden_patterns=True))
+    return R.render(spec, cfg.image_size)
+
+
+def stage_evaluator(cfg, work, progress=True):
+    import open_clip
+
+    register_evaluator_config()
+    torch.manual_seed(cfg.seed + 2)
+    model = open_clip.create_model(EVALUATOR_NAME)
+    tokenizer = open_clip.get_tokenizer(EVALUATOR_NAME)
+    mean = torch.tensor(open_clip.OPENAI_DATASET_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(open_clip.OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.evaluator_lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(100, cfg.evaluator_steps))
+    loss_fn = open_clip.ClipLoss()
+
+    def step_fn(step, gen):
+        base = step * cfg.evaluator_batch  # scene indices are a function of the step: resumable
+        scenes = [evaluator_scene(cfg, base + j) for j in range(cfg.evaluator_batch)]
+        x = (_to_tensor([s.image for s in scenes]).float() / 255.0 - mean) / std
+        tok = tokenizer([s.caption for s in scenes])
+        img_f, txt_f, logit_scale = model(x, tok)
+        loss = loss_fn(img_f, txt_f, logit_scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    _train_loop("evaluator", work, cfg, cfg.evaluator_steps, {"clip": model}, opt, sched, step_fn, progress)
+    return model.eval()
+
+
+def register_evaluator_config() -> None:
+    import open_clip
+    from open_clip.factory import _MODEL_CONFIGS
+
+    if EVALUATOR_NAME not in _MODEL_CONFIGS:
+        _MODEL_CONFIGS[EVALUATOR_NAME] = json.loads(json.dumps(EVALUATOR_CONFIG))
+    assert EVALUATOR_NAME in open_clip.list_models()
+
+
+def export(cfg, work: Path, out: Path, vae, unet, text, tokenizer, evaluator, dtype=torch.float16):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDIMScheduler(**scheduler_kwargs()), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    model_dir = out / "model"
+    pipe.to(dtype).save_pretrained(model_dir, safe_serialization=True)
+    pipe.to(torch.float32)
+    ev_dir = out / "evaluator"
+    write_tensors(ev_dir / "open_clip_model.safetensors", {k: v.to(dtype) for k, v in evaluator.state_dict().items()})
+    write_json(ev_dir / "open_clip_config.json", {"model_name": EVALUATOR_NAME, "model_cfg": EVALUATOR_CONFIG})
+    logs = {name: read_json(work / f"{name}.json") for name in ("vae", "unet", "evaluator")}
+    write_json(out / "training_log.json", {
+        "config": asdict(cfg),
+        "stages": {k: {"steps": v["step"], "wall_s": v["wall_s"], "losses": v["losses"]} for k, v in logs.items()},
+    })
+
+
+def train_world(out: str | Path, work: str | Path | None = None, cfg: WorldConfig | None = None,
+                progress: bool = True) -> Path:
+    """Train the whole toy world; resumable: re-running with the same ``work`` folder continues."""
+    cfg = cfg or WorldConfig()
+    out = Path(out)
+    work = Path(work) if work else out / "_work"
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_path = work / "config.json"
+    if cfg_path.exists() and read_json(cfg_path) != asdict(cfg):
+        raise TrainingError(f"{work} holds a run with another config; use a new --work folder or the same config")
+    write_json(cfg_path, asdict(cfg))
+    tokenizer = clip_tokenizer()
+    t0 = time.time()
+    data = stage_data(cfg, work, tokenizer, progress)
+    vae, latents, _ = stage_vae(cfg, work, data, progress)
+    unet, text, _ = stage_unet(cfg, work, data, latents, progress)
+    evaluator = stage_evaluator(cfg, work, progress)
+    export(cfg, work, out, vae, unet, text, tokenizer, evaluator)
+    print(f"toy world written to {out} ({time.time() - t0:.0f} s in this invocation)")
+    return out

@@ -1,0 +1,140 @@
+"""The toy world: renderer, grammar, held-out exclusion, checker, concept data, committed weights."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from editbench.models import clip_tokenizer
+from editbench.toyworld import scenes as R
+from editbench.toyworld.checker import check, heldout_specs
+from editbench.toyworld.benchmark import single_prompts
+from editbench.toyworld.personal import EXCLUDED_APPEARANCES, PERSONAL_CONCEPTS
+
+
+def test_vocabulary_words_are_single_clip_tokens():
+    tok = clip_tokenizer()
+    words = list(R.CATEGORIES) + list(R.PALETTE) + ["small", "large", "left", "right", "top", "bottom", "center"]
+    for w in words:
+        assert len(tok(w, add_special_tokens=False).input_ids) == 1, w
+    assert len(R.CATEGORIES) >= 6 and len(R.PALETTE) >= 6
+
+
+def test_positions_tile_the_image():
+    area = sum((x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in R.POSITIONS.values())
+    assert area == pytest.approx(1.0)
+    for phrase in ("left", "right", "top", "bottom", "center", "top left", "bottom right"):
+        assert phrase in R.POSITIONS
+
+
+def test_render_is_deterministic_per_seed():
+    a, b, c = R.random_scene(5), R.random_scene(5), R.random_scene(6)
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image)) and a.caption == b.caption
+    assert a.caption != c.caption or not np.array_equal(np.asarray(a.image), np.asarray(c.image))
+
+
+def test_render_returns_image_caption_attributes_and_masks():
+    spec = R.SceneSpec((R.ObjectSpec("star", "red", "left", "large", "stripes", "blue"),
+                        R.ObjectSpec("circle", "green", "right", "small")), "white")
+    r = R.render(spec)
+    assert r.image.size == (32, 32) and len(r.masks) == 2
+    assert r.caption == ("a large red star with blue stripes on the left and a small green circle on the right "
+                         "on a white background")
+    assert r.attributes["background"] == "white"
+    img = np.asarray(r.image).astype(int)
+    # the corner is background, the masks sit in their cells and hold the object's colors
+    assert tuple(img[0, 0]) == R.PALETTE["white"]
+    for m, phrase in zip(r.masks, ("left", "right")):
+        ys, xs = np.nonzero(m > 0.5)
+        x0, y0, x1, y1 = R.POSITIONS[phrase]
+        assert x0 <= (xs.mean() + 0.5) / 32 < x1 and y0 <= (ys.mean() + 0.5) / 32 < y1
+    inside = img[r.masks[1] > 0.99]
+    assert (inside == R.PALETTE["green"]).all()
+
+
+def test_grammar_covers_attributes():
+    rng = random.Random(0)
+    specs = [R.sample_scene(rng) for _ in range(400)]
+    objs = [o for s in specs for o in s.objects]
+    assert {o.category for o in objs} == set(R.CATEGORIES)
+    assert {o.position for o in objs} == set(R.POSITIONS)
+    assert {o.pattern for o in objs} == {None, *R.PATTERNS}
+    assert any(len(s.objects) == 2 for s in specs)
+    for s in specs:
+        assert all(o.color != s.background for o in s.objects)
+
+
+def test_base_training_excludes_personal_appearances_and_heldout_captions():
+    """The base model's data stream never shows a personal concept's appearance or a hidden pattern, and never
+    a held-out (category, color, background) triple; the evaluator's stream does show the concepts."""
+    from editbench.toyworld.train import WorldConfig, _scene_rng, evaluator_scene
+
+    cfg = WorldConfig()
+    seen_hidden = 0
+    for i in range(3000):
+        spec = R.sample_scene(_scene_rng(cfg.seed, i, "base"), split="train", excluded=EXCLUDED_APPEARANCES)
+        for o in spec.objects:
+            assert o.appearance not in EXCLUDED_APPEARANCES
+            assert o.pattern not in R.HIDDEN_PATTERNS
+            assert not R.is_heldout_combo(o.category, o.color, spec.background)
+    for i in range(400):
+        spec = evaluator_scene(cfg, i).spec
+        seen_hidden += any(o.appearance in EXCLUDED_APPEARANCES for o in spec.objects)
+    assert seen_hidden > 20
+    # the exclusion is real: without it the same stream would contain these appearances
+    rng = random.Random(1)
+    appearances = {o.appearance for _ in range(20000) for o in R.sample_scene(rng, pattern_prob=1.0).objects}
+    assert any(c.appearance in appearances for c in PERSONAL_CONCEPTS if c.pattern in R.PATTERNS)
+
+
+def test_heldout_specs_are_heldout():
+    for s in heldout_specs(50):
+        assert all(R.is_heldout_combo(o.category, o.color, s.background) for o in s.objects)
+
+
+@pytest.mark.parametrize("two", [False, True])
+def test_checker_accepts_ground_truth_and_rejects_wrong_scenes(two):
+    specs = heldout_specs(60, seed=3, two_object=two)
+    ok = [check(R.render(s).image, s) for s in specs]
+    assert np.mean([c.background and c.color for c in ok]) == 1.0
+    assert np.mean([c.category for c in ok]) >= 0.9 and np.mean([c.position for c in ok]) >= 0.9
+    assert all(c.all_present for c in ok)
+    # a scene rendered with another category, color, background and position must fail those checks
+    wrong = []
+    for s in specs[:20]:
+        o = s.objects[0]
+        cat = R.CATEGORIES[(R.CATEGORIES.index(o.category) + 3) % len(R.CATEGORIES)]
+        bg = next(c for c in R.COLORS if c not in (s.background, o.color))
+        col = next(c for c in R.COLORS if c not in (s.background, o.color, bg))
+        pos = {"left": "right", "right": "left"}.get(o.position, "left" if "left" not in o.position else "right")
+        other = R.SceneSpec((R.ObjectSpec(cat, col, pos, o.size),), bg)
+        wrong.append(check(R.render(other).image, s))
+    assert not any(c.background or c.color for c in wrong)
+    assert np.mean([c.position for c in wrong]) <= 0.1
+
+
+def test_personal_concepts_and_data_layout(tmp_path):
+    from editbench.toyworld import concepts, write_concept_data
+
+    assert len(PERSONAL_CONCEPTS) >= 8
+    tok = clip_tokenizer()
+    files = write_concept_data(tmp_path)
+    assert len(files) == len(PERSONAL_CONCEPTS)
+    for f in files:
+        assert 4 <= len(f.images) <= 6 and len(f.masks) == len(f.images)
+        assert len(tok(f.superclass, add_special_tokens=False).input_ids) == 1
+        assert all("{}" in p for p in f.prompts)
+    assert (tmp_path / "dreambench" / "concepts.csv").read_text().splitlines()[0] == "concept,class"
+    assert (tmp_path / "customconcept101.json").exists()
+    # the committed copy equals a fresh render, byte for byte
+    committed = concepts()
+    for a, b in zip(committed, files):
+        assert [p.read_bytes() for p in a.images] == [p.read_bytes() for p in b.images]
+    # references cover few backgrounds: overfitting shows up on prompts asking for others
+    for c in PERSONAL_CONCEPTS:
+        bgs = {s.background for s in c.reference_specs(5)}
+        assert len(bgs) <= 2
+        asked = {p.split(" on a ")[-1].split()[0] for p in single_prompts(c)}
+        assert asked - bgs, c.name
