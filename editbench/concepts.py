@@ -19,7 +19,7 @@ import torch
 
 from editbench.errors import ConceptDataError
 
-__all__ = ["DEFAULT_TEMPLATES", "ConceptData", "ImageLike", "model_resolution"]
+__all__ = ["DEFAULT_TEMPLATES", "ConceptData", "ImageLike", "model_resolution", "vocabulary_id"]
 
 ImageLike = Union[str, os.PathLike, "PIL.Image.Image", torch.Tensor]  # noqa: F821
 """A file path, a PIL image, or a float tensor ``(C, H, W)`` in [0, 1]."""
@@ -48,6 +48,12 @@ def model_resolution(pipeline: Any) -> int:
     size = pipeline.unet.config.sample_size
     size = size[0] if isinstance(size, (tuple, list)) else size
     return int(size) * int(pipeline.vae_scale_factor)
+
+
+def vocabulary_id(tokenizer: Any, word: str) -> int | None:
+    """The id of ``word`` as a raw vocabulary entry (``"dog</w>"``, an added token, ...), or None."""
+    i = tokenizer.convert_tokens_to_ids(word)
+    return None if i is None or (i == tokenizer.unk_token_id and word != tokenizer.unk_token) else int(i)
 
 
 def _describe(item: Any, i: int) -> str:
@@ -174,7 +180,7 @@ class ConceptData:
             raise ConceptDataError(f"superclass {self.superclass!r} is {len(sup)} tokens for this tokenizer, it must "
                                    "be exactly one (e.g. 'teddy' instead of 'teddy bear')")
         ph = ids(self.placeholder)
-        in_vocab = self.placeholder in tokenizer.get_vocab() or len(ph) == 1
+        in_vocab = vocabulary_id(tokenizer, self.placeholder) is not None or len(ph) == 1
         if new_placeholder and in_vocab:
             raise ConceptDataError(f"placeholder {self.placeholder!r} is already a token of the vocabulary (a real "
                                    "word); this method adds a new token: pick an unused string such as '<my-teddy>'")

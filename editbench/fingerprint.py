@@ -5,14 +5,14 @@ name order) and, optionally, a tokenizer's vocabulary (token -> id, added tokens
 covered weight changes by a single bit, and it does not depend on the device the weights live on. It does depend
 on the dtype: a float16 copy of a float32 model has another fingerprint (its bytes differ).
 
-Cost: one pass over the covered bytes (about 1 s per GB on one core); nothing is cached, so a fingerprint can
-never be stale.
+Cost: one pass over the covered tensor bytes (about 1 s per GB on one core; tensors are never cached, so a weight
+fingerprint cannot be stale); the vocabulary digest is cached per tokenizer object and vocabulary size.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,8 +33,35 @@ def update_with_tensor(digest: Any, name: str, tensor: torch.Tensor) -> None:
         digest.update(t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
 
 
+_VOCAB_DIGESTS: dict[int, tuple[Any, int, int, bytes]] = {}
+
+
+def _vocabulary_digest(tokenizer: Any) -> bytes:
+    """SHA-256 of the vocabulary, cached per tokenizer object, backend object and vocabulary size.
+
+    (A vocabulary can only grow through the tokenizer API, which changes the size; ``get_vocab`` of a 49k-word
+    vocabulary costs up to a second on a busy CPU, hence the cache.)
+    """
+    key = id(tokenizer)
+    state = (id(getattr(tokenizer, "_tokenizer", None)), len(tokenizer))
+    hit = _VOCAB_DIGESTS.get(key)
+    if hit is not None and hit[0]() is tokenizer and hit[1:3] == state:
+        return hit[3]
+    digest = hashlib.sha256(_vocabulary_bytes(tokenizer)).digest()
+    try:
+        _VOCAB_DIGESTS[key] = (weakref.ref(tokenizer), *state, digest)
+    except TypeError:  # not weak-referenceable: do not cache
+        pass
+    return digest
+
+
 def _vocabulary_bytes(tokenizer: Any) -> bytes:
-    return json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])).encode()
+    import numpy as np
+
+    vocab = tokenizer.get_vocab()                                   # token -> id, added tokens included
+    tokens = sorted(vocab, key=vocab.__getitem__)                   # by id
+    ids = np.fromiter(map(vocab.__getitem__, tokens), dtype=np.int64, count=len(tokens))
+    return "\n".join(tokens).encode() + b"|" + ids.tobytes()
 
 
 def fingerprint(tensors: Mapping[str, torch.Tensor], tokenizer: Any = None, *, length: int = LENGTH) -> str:
@@ -43,7 +70,7 @@ def fingerprint(tensors: Mapping[str, torch.Tensor], tokenizer: Any = None, *, l
     for name in sorted(tensors):
         update_with_tensor(digest, name, tensors[name])
     if tokenizer is not None:
-        digest.update(b"vocab|" + _vocabulary_bytes(tokenizer))
+        digest.update(b"vocab|" + _vocabulary_digest(tokenizer))
     return digest.hexdigest()[:length]
 
 

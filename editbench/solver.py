@@ -139,16 +139,17 @@ def _check_edit_shapes(w0: np.ndarray, k: np.ndarray, v: np.ndarray) -> None:
 
 def _drop_duplicates(k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Remove rows repeated in both key and value (first kept); a key repeated with another value is an error."""
-    _, first = np.unique(np.concatenate([k, v], axis=1), axis=0, return_index=True)
-    keep = np.sort(first)
-    k, v = k[keep], v[keep]
-    _, kfirst, kinv = np.unique(k, axis=0, return_index=True, return_inverse=True)
-    if len(kfirst) < len(k):
-        i = int(np.flatnonzero(np.bincount(kinv.ravel()) > 1)[0])
-        rows = [int(keep[j]) for j in np.flatnonzero(kinv.ravel() == i)]
-        raise EditbenchError(f"key rows {rows} are identical but ask for different values: one key cannot map to "
-                             "two outputs; drop all but one of them or average their values")
-    return k, v
+    kz, vz = k + 0.0, v + 0.0  # -0.0 -> 0.0, so that equal bytes <=> equal values
+    first: dict[bytes, int] = {}
+    keep = []
+    for i, row in enumerate(kz):
+        j = first.setdefault(row.tobytes(), i)
+        if j == i:
+            keep.append(i)
+        elif not np.array_equal(vz[j], vz[i]):
+            raise EditbenchError(f"key rows {[j, i]} are identical but ask for different values: one key cannot "
+                                 "map to two outputs; drop all but one of them or average their values")
+    return (k, v) if len(keep) == len(k) else (k[keep], v[keep])
 
 
 def _like(w: np.ndarray, ref: torch.Tensor) -> torch.Tensor:
@@ -473,7 +474,8 @@ def estimate_text_covariance(text_encoder: torch.nn.Module, tokenizer: Any, capt
     causal encoder and would dominate ``C``; pass ``keep_start_token=True`` to keep it), the end token is kept
     and padding is dropped, as in Custom Diffusion. The encoder's train/eval mode is restored afterwards.
 
-    ``corpus`` is a label stored in the metadata (a SHA-256 of the captions is stored too).
+    ``corpus`` is a label stored in the metadata, with ``n_captions`` and
+    ``corpus_sha256 = sha256(("\\n".join(captions) + "\\n").encode())`` (callers use it to validate caches).
     """
     if isinstance(captions, (str, bytes)):
         raise EditbenchError("captions must be an iterable of strings, not a single string; wrap it in a list")
@@ -508,7 +510,7 @@ def estimate_text_covariance(text_encoder: torch.nn.Module, tokenizer: Any, capt
                 tok = tokenizer(batch, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
                                 return_tensors="pt")
                 ids, att = tok["input_ids"].to(device), tok["attention_mask"].to(device)  # (b, t)
-                hidden = text_encoder(ids, attention_mask=att).hidden_states if False else text_encoder(ids, attention_mask=att, output_hidden_states=True).hidden_states[-2]         # (b, t, d)
+                hidden = text_encoder(ids, attention_mask=att).last_hidden_state          # (b, t, d)
                 keep = att.bool()                                                         # (b, t) no padding
                 if not keep_start_token and bos is not None:
                     keep[:, 0] &= ids[:, 0] != bos

@@ -97,6 +97,7 @@ class StepContext:
     indices: torch.Tensor          # (b,) image indices of this micro-batch
     latents: torch.Tensor          # (b, c, h, w) clean, scaled latents
     diffusion_loss: Callable[..., torch.Tensor]  # (latents, encoder_hidden_states, masks=None) -> scalar loss
+    owners: torch.Tensor | None = None  # (b,) index of each item's concept when several are trained jointly
 
 
 @dataclass
@@ -135,6 +136,10 @@ class TrainingSession:
 
     phrase: str | None = None
     augments: bool = False
+
+    def phrase_for(self, concept: ConceptData) -> str:
+        """What replaces ``{}`` in ``concept``'s templates (default: ``phrase``, else the placeholder)."""
+        return self.phrase or concept.placeholder
 
     def param_groups(self) -> list[ParamGroup]:
         """The parameters to optimise, grouped by learning rate."""
@@ -346,7 +351,8 @@ def _load_checkpoint(path: Path, *, groups: list[ParamGroup], optimizer: torch.o
 # the loop
 # ----------------------------------------------------------------------------------------------------------------
 
-def train(pipeline: Any, concept: ConceptData, session: TrainingSession, config: TrainConfig, *,
+def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: TrainingSession,
+          config: TrainConfig, *,
           seed: int = 0, progress: bool = True, checkpoint_dir: str | Path | None = None,
           signature: dict | None = None, desc: str = "training") -> TrainResult:
     """Run ``config.steps`` optimizer steps of ``session`` on ``concept``; resume from ``checkpoint_dir`` if it holds one.
@@ -357,13 +363,21 @@ def train(pipeline: Any, concept: ConceptData, session: TrainingSession, config:
     every ``config.checkpoint_every`` steps and at the end (``checkpoint_dir/checkpoint.safetensors``).
     ``signature`` (JSON-able) identifies the run; a checkpoint of another run is refused.
 
+    Several concepts (joint training) pool their images; each image is prompted with its own concept's
+    templates and ``session.phrase_for(concept)``, and ``StepContext.owners`` says which concept each item is.
+
     Raises TrainingError on a non-finite loss (naming the step; the last checkpoint is kept).
     The pipeline's ``requires_grad`` flags and train/eval modes are restored on return.
     """
     config.validate()
     device = _device(pipeline)
     size = model_resolution(pipeline)
-    images, masks = concept.load_images(size), concept.load_masks(size)   # (N, 3, H, W), (N, 1, H, W) | None
+    concepts = [concept] if isinstance(concept, ConceptData) else list(concept)
+    loaded = [(c.load_images(size), c.load_masks(size)) for c in concepts]
+    images = torch.cat([im for im, _ in loaded])                           # (N, 3, H, W)
+    masks = None if all(m is None for _, m in loaded) else torch.cat(     # (N, 1, H, W) | None
+        [torch.ones_like(im[:, :1]) if m is None else m for im, m in loaded])
+    owner = torch.cat([torch.full((len(c),), j) for j, c in enumerate(concepts)])  # (N,) concept of each image
     if not config.mask_loss:
         masks = None
     sched = _noise_schedule(pipeline)
@@ -383,7 +397,8 @@ def train(pipeline: Any, concept: ConceptData, session: TrainingSession, config:
     opt = _OPTIMIZERS[config.optimizer](
         [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups],
         betas=tuple(config.adam_betas), eps=config.adam_eps)
-    sig_parts = dict(signature or {}, concept=_concept_digest(concept, images, masks), seed=seed,
+    digest = [_concept_digest(c, im, m) for c, (im, m) in zip(concepts, loaded)]
+    sig_parts = dict(signature or {}, concept=digest[0] if len(digest) == 1 else digest, seed=seed,
                      groups=[(g.name, g.lr, g.weight_decay, [tuple(p.shape) for p in g.params]) for g in groups])
     sig = hashlib.sha256(json.dumps(sig_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
     gen = torch.Generator().manual_seed(int(seed))
@@ -395,8 +410,8 @@ def train(pipeline: Any, concept: ConceptData, session: TrainingSession, config:
     from tqdm.auto import tqdm
 
     t0, mem = time.perf_counter(), _Memory(device)
-    n_img, n_tpl = len(images), len(concept.templates)
-    phrase = session.phrase or concept.placeholder
+    n_img, n_tpl = len(images), math.lcm(*(len(c.templates) for c in concepts))
+    phrases = [session.phrase_for(c) for c in concepts]
     unet = pipeline.unet
     T = sched.config.num_train_timesteps
     with _Freeze(pipeline, params):
@@ -423,7 +438,9 @@ def train(pipeline: Any, concept: ConceptData, session: TrainingSession, config:
                 for micro in range(config.grad_accum):
                     idx = torch.randint(0, n_img, (config.batch_size,), generator=gen)       # (b,)
                     tpl = torch.randint(0, n_tpl, (config.batch_size,), generator=gen)       # (b,)
-                    prompts = [concept.templates[j].format(phrase) for j in tpl.tolist()]
+                    own = owner[idx]                                                          # (b,)
+                    prompts = [concepts[o].templates[j % len(concepts[o].templates)].format(phrases[o])
+                               for o, j in zip(own.tolist(), tpl.tolist())]
                     m = None if masks is None else masks[idx]                                 # (b, 1, H, W)
                     if cache is None:  # augmenting session: encode this batch's augmented images
                         img = images[idx]
@@ -438,7 +455,7 @@ def train(pipeline: Any, concept: ConceptData, session: TrainingSession, config:
                     cond = session.encode(prompts)                                            # (b, n, d)
                     loss = diffusion_loss(latents, cond, m)
                     extra = session.extra_loss(StepContext(step, micro, pipeline, gen, prompts, idx, latents,
-                                                           diffusion_loss))
+                                                           diffusion_loss, owners=own))
                     if extra is not None:
                         loss = loss + extra
                     value = float(loss.detach())

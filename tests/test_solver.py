@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
+import itertools
 import os
 from pathlib import Path
 
@@ -119,7 +121,7 @@ def test_soft_form_approaches_hard_form_as_lam_shrinks(use_cov):
     c = c if use_cov else None
     hard = edit(w0, k, v, c)
     gaps = [rel(edit(w0, k, v, c, lam), hard) for lam in (1e-1, 1e-3, 1e-5, 1e-7, 1e-9)]
-    assert all(a > 30 * b for a, b in zip(gaps, gaps[1:])), gaps  # O(lam) convergence, no rounding floor
+    assert all(a > 30 * b for a, b in itertools.pairwise(gaps)), gaps  # O(lam) convergence, no rounding floor
     assert gaps[-1] < 1e-9
     assert rel(edit(w0, k, v, c, 1e-30), hard) < 1e-12
 
@@ -191,6 +193,10 @@ def test_exact_duplicates_are_dropped(lam):
     w0, k, v, c = problem(13, 3, 10, 6)
     k2, v2 = np.vstack([k, k[[1, 0]], k[[1]]]), np.vstack([v, v[[1, 0]], v[[1]]])  # rows repeated with their values
     assert rel(edit(w0, k2, v2, c, lam), edit(w0, k, v, c, lam)) < 1e-14
+    k[0, 0], v[0, 0] = 0.0, 0.0
+    k3, v3 = np.vstack([k, k[[0]]]), np.vstack([v, v[[0]]])
+    k3[-1, 0], v3[-1, 0] = -0.0, -0.0  # -0.0 == 0.0: still a duplicate
+    assert rel(edit(w0, k3, v3, c, lam), edit(w0, k, v, c, lam)) < 1e-14
 
 
 def test_same_key_with_different_values_is_a_contradiction():
@@ -474,7 +480,8 @@ def test_text_covariance_matches_hand_computed_reference(clip_parts, dtype, tol)
     assert m.count == count and m.dim == 32
     assert rel(m.matrix().numpy(), ref) < tol
     assert m.metadata["padding_policy"] == PADDING_POLICY and m.metadata["corpus"] == "three"
-    assert m.metadata["n_captions"] == 3 and len(m.metadata["corpus_sha256"]) == 64
+    assert m.metadata["n_captions"] == 3
+    assert m.metadata["corpus_sha256"] == hashlib.sha256(("\n".join(CAPTIONS) + "\n").encode()).hexdigest()
     assert "CLIPTextModel" in m.metadata["text_encoder"]
 
 
@@ -528,6 +535,7 @@ def test_non_diffusers_example_core():
     r = module.run(n_sentences=600, n_eval=256)
     assert r["sites"] == 2 and r["tokens_in_C"] > 64
     assert r["constraint_residual"] < 1e-5
-    assert r["swap_gap_after"] < 1e-5 < 1e-2 < r["swap_gap_before"]
+    assert r["swap_gap_after"] < 1e-5
+    assert r["swap_gap_before"] > 1e-2
     assert r["unrelated_output_change_C"] < r["unrelated_output_change_identity"]
     assert r["unrelated_key_change_C"] < r["unrelated_key_change_identity"]

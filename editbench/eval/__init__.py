@@ -1,0 +1,42 @@
+"""Evaluation: CLIP/DINO metrics, benchmark suites (YAML -> long-format results table) and reports.
+
+See ``docs/evaluation.md``. Main entry points: :func:`run_suite`, :func:`write_report`, :func:`load_clip`.
+"""
+
+from editbench.eval.metrics import (
+    SCALES,
+    ClipScorer,
+    DinoEncoder,
+    aggregate,
+    artifact_stats,
+    check_scale,
+    composition_hits,
+    composition_score,
+    composition_threshold,
+    cosine_matrix,
+    fill_prompt,
+    image_alignment,
+    load_clip,
+    load_dino,
+    pair_alignment,
+    superclass_prompt,
+    text_alignment,
+    to_scale,
+)
+from editbench.eval.suite import (
+    Suite,
+    bundled_suites,
+    collect,
+    generate,
+    load_suite,
+    parse_shard,
+    run_suite,
+    shard_cells,
+    write_report,
+)
+
+__all__ = ["SCALES", "ClipScorer", "DinoEncoder", "Suite", "aggregate", "artifact_stats", "bundled_suites",
+           "check_scale", "collect", "composition_hits", "composition_score", "composition_threshold",
+           "cosine_matrix", "fill_prompt", "generate", "image_alignment", "load_clip", "load_dino", "load_suite",
+           "pair_alignment", "parse_shard", "run_suite", "shard_cells", "superclass_prompt", "text_alignment",
+           "to_scale", "write_report"]

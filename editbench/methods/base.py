@@ -26,7 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -231,6 +231,7 @@ class Editor:
     Settings: ClassVar[type] = NoSettings
     new_token: ClassVar[bool] = True          # the placeholder becomes a new token (False: reuse a rare word)
     max_artifacts: ClassVar[int | None] = 1   # how many artifacts one apply() takes (None: any number)
+    max_concepts: ClassVar[int | None] = 1    # how many concepts one fit() trains jointly (None: any number)
 
     def __init__(self, config: TrainConfig | None = None, **overrides: Any):
         if config is not None and not isinstance(config, self.Config):
@@ -253,31 +254,43 @@ class Editor:
 
         return fingerprint(self.affected_tensors(pipeline), base_tokenizer(pipeline.tokenizer))
 
-    def fit(self, pipeline: Any, concept: ConceptData, *, steps: int | None = None, seed: int = 0,
-            progress: bool = True, checkpoint_dir: str | os.PathLike | None = None) -> Artifact:
+    def fit(self, pipeline: Any, concept: ConceptData | Sequence[ConceptData], *, steps: int | None = None,
+            seed: int = 0, progress: bool = True, checkpoint_dir: str | os.PathLike | None = None) -> Artifact:
         """Train ``concept`` into an artifact; the pipeline is left exactly as it was.
+
+        Methods with ``max_concepts != 1`` also take a list of concepts, trained jointly into one artifact
+        (``prepare_training`` and the loop then receive the list; a single concept is passed as itself).
 
         ``steps`` overrides ``config.steps``. With ``checkpoint_dir``, checkpoints are written every
         ``config.checkpoint_every`` steps and an interrupted run resumes from there (bitwise identical on CPU).
         """
-        if not isinstance(concept, ConceptData):
-            raise EditbenchError(f"concept must be a ConceptData, got {type(concept).__name__}")
+        many = isinstance(concept, Sequence) and not isinstance(concept, str)
+        concepts = list(concept) if many else [concept]
+        if not concepts or not all(isinstance(c, ConceptData) for c in concepts):
+            raise EditbenchError(f"concept must be a ConceptData (or a list of them), got {type(concept).__name__}")
+        if len(concepts) > 1 and self.max_concepts is not None and len(concepts) > self.max_concepts:
+            raise EditbenchError(f"{self.name} trains at most {self.max_concepts} concept(s) at once, got "
+                                 f"{len(concepts)}")
+        if len({c.placeholder for c in concepts}) != len(concepts):
+            raise EditbenchError("jointly trained concepts need distinct placeholders")
         config = self.config if steps is None else dataclasses.replace(self.config, steps=steps)
         config.validate()
         self.check_pipeline(pipeline)
-        concept.check_tokens(pipeline.tokenizer, new_placeholder=self.new_token)
+        for c in concepts:
+            c.check_tokens(pipeline.tokenizer, new_placeholder=self.new_token)
         base_fp = self.fingerprint(pipeline)
         cfg = dataclasses.asdict(config)
         signature = {"method": self.name, "base": base_fp,
                      "config": {k: v for k, v in cfg.items() if k not in config.RESUMABLE_FIELDS}}
         with EditHandle(pipeline, f"{self.name} training") as handle:
-            session = self.prepare_training(pipeline, concept, handle, config)
-            result = train(pipeline, concept, session, config, seed=seed, progress=progress,
+            subject = concepts[0] if len(concepts) == 1 else concepts
+            session = self.prepare_training(pipeline, subject, handle, config)
+            result = train(pipeline, subject, session, config, seed=seed, progress=progress,
                            checkpoint_dir=checkpoint_dir, signature=signature, desc=f"{self.name} training")
             artifact = session.artifact(result)
+        info = [{"placeholder": c.placeholder, "superclass": c.superclass, "images": len(c)} for c in concepts]
         artifact.metadata.update(base_fingerprint=base_fp, config=cfg, seed=seed, training=result.summary(),
-                                 concept={"placeholder": concept.placeholder, "superclass": concept.superclass,
-                                          "images": len(concept)})
+                                 concept=info[0] if len(info) == 1 else info)
         return artifact
 
     def apply(self, pipeline: Any, artifacts: Artifact | str | os.PathLike | Iterable, *,

@@ -22,12 +22,13 @@ from typing import Any
 import torch
 
 from editbench._io import atomic_target
-from editbench.concepts import model_resolution
+from editbench.concepts import ConceptData, model_resolution
 from editbench.errors import EditbenchError
 from editbench.fingerprint import fingerprint, module_tensors
-from editbench.training import StepContext
+from editbench.training import StepContext, TrainingSession, encode_prompts
 
-__all__ = ["PriorConfigMixin", "PriorPreservation", "class_images", "default_cache_dir"]
+__all__ = ["ClassPromptSession", "PriorConfigMixin", "PriorPreservation", "class_images", "default_cache_dir",
+           "make_prior"]
 
 _MANIFEST = "manifest.json"
 
@@ -179,3 +180,30 @@ class PriorPreservation:
         z = mean + std * torch.randn(mean.shape, generator=ctx.generator).to(mean)
         latents = _scale_latents(ctx.pipeline, z).to(ctx.latents)
         return self.weight * ctx.diffusion_loss(latents, encode(prompts))
+
+
+def make_prior(pipeline: Any, concepts: ConceptData | Sequence[ConceptData],
+               config: PriorConfigMixin) -> PriorPreservation | None:
+    """The prior term of ``concepts`` (class prompt = ``config.class_prompt`` with each superclass), or None if
+    ``config.with_prior_preservation`` is off. Call before the method edits the pipeline."""
+    if not config.with_prior_preservation:
+        return None
+    concepts = [concepts] if isinstance(concepts, ConceptData) else list(concepts)
+    return PriorPreservation(pipeline, [config.class_prompt.format(c.superclass) for c in concepts], config)
+
+
+class ClassPromptSession(TrainingSession):
+    """Session base of the methods prompted with ``"<identifier> <class>"`` (DreamBooth's "a photo of sks dog",
+    LoRA, Custom Diffusion's "<new1> cat"): prompts encoded as the pipeline does, plus the optional prior term."""
+
+    def __init__(self, pipeline: Any, prior: PriorPreservation | None):
+        self.pipeline, self.prior = pipeline, prior
+
+    def phrase_for(self, concept: ConceptData) -> str:
+        return f"{concept.placeholder} {concept.superclass}"
+
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        return encode_prompts(self.pipeline, prompts)                   # (b, n, d)
+
+    def extra_loss(self, ctx: StepContext) -> torch.Tensor | None:
+        return None if self.prior is None else self.prior.loss(ctx, self.encode, ctx.owners)

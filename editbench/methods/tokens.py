@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from editbench.concepts import vocabulary_id
 from editbench.errors import ConceptDataError, EditbenchError
 
 __all__ = ["ExtendedEmbedding", "add_tokens", "base_tokenizer", "initial_rows", "single_token_id",
@@ -83,6 +84,36 @@ def token_position(ids: torch.Tensor, token_id: int) -> torch.Tensor:
     return torch.where(hit.any(-1), first, torch.full_like(first, -1))
 
 
+def _clone(tok: Any) -> Any:
+    """A copy of ``tok`` that can learn new words without touching ``tok``.
+
+    For a ``tokenizers``-backed tokenizer this is a shallow copy of the wrapper around a new backend that shares
+    the (read-only) BPE model and pipeline pieces and re-adds the added tokens: microseconds instead of the
+    seconds a deep copy of a 49k-word vocabulary takes. Other tokenizers are deep-copied.
+    """
+    from tokenizers import Tokenizer
+
+    backend = getattr(tok, "_tokenizer", None)
+    if not isinstance(backend, Tokenizer):
+        return copy.deepcopy(tok)
+    new = Tokenizer(backend.model)
+    for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        value = getattr(backend, part)
+        if value is not None:
+            setattr(new, part, value)
+    added = backend.get_added_tokens_decoder()                          # id -> AddedToken
+    for i in sorted(added):
+        (new.add_special_tokens if added[i].special else new.add_tokens)([added[i]])
+    if new.get_added_tokens_decoder().keys() != added.keys() or \
+            new.get_vocab_size(True) != backend.get_vocab_size(True):
+        return copy.deepcopy(tok)                                       # unusual layout: take the slow, safe path
+    clone = copy.copy(tok)
+    clone._tokenizer = new
+    if hasattr(clone, "_wrap_decode_method_backend_tokenizer"):         # CLIP's decode fix-up lives on the backend
+        clone._wrap_decode_method_backend_tokenizer()
+    return clone
+
+
 def add_tokens(handle: Any, pipeline: Any, tokens: Sequence[str], rows: torch.Tensor) -> list[int]:
     """Make ``tokens`` new single-token words of ``pipeline`` with embedding ``rows`` ``(k, d)``; return their ids.
 
@@ -90,8 +121,13 @@ def add_tokens(handle: Any, pipeline: Any, tokens: Sequence[str], rows: torch.Te
     tokenizer object and embedding module. Raises ConceptDataError if a word already is a token.
     """
     tokens = list(tokens)
-    tok = copy.deepcopy(pipeline.tokenizer)
-    existing = [t for t in tokens if t in tok.get_vocab() or len(tok(t, add_special_tokens=False).input_ids) == 1]
+    emb = pipeline.text_encoder.get_input_embeddings()
+    if rows.untyped_storage().data_ptr() == emb.weight.untyped_storage().data_ptr():
+        raise EditbenchError("rows share memory with the base embedding matrix (a view of it), so training them "
+                             "would change the base rows; pass a copy: weight[i].detach().clone()")
+    tok = _clone(pipeline.tokenizer)
+    existing = [t for t in tokens
+                if vocabulary_id(tok, t) is not None or len(tok(t, add_special_tokens=False).input_ids) == 1]
     if existing or len(set(tokens)) != len(tokens):
         raise ConceptDataError(f"cannot add {existing or tokens}: already a token of the vocabulary (or repeated); "
                                "pick new placeholder strings")
@@ -105,7 +141,6 @@ def add_tokens(handle: Any, pipeline: Any, tokens: Sequence[str], rows: torch.Te
                                    "use a lower-case string without spaces, such as '<my-teddy>'")
     tok._editbench_base_tokenizer = base_tokenizer(pipeline.tokenizer)
     encoder = pipeline.text_encoder
-    emb = encoder.get_input_embeddings()
     handle.set_attr(pipeline, "tokenizer", tok)
     ext = ExtendedEmbedding(emb, ids, rows)
     encoder.set_input_embeddings(ext)
@@ -118,9 +153,12 @@ def initial_rows(pipeline: Any, words: Sequence[str]) -> torch.nn.Parameter:
     """Trainable float32 ``(k, d)`` rows for new tokens, row j copied from the embedding of the one-token ``words[j]``.
 
     Pass the result to :func:`add_tokens`: only these rows are then trained (textual inversion's and Custom
-    Diffusion's initialisation from a coarse word or a rare token). ConceptDataError if a word is not one token.
+    Diffusion's initialisation from a coarse word or a rare token). A word that is not one token but is an entry
+    of the vocabulary (Custom Diffusion's "ktn": the word-internal piece, as the reference's
+    ``tokenizer.encode([word])`` looks it up) uses that entry. ConceptDataError otherwise.
     """
     tok = base_tokenizer(pipeline.tokenizer)
     weight = pipeline.text_encoder.get_input_embeddings().weight               # (V, d)
-    ids = [single_token_id(tok, w) for w in words]
+    vocab = tok.get_vocab() if any(len(tok(w, add_special_tokens=False).input_ids) != 1 for w in words) else {}
+    ids = [vocab[w] if w in vocab else single_token_id(tok, w) for w in words]
     return torch.nn.Parameter(weight[ids].detach().to(torch.float32).clone())  # (k, d)

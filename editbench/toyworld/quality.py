@@ -85,3 +85,22 @@ def summary_table(summary: dict) -> str:
     for k, v in GATE.items():
         lines.append(f"| {k} | {summary[k]:.3f} | >= {v:.2f} |")
     return "\n".join(lines)
+
+
+def plot_training_log(log_path, out_png) -> None:
+    """Loss curves of every stage of ``editbench world train`` (from its ``training_log.json``), one panel each."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import pandas as pd
+    import seaborn as sns
+
+    from editbench.io import read_json
+
+    log = read_json(log_path)
+    rows = [{"stage": stage, "step": s, "loss": loss}
+            for stage, info in log["stages"].items() for s, loss in info["losses"]]
+    g = sns.relplot(data=pd.DataFrame(rows), x="step", y="loss", col="stage", kind="line",
+                    facet_kws={"sharex": False, "sharey": False}, height=2.6, aspect=1.1)
+    g.set(yscale="log")
+    g.savefig(out_png, dpi=110)

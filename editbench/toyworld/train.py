@@ -6,9 +6,11 @@ Stages, each checkpointed (atomic safetensors + JSON, no pickle) and resumable:
 2. ``vae``       train the ``AutoencoderKL`` (reconstruction + small KL), then cache the scaled latents;
 3. ``unet``      train the ``UNet2DConditionModel`` jointly with the ``CLIPTextModel`` (v-prediction on a
                  zero-terminal-SNR schedule, caption dropout for classifier-free guidance, EMA of the weights);
-4. ``evaluator`` train the open_clip evaluator contrastively, on scenes that include the appearances the base
+4. ``decoder``   fine-tune the VAE decoder alone on the cached latents (sharper edges and patterns; the latent
+                 space the UNet learned is unchanged because the encoder is frozen);
+5. ``evaluator`` train the open_clip evaluator contrastively, on scenes that include the appearances the base
                  model never sees (hidden patterns and the personal concepts);
-5. ``export``    write the diffusers pipeline folder (``model/``) and the evaluator (``evaluator/``).
+6. ``export``    write the diffusers pipeline folder (``model/``) and the evaluator (``evaluator/``).
 
 Why the loop is hand-written rather than diffusers' example scripts: those are CLI scripts, not importable
 functions, and they do not train a text encoder from scratch or checkpoint without pickle.
@@ -32,7 +34,7 @@ from tqdm.auto import tqdm
 from editbench.errors import TrainingError
 from editbench.io import (load_optimizer_state, load_rng_state, optimizer_state, read_json, read_tensors,
                           rng_state, write_json, write_tensors)
-from editbench.models import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer
+from editbench.models import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer, write_clip_tokenizer_files
 from editbench.toyworld import scenes as R
 from editbench.toyworld.personal import EXCLUDED_APPEARANCES, PERSONAL_CONCEPTS
 
@@ -55,6 +57,8 @@ class WorldConfig:
     evaluator_steps: int = 700
     evaluator_batch: int = 128
     evaluator_lr: float = 1e-3
+    decoder_steps: int = 800
+    decoder_lr: float = 5e-4
     checkpoint_every: int = 200
     text_width: int = 64
 
@@ -233,11 +237,12 @@ def stage_vae(cfg, work, data, progress=True):
         sched.step()
         return loss.item()
 
-    meta = _train_loop("vae", work, cfg, cfg.vae_steps, {"vae": vae}, opt, sched, step_fn, progress)
+    _train_loop("vae", work, cfg, cfg.vae_steps, {"vae": vae}, opt, sched, step_fn, progress)
     vae.eval()
     lat_path = work / "latents.safetensors"
     if lat_path.exists():
         lat = read_tensors(lat_path)
+        vae.register_to_config(scaling_factor=float(lat["scale"]))
         return vae, lat["latents"], float(lat["scale"])
     chunks = []
     with torch.no_grad():
@@ -247,8 +252,31 @@ def stage_vae(cfg, work, data, progress=True):
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
     write_tensors(lat_path, {"latents": latents * scale, "scale": torch.tensor(scale)})
-    del meta
     return vae, latents * scale, scale
+
+
+def stage_decoder(cfg, work, data, vae, latents, scale, progress=True):
+    opt = torch.optim.AdamW(vae.decoder.parameters(), lr=cfg.decoder_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(50, cfg.decoder_steps))
+    images = data["images"]
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.decoder.train()
+
+    def step_fn(step, gen):
+        idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
+        x = _pixels(images[idx])
+        rec = vae.decode(latents[idx] / scale).sample
+        loss = F.mse_loss(rec, x) + 0.5 * F.l1_loss(rec, x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss.item()
+
+    _train_loop("decoder", work, cfg, cfg.decoder_steps, {"vae": vae}, opt, sched, step_fn, progress)
+    vae.requires_grad_(True)
+    return vae.eval()
 
 
 def stage_unet(cfg, work, data, latents, progress=True):
@@ -358,10 +386,18 @@ def export(cfg, work: Path, out: Path, vae, unet, text, tokenizer, evaluator, dt
     model_dir = out / "model"
     pipe.to(dtype).save_pretrained(model_dir, safe_serialization=True)
     pipe.to(torch.float32)
+    # Weights are stored in float16 (the repository's size budget), but a plain
+    # ``StableDiffusionPipeline.from_pretrained(folder)`` must load every component in float32 like an SD 1.5
+    # folder: diffusers does that by default, transformers follows the "dtype" of the config, so record float32.
+    te_cfg = model_dir / "text_encoder" / "config.json"
+    write_json(te_cfg, {**read_json(te_cfg), "dtype": "float32"})
+    # The tokenizer as CLIP's vocab.json + merges.txt (1.7 MB) instead of the 3.6 MB tokenizer.json.
+    (model_dir / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+    write_clip_tokenizer_files(model_dir / "tokenizer")
     ev_dir = out / "evaluator"
     write_tensors(ev_dir / "open_clip_model.safetensors", {k: v.to(dtype) for k, v in evaluator.state_dict().items()})
     write_json(ev_dir / "open_clip_config.json", {"model_name": EVALUATOR_NAME, "model_cfg": EVALUATOR_CONFIG})
-    logs = {name: read_json(work / f"{name}.json") for name in ("vae", "unet", "evaluator")}
+    logs = {name: read_json(work / f"{name}.json") for name in ("vae", "unet", "decoder", "evaluator")}
     write_json(out / "training_log.json", {
         "config": asdict(cfg),
         "stages": {k: {"steps": v["step"], "wall_s": v["wall_s"], "losses": v["losses"]} for k, v in logs.items()},
@@ -376,15 +412,21 @@ def train_world(out: str | Path, work: str | Path | None = None, cfg: WorldConfi
     work = Path(work) if work else out / "_work"
     work.mkdir(parents=True, exist_ok=True)
     cfg_path = work / "config.json"
-    if cfg_path.exists() and read_json(cfg_path) != asdict(cfg):
-        raise TrainingError(f"{work} holds a run with another config; use a new --work folder or the same config")
+    if cfg_path.exists():
+        # fields added by a later version of this module may be new; every field both know must agree
+        old = read_json(cfg_path)
+        changed = sorted(k for k, v in asdict(cfg).items() if k in old and old[k] != v)
+        if changed:
+            raise TrainingError(f"{work} holds a run with another config ({changed}); use a new --work folder "
+                                "or the same config")
     write_json(cfg_path, asdict(cfg))
     tokenizer = clip_tokenizer()
     t0 = time.time()
     data = stage_data(cfg, work, tokenizer, progress)
-    vae, latents, _ = stage_vae(cfg, work, data, progress)
+    vae, latents, scale = stage_vae(cfg, work, data, progress)
     unet, text, _ = stage_unet(cfg, work, data, latents, progress)
     evaluator = stage_evaluator(cfg, work, progress)
+    vae = stage_decoder(cfg, work, data, vae, latents, scale, progress)
     export(cfg, work, out, vae, unet, text, tokenizer, evaluator)
     print(f"toy world written to {out} ({time.time() - t0:.0f} s in this invocation)")
     return out

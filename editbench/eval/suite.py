@@ -1,0 +1,941 @@
+"""Benchmark suites: a YAML file of methods x concepts x seeds x inference settings, run into one results table.
+
+A *cell* is one (method, concept(s), seed, inference setting) unit: apply the trained artifact(s) with that
+setting, generate ``images_per_prompt`` images for every prompt, score them. Each finished cell writes its rows
+atomically to ``cells/<cell id>.csv`` (the done marker; a cell that cannot run, e.g. a multi-concept cell of a
+method without multi-concept support, writes ``cells/<cell id>.skip.json``); ``results.csv`` (and
+``results.parquet``) are assembled from the cell files of the current suite. Re-running skips finished cells, so a
+killed run loses at most the cell in flight. Trained artifacts live in ``artifacts/`` keyed by a hash of what
+determines them and are reused across inference settings, multi-concept cells and re-runs. ``--shard i/N``
+runs a deterministic slice: the (method, concept(s), seed) groups in sorted order, every N-th from the i-th.
+
+Output layout (every name coming from a suite file is sanitized; nothing is written outside ``out``)::
+
+    out/suite.json                    resolved suite (cells and their specs)
+    out/cells/<cell>.csv              rows of one finished cell
+    out/artifacts/<method>/<concept>/seed<k>-<hash>.safetensors
+    out/samples/<cell>/pNN_iNN.png    generated images
+    out/results.csv, results.parquet  the long-format table, one row per generated image
+
+See ``docs/evaluation.md`` for the YAML schema.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import importlib
+import inspect
+import itertools
+import json
+import math
+import os
+import re
+import time
+import traceback
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from editbench._io import atomic_target
+from editbench.errors import EditbenchError, TrainingError
+from editbench.eval import metrics as M
+
+__all__ = ["BUNDLED", "Cell", "ConceptSpec", "MethodSpec", "PairSpec", "Suite", "bundled_suites", "collect",
+           "generate", "load_suite", "parse_shard", "run_suite", "safe_name", "shard_cells", "write_report"]
+
+BUNDLED = Path(__file__).parent / "suites"
+BASE_METHOD = "base"
+"""Pseudo-method: the unedited model prompted with the superclass word (a reference point; nothing trained)."""
+RARE_WORDS = ("sks", "olis", "bnha", "hta", "ucd", "pll")
+"""Single-token rare words used as placeholders by methods that reuse a word (``new_token = False``)."""
+
+_TOP_KEYS = {"name", "description", "model", "device", "dtype", "seeds", "concepts", "pairs", "prompts",
+             "pair_prompts", "max_prompts", "images_per_prompt", "steps", "generation", "metrics", "methods"}
+_METHOD_KEYS = {"name", "label", "config", "steps", "settings", "sweep"}
+_METRIC_KEYS = {"clip", "clip_arch", "dino", "dino_arch", "text_scale", "image_scale", "composition"}
+_NAME_OK = re.compile(r"[^A-Za-z0-9._+=-]+")
+_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def safe_name(name: Any, what: str = "name", max_len: int = 80) -> str:
+    """A file-name-safe slug of ``name`` (letters, digits, ``._+=-``; no leading dot; no path separators).
+
+    EditbenchError if nothing usable is left (e.g. ``".."``)."""
+    slug = _NAME_OK.sub("_", str(name)).strip("._")[:max_len].strip("._")
+    if not slug:
+        raise EditbenchError(f"{what} {name!r} has no usable characters for a file name; use letters and digits")
+    return slug
+
+
+def _inside(out: Path, path: Path) -> Path:
+    """``path`` if it resolves inside ``out``, else EditbenchError (defence in depth after :func:`safe_name`)."""
+    if not path.resolve().is_relative_to(out.resolve()):
+        raise EditbenchError(f"refusing to write {path}: it is outside the output folder {out}")
+    return path
+
+
+def _hash(obj: Any, n: int = 10) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+
+
+def parse_shard(shard: str | Sequence[int]) -> tuple[int, int]:
+    """``"i/N"`` or ``(i, N)`` -> ``(i, N)`` with ``0 <= i < N``; EditbenchError otherwise."""
+    try:
+        i, n = (int(x) for x in shard.split("/")) if isinstance(shard, str) else (int(shard[0]), int(shard[1]))
+    except (ValueError, TypeError, IndexError):
+        raise EditbenchError(f"shard must look like 'i/N' (e.g. '0/4'), got {shard!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise EditbenchError(f"shard {i}/{n}: need N >= 1 and 0 <= i < N (shards are numbered from 0)")
+    return i, n
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
+
+
+# ------------------------------------------------------------------------------------------------ concepts
+@dataclass(frozen=True)
+class ConceptSpec:
+    """One concept of a suite: reference images (and optional masks), superclass word and prompts (``{}``)."""
+
+    name: str
+    superclass: str
+    images: tuple[Path, ...]
+    prompts: tuple[str, ...]
+    masks: tuple[Path, ...] | None = None
+    placeholder: str = ""
+    source: str = "custom"
+    templates: tuple[str, ...] | None = None   # training prompt templates (None: the library default)
+
+    def identity(self) -> dict:
+        return {"name": self.name, "superclass": self.superclass, "placeholder": self.placeholder,
+                "images": [str(p) for p in self.images], "masks": [str(p) for p in self.masks or ()],
+                "templates": list(self.templates or ())}
+
+
+@dataclass(frozen=True)
+class PairSpec:
+    """Two concepts and their composition prompts (``{0}``, ``{1}``)."""
+
+    names: tuple[str, str]
+    prompts: tuple[str, ...]
+
+
+def _masks(folder: Path, n: int) -> tuple[Path, ...] | None:
+    m = folder / "masks"
+    found = _images_in(m) if m.is_dir() else []
+    return tuple(found) if len(found) == n else None
+
+
+def _toy_concepts() -> tuple[dict[str, ConceptSpec], list[PairSpec]]:
+    from editbench import toyworld
+    from editbench.toyworld.benchmark import concept_pairs
+
+    templates = getattr(toyworld, "TEMPLATES", None)
+    cs = {c.name: ConceptSpec(c.name, c.superclass, tuple(c.images), tuple(c.prompts),
+                              tuple(c.masks) if len(c.masks) == len(c.images) else None, c.placeholder, "toyworld",
+                              tuple(templates) if templates else None)
+          for c in toyworld.concepts()}
+    pairs = [PairSpec((a.name, b.name), tuple(toyworld.pair_prompts(a, b))) for a, b in concept_pairs()]
+    return cs, pairs
+
+
+def _dreambench_prompts(text: str) -> tuple[dict[str, str], list[str], list[str]]:
+    """Parse DreamBench's ``prompts_and_classes.txt``: classes, object prompts, live-subject prompts (``{}``)."""
+    classes, objects, live, section = {}, [], [], None
+    for line in text.splitlines():
+        s = line.strip()
+        low = s.lower()
+        if low.startswith("object prompts"):
+            section = objects
+        elif low.startswith("live subject prompts"):
+            section = live
+        elif section is None and re.fullmatch(r"[\w-]+,[\w -]+", s) and low != "subject_name,class":
+            k, v = s.split(",", 1)
+            classes[k] = v.strip()
+        elif section is not None:
+            m = re.match(r"""['"](.*)['"]\.format\(""", s)
+            if m:
+                section.append(m.group(1).replace("{0} {1}", "{}"))
+    return classes, objects, live
+
+
+def _dreambench(root: Path, names: Iterable[str] | None) -> dict[str, ConceptSpec]:
+    if not root.is_dir():
+        raise EditbenchError(f"DreamBench folder {root} not found; point 'dreambench:' at the folder holding one "
+                             "sub-folder of images per subject")
+    classes: dict[str, str] = {}
+    objects: list[str] = []
+    live: list[str] = []
+    if (root / "concepts.csv").is_file():
+        with open(root / "concepts.csv", newline="") as fh:
+            classes = {r["concept"]: r["class"] for r in csv.DictReader(fh)}
+    elif (root / "prompts_and_classes.txt").is_file():
+        classes, objects, live = _dreambench_prompts((root / "prompts_and_classes.txt").read_text())
+    else:
+        raise EditbenchError(f"{root} has neither concepts.csv (concept,class) nor DreamBench's "
+                             "prompts_and_classes.txt; add one so the superclass words are known")
+    out = {}
+    for name in (names if names is not None else sorted(classes)):
+        if name not in classes:
+            raise EditbenchError(f"DreamBench concept {name!r} is not listed in {root}; available: {sorted(classes)}")
+        folder = root / name
+        if not folder.is_dir() or not _images_in(folder):
+            raise EditbenchError(f"DreamBench concept {name!r}: no images in {folder}")
+        pfile = root / f"prompts_{name}.txt"
+        if pfile.is_file():
+            prompts = [p for p in pfile.read_text().splitlines() if p.strip()]
+        else:
+            prompts = live if classes[name] in ("dog", "cat") else objects
+        if not prompts:
+            raise EditbenchError(f"DreamBench concept {name!r} has no prompts; add {pfile} (one prompt per line, "
+                                 "{} for the concept)")
+        images = _images_in(folder)
+        out[name] = ConceptSpec(name, classes[name].split()[-1], tuple(images), tuple(prompts),
+                                _masks(folder, len(images)), f"<{name}>", "dreambench")
+    return out
+
+
+def _prompts_of(entry: dict, base: Path, key: str = "prompts") -> list[str]:
+    if key in entry:
+        return list(entry[key])
+    if "prompt_filename" in entry:
+        return [p for p in (base / entry["prompt_filename"]).read_text().splitlines() if p.strip()]
+    return []
+
+
+def _customconcept101(path: Path, names: Iterable[str] | None) -> tuple[dict[str, ConceptSpec], list[PairSpec]]:
+    if path.is_dir():
+        found = [path / n for n in ("customconcept101.json", "dataset.json") if (path / n).is_file()]
+        if not found:
+            raise EditbenchError(f"{path} holds no customconcept101.json or dataset.json")
+        path = found[0]
+    if not path.is_file():
+        raise EditbenchError(f"CustomConcept101 file {path} not found; point 'customconcept101:' at its JSON file")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise EditbenchError(f"{path} is not valid JSON ({err})") from None
+    single, multi = (data.get("single", []), data.get("multi", [])) if isinstance(data, dict) else (data, [])
+    base, out = path.parent, {}
+    for e in single:
+        try:
+            folder = base / e["instance_data_dir"]
+            name = e.get("name") or Path(e["instance_data_dir"]).name
+            sup = e["class_prompt"].split()[-1]
+        except (KeyError, TypeError, AttributeError):
+            raise EditbenchError(f"{path}: each concept entry needs instance_data_dir and class_prompt, got "
+                                 f"{e!r}") from None
+        if names is not None and name not in names:
+            continue
+        images = _images_in(folder) if folder.is_dir() else []
+        if not images:
+            raise EditbenchError(f"CustomConcept101 concept {name!r}: no images in {folder}")
+        prompts = _prompts_of(e, base)
+        if not prompts:
+            raise EditbenchError(f"CustomConcept101 concept {name!r} has no prompts ('prompts' or 'prompt_filename')")
+        out[name] = ConceptSpec(name, sup, tuple(images), tuple(prompts), _masks(folder, len(images)),
+                                f"<{name}>", "customconcept101")
+    missing = sorted(set(names or ()) - set(out))
+    if missing:
+        raise EditbenchError(f"concepts {missing} are not in {path}")
+    pairs = [PairSpec(tuple(e["names"]), tuple(_prompts_of(e, base))) for e in multi
+             if isinstance(e, dict) and len(e.get("names", ())) == 2]
+    return out, pairs
+
+
+def _custom_concept(e: dict, base: Path) -> ConceptSpec:
+    unknown = set(e) - {"name", "superclass", "images", "masks", "prompts", "placeholder", "templates"}
+    if unknown or not {"name", "superclass", "images", "prompts"} <= set(e):
+        raise EditbenchError(f"a custom concept needs name, superclass, images (folder or list), prompts (list or "
+                             f"file) [, masks, placeholder, templates]; got keys {sorted(e)}")
+    imgs = e["images"]
+    folder = base / imgs if isinstance(imgs, str) else None
+    images = _images_in(folder) if folder is not None and folder.is_dir() else [base / p for p in
+                                                                                  (imgs if folder is None else [])]
+    if not images:
+        raise EditbenchError(f"concept {e['name']!r}: no images found at {imgs!r}")
+    prompts = e["prompts"]
+    if isinstance(prompts, str):
+        prompts = [p for p in (base / prompts).read_text().splitlines() if p.strip()]
+    masks = e.get("masks")
+    if isinstance(masks, str):
+        masks = _images_in(base / masks)
+    return ConceptSpec(str(e["name"]), str(e["superclass"]), tuple(images), tuple(prompts),
+                       tuple(base / m for m in masks) if masks else None,
+                       str(e.get("placeholder") or f"<{e['name']}>"), "custom",
+                       tuple(e["templates"]) if e.get("templates") else None)
+
+
+# ------------------------------------------------------------------------------------------------ suite
+@dataclass(frozen=True)
+class MethodSpec:
+    """One method entry: registry ``name``, unique ``label``, config overrides, training steps, settings."""
+
+    name: str
+    label: str
+    config: dict = field(default_factory=dict)
+    steps: int | None = None
+    settings: dict = field(default_factory=dict)
+    sweep: dict = field(default_factory=dict)
+
+    def points(self) -> list[dict]:
+        """Every inference setting: fixed ``settings`` + one point of the ``sweep`` grid (sweep key order)."""
+        keys = list(self.sweep)
+        return [{**self.settings, **dict(zip(keys, vals))}
+                for vals in itertools.product(*(self.sweep[k] for k in keys))] or [dict(self.settings)]
+
+
+def setting_label(settings: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in settings.items()) or "default"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (method, concept(s), seed, setting) unit of a suite."""
+
+    method: MethodSpec
+    concepts: tuple[str, ...]
+    seed: int
+    settings: dict
+    prompts: tuple[tuple[int, str], ...]   # (index in the concept's prompt list, template)
+    spec_hash: str
+
+    @property
+    def group(self) -> tuple[str, tuple[str, ...], int]:
+        return (self.method.label, self.concepts, self.seed)
+
+    @property
+    def id(self) -> str:
+        slug = "__".join([self.method.label, "+".join(self.concepts), f"s{self.seed}",
+                          safe_name(setting_label(self.settings), "setting", 40)])
+        return f"{safe_name(slug, 'cell', 140)}-{self.spec_hash}"
+
+
+@dataclass
+class Suite:
+    """A parsed, validated suite file (see :func:`load_suite`)."""
+
+    name: str
+    path: Path | None
+    model: str
+    methods: list[MethodSpec]
+    concepts: dict[str, ConceptSpec]
+    pairs: list[PairSpec]
+    seeds: list[int]
+    prompts: str | list[str] = "default"
+    pair_prompts: str | list[str] = "default"
+    max_prompts: int | None = None
+    images_per_prompt: int = 4
+    steps: int | None = None
+    generation: dict = field(default_factory=dict)
+    metrics: dict = field(default_factory=dict)
+    device: str | None = None
+    dtype: str | None = None
+
+    def concept_prompts(self, names: tuple[str, ...]) -> list[tuple[int, str]]:
+        if len(names) == 1:
+            own, given = self.concepts[names[0]].prompts, self.prompts
+        else:
+            own = next((p.prompts for p in self.pairs if p.names == names), ())
+            given = self.pair_prompts
+        prompts = list(own) if given == "default" else list(given)
+        if not prompts:
+            raise EditbenchError(f"no prompts for {'+'.join(names)}; give 'pair_prompts:' (with {{0}} and {{1}})"
+                                 if len(names) > 1 else f"no prompts for concept {names[0]}")
+        for p in prompts:  # fails early on a prompt without its slots
+            M.fill_prompt(p, [f"x{i}" for i in range(len(names))])
+        pairs = list(enumerate(prompts))
+        return pairs[: self.max_prompts] if self.max_prompts else pairs
+
+    def cells(self) -> list[Cell]:
+        """Every cell, ordered by group (method label, concepts, seed), then setting."""
+        units = [(n,) for n in self.concepts] + [p.names for p in self.pairs]
+        common = {"model": self.model, "images_per_prompt": self.images_per_prompt, "steps": self.steps,
+                  "generation": self.generation, "metrics": self.metrics}
+        out = []
+        for m, names, seed in itertools.product(self.methods, units, self.seeds):
+            prompts = tuple(self.concept_prompts(names))
+            for point in m.points():
+                spec = {**common, "method": dataclasses.asdict(m), "concepts": [self.concepts[n].identity()
+                                                                                for n in names],
+                        "seed": seed, "settings": point, "prompts": prompts}
+                out.append(Cell(m, names, seed, point, prompts, _hash(spec)))
+        return sorted(out, key=lambda c: (c.group, list(c.method.points()).index(c.settings)))
+
+    def validate(self) -> None:
+        """Import the methods and check config overrides and every inference setting (EditbenchError)."""
+        from editbench import methods as registry
+
+        for m in self.methods:
+            if m.name == BASE_METHOD:
+                if m.config or m.settings or m.sweep:
+                    raise EditbenchError("method 'base' (the unedited model) takes no config, settings or sweep")
+                continue
+            editor = registry.get(m.name)(**m.config)
+            for point in m.points():
+                inference, transform = _split_settings(editor, point)
+                for n in {1} | ({2} if self.pairs else set()):
+                    editor.settings(n, **inference)
+                if transform and _transform_fn(editor) is None:
+                    raise EditbenchError(f"{m.label}: unknown inference setting(s) {sorted(transform)}")
+
+
+def _as_list(v: Any, what: str) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (str, int, float, dict)):
+        return [v]
+    if not isinstance(v, list):
+        raise EditbenchError(f"{what} must be a list, got {v!r}")
+    return v
+
+
+def _method_spec(e: Any) -> MethodSpec:
+    e = {"name": e} if isinstance(e, str) else e
+    if not isinstance(e, dict) or "name" not in e:
+        raise EditbenchError(f"each entry of 'methods' is a method name or a mapping with 'name', got {e!r}")
+    unknown = set(e) - _METHOD_KEYS
+    if unknown:
+        raise EditbenchError(f"method {e['name']!r}: unknown key(s) {sorted(unknown)}; valid: {sorted(_METHOD_KEYS)}")
+    sweep = e.get("sweep") or {}
+    if not isinstance(sweep, dict) or not all(isinstance(v, list) and v for v in sweep.values()):
+        raise EditbenchError(f"method {e['name']!r}: sweep must map setting names to non-empty lists, got {sweep!r}")
+    for key in ("config", "settings"):
+        if not isinstance(e.get(key) or {}, dict):
+            raise EditbenchError(f"method {e['name']!r}: {key} must be a mapping, got {e[key]!r}")
+    steps = e.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise EditbenchError(f"method {e['name']!r}: steps must be a positive int, got {steps!r}")
+    config = {k: tuple(v) if isinstance(v, list) else v for k, v in (e.get("config") or {}).items()}
+    return MethodSpec(str(e["name"]), safe_name(e.get("label") or e["name"], "method label"), config, steps,
+                      dict(e.get("settings") or {}), {k: list(v) for k, v in sweep.items()})
+
+
+def bundled_suites() -> list[str]:
+    """Names of the suites shipped in ``editbench/eval/suites``."""
+    return sorted(p.stem for p in BUNDLED.glob("*.yaml"))
+
+
+def _suite_path(suite: str | os.PathLike) -> Path:
+    path = Path(suite).expanduser()
+    if path.is_file():
+        return path
+    if isinstance(suite, str) and (BUNDLED / f"{suite}.yaml").is_file():
+        return BUNDLED / f"{suite}.yaml"
+    raise EditbenchError(f"suite {str(suite)!r} is neither a file nor a bundled suite; bundled: {bundled_suites()}")
+
+
+def load_suite(suite: str | os.PathLike | dict) -> Suite:
+    """Parse a suite: a bundled name (``"toy-quick"``), a YAML path, or an already-parsed mapping.
+
+    Relative data paths resolve against the suite file's folder. EditbenchError names any problem."""
+    import yaml
+
+    path = None
+    if isinstance(suite, dict):
+        raw, base = suite, Path.cwd()
+    else:
+        path = _suite_path(suite)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise EditbenchError(f"suite {path} is not valid YAML: {err}") from None
+        base = path.parent
+    if not isinstance(raw, dict):
+        raise EditbenchError(f"a suite file is a YAML mapping (keys {sorted(_TOP_KEYS)}), got {type(raw).__name__}")
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise EditbenchError(f"unknown suite key(s) {sorted(unknown)}; valid: {sorted(_TOP_KEYS)}")
+    metrics = dict(raw.get("metrics") or {})
+    if set(metrics) - _METRIC_KEYS:
+        raise EditbenchError(f"unknown metrics key(s) {sorted(set(metrics) - _METRIC_KEYS)}; valid: "
+                             f"{sorted(_METRIC_KEYS)}")
+    metrics.setdefault("text_scale", "cosine")
+    metrics.setdefault("image_scale", "cosine")
+    M.check_scale(metrics["text_scale"])
+    M.check_scale(metrics["image_scale"])
+    comp = {"quantile": 0.1, "margin": 0.05, **(metrics.get("composition") or {})}
+    if set(comp) != {"quantile", "margin"}:
+        raise EditbenchError(f"metrics.composition takes quantile and margin, got {sorted(comp)}")
+    metrics["composition"] = comp
+    for key in ("clip", "dino"):
+        if metrics.get(key) is not None:
+            metrics[key] = str((base / str(metrics[key]).replace("~", str(Path.home()), 1))
+                               if not str(metrics[key]).startswith("hf-hub:") else metrics[key])
+
+    concepts: dict[str, ConceptSpec] = {}
+    source_pairs: list[PairSpec] = []
+    toy = None
+    for e in _as_list(raw.get("concepts"), "concepts"):
+        if isinstance(e, str) or (isinstance(e, dict) and "toyworld" in e):
+            toy = toy or _toy_concepts()
+            want = [e] if isinstance(e, str) else e["toyworld"]
+            want = sorted(toy[0]) if want == "all" else _as_list(want, "toyworld")
+            for n in want:
+                if n not in toy[0]:
+                    raise EditbenchError(f"{n!r} is not a toy-world concept; toy concepts: {sorted(toy[0])} (for a "
+                                         "folder on disk use {dreambench: path} or a custom concept mapping)")
+                concepts[n] = toy[0][n]
+            source_pairs += toy[1]
+        elif isinstance(e, dict) and "dreambench" in e:
+            names = e.get("names", "all")
+            concepts.update(_dreambench(base / e["dreambench"], None if names == "all" else _as_list(names, "names")))
+        elif isinstance(e, dict) and "customconcept101" in e:
+            names = e.get("names", "all")
+            found, prs = _customconcept101(base / e["customconcept101"],
+                                           None if names == "all" else _as_list(names, "names"))
+            concepts.update(found)
+            source_pairs += prs
+        elif isinstance(e, dict):
+            c = _custom_concept(e, base)
+            concepts[c.name] = c
+        else:
+            raise EditbenchError(f"bad concepts entry {e!r}; use a toy-world name, {{toyworld: all}}, "
+                                 "{dreambench: folder}, {customconcept101: file} or a custom concept mapping")
+    if not concepts:
+        raise EditbenchError("the suite lists no concepts")
+    slugs = {}
+    for n in concepts:
+        s = safe_name(n, "concept name")
+        if s in slugs:
+            raise EditbenchError(f"concepts {slugs[s]!r} and {n!r} map to the same folder name {s!r}; rename one")
+        slugs[s] = n
+    concepts = {safe_name(n): dataclasses.replace(c, name=safe_name(n)) for n, c in concepts.items()}
+
+    pairs_raw = raw.get("pairs")
+    pairs: list[PairSpec] = []
+    if pairs_raw == "auto":
+        pairs = [p for p in source_pairs if all(n in concepts for n in p.names)]
+    elif pairs_raw:
+        for pr in _as_list(pairs_raw, "pairs"):
+            if not (isinstance(pr, list) and len(pr) == 2 and all(safe_name(n) in concepts for n in pr)):
+                raise EditbenchError(f"each pair is a list of two of the suite's concepts {sorted(concepts)}, got {pr!r}")
+            names = (safe_name(pr[0]), safe_name(pr[1]))
+            own = next((p.prompts for p in source_pairs if p.names == names), ())
+            pairs.append(PairSpec(names, own))
+    pairs = list({p.names: p for p in pairs}.values())
+
+    methods = [_method_spec(e) for e in _as_list(raw.get("methods"), "methods")]
+    if not methods:
+        raise EditbenchError("the suite lists no methods")
+    labels = [m.label for m in methods]
+    if len(set(labels)) != len(labels):
+        raise EditbenchError(f"method labels must be unique, got {labels}; give repeated methods a 'label'")
+    seeds = raw.get("seeds", [0])
+    seeds = list(range(seeds)) if isinstance(seeds, int) and not isinstance(seeds, bool) else seeds
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and s >= 0 for s in seeds):
+        raise EditbenchError(f"seeds must be a count or a list of ints >= 0, got {raw.get('seeds')!r}")
+    ipp = raw.get("images_per_prompt", 4)
+    if isinstance(ipp, bool) or not isinstance(ipp, int) or ipp < 1:
+        raise EditbenchError(f"images_per_prompt must be a positive int, got {ipp!r}")
+    mp = raw.get("max_prompts")
+    if mp is not None and (isinstance(mp, bool) or not isinstance(mp, int) or mp < 1):
+        raise EditbenchError(f"max_prompts must be a positive int or null, got {mp!r}")
+    for key in ("prompts", "pair_prompts"):
+        v = raw.get(key, "default")
+        if v != "default" and not (isinstance(v, list) and v and all(isinstance(p, str) for p in v)):
+            raise EditbenchError(f"{key} must be 'default' or a list of prompt strings, got {v!r}")
+    model = str(raw.get("model", "toyworld"))
+    if model not in ("toyworld", "tiny"):
+        model = str(base / model.replace("~", str(Path.home()), 1))
+    name = safe_name(raw.get("name") or (path.stem if path else "suite"), "suite name")
+    gen = dict(raw.get("generation") or {})
+    return Suite(name, path, model, methods, concepts, pairs, list(dict.fromkeys(seeds)),
+                 raw.get("prompts", "default"), raw.get("pair_prompts", "default"), mp, ipp, raw.get("steps"), gen,
+                 metrics, raw.get("device"), raw.get("dtype"))
+
+
+def shard_cells(cells: Sequence[Cell], shard: tuple[int, int] | str) -> list[Cell]:
+    """The cells of shard ``i`` of ``N``: groups (method, concept(s), seed) in sorted order, every N-th from i.
+
+    A group's settings stay together so that each shard trains its artifacts once."""
+    i, n = parse_shard(shard)
+    groups = sorted({c.group for c in cells})
+    mine = {g for k, g in enumerate(groups) if k % n == i}
+    return [c for c in cells if c.group in mine]
+
+
+# ------------------------------------------------------------------------------------------------ generation
+def _image_seed(seed: int, prompt_index: int, image_index: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{prompt_index}:{image_index}".encode()).digest()[:7], "big")
+
+
+def generate(pipeline: Any, prompts: Sequence[tuple[int, str]], *, images_per_prompt: int, seed: int,
+             batch_size: int = 8, progress: bool = False, **call_kwargs: Any) -> list:
+    """PIL images for every ``(prompt index, prompt)``, ``images_per_prompt`` each, prompt-major order.
+
+    Image ``j`` of prompt index ``p`` starts from noise seeded by ``(seed, p, j)`` alone, so every method and
+    setting sees the same starting noise and batching does not change the result."""
+    from tqdm.auto import tqdm
+
+    jobs = [(p, text, j) for p, text in prompts for j in range(images_per_prompt)]
+    out = []
+    for k in tqdm(range(0, len(jobs), batch_size), desc="generating", leave=False, disable=not progress):
+        chunk = jobs[k:k + batch_size]
+        gens = [torch.Generator("cpu").manual_seed(_image_seed(seed, p, j)) for p, _, j in chunk]
+        with torch.no_grad():
+            res = pipeline(prompt=[t for _, t, _ in chunk], generator=gens, num_images_per_prompt=1,
+                           output_type="pil", **call_kwargs)
+        out.extend(res.images)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ running
+def _split_settings(editor: Any, settings: dict) -> tuple[dict, dict]:
+    """``settings`` split into the editor's ``Settings`` fields and artifact-transform keywords (e.g. ``rank``)."""
+    names = {f.name for f in dataclasses.fields(editor.Settings)}
+    return {k: v for k, v in settings.items() if k in names}, {k: v for k, v in settings.items() if k not in names}
+
+
+def _transform_fn(editor: Any):
+    """The method package's ``compress(artifact, **kw)`` (Custom Diffusion's SVD compression), if any."""
+    pkg = importlib.import_module(type(editor).__module__.rsplit(".", 1)[0])
+    fn = getattr(pkg, "compress", None)
+    return fn if callable(fn) else None
+
+
+def _phrase(editor: Any, artifact: Any, concept: Any) -> str:
+    """What replaces ``{}`` in a prompt for this concept: the artifact's own ``phrase`` metadata if it records
+    one, else the method's known conventions (textual inversion's expanded multi-vector tokens, Custom
+    Diffusion's ``"<new1> cat"``, ``"sks cat"`` for methods that reuse a word), else the placeholder."""
+    meta = artifact.metadata
+    for cand in (meta.get("phrase"), (meta.get("concept") or {}).get("phrase")):
+        if isinstance(cand, str) and cand:
+            return cand
+    if isinstance(meta.get("tokens"), list) and meta["tokens"] and meta["tokens"][0] == concept.placeholder:
+        return " ".join(meta["tokens"])
+    mods = meta.get("modifier_tokens")
+    if isinstance(mods, list) and concept.placeholder in mods:
+        return f"{concept.placeholder} {concept.superclass}"
+    if not getattr(editor, "new_token", True):
+        return f"{concept.placeholder} {concept.superclass}"
+    return concept.placeholder
+
+
+def _write_csv(path: Path, df: pd.DataFrame) -> None:
+    with atomic_target(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    with atomic_target(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str))
+
+
+def _resolve_dtype(dtype: Any) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    d = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(d, torch.dtype):
+        raise EditbenchError(f"unknown dtype {dtype!r}; use float32, float16 or bfloat16")
+    return d
+
+
+class _Runner:
+    def __init__(self, suite: Suite, out: Path, *, device: Any, dtype: Any, progress: bool, pipeline: Any = None,
+                 clip: Any = None, dino: Any = None):
+        self.suite, self.out, self.progress = suite, out, progress
+        self.device = device or suite.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.dtype = _resolve_dtype(dtype or suite.dtype)
+        self._pipe, self._clip, self._dino = pipeline, clip, dino
+        self._editors: dict[str, Any] = {}
+        self._artifacts: dict[tuple, Any] = {}
+        self._refs: dict[tuple[str, str], torch.Tensor] = {}
+
+    # lazily loaded, so that a run with nothing left to do loads nothing
+    @property
+    def pipeline(self) -> Any:
+        if self._pipe is None:
+            model = self.suite.model
+            if model == "toyworld":
+                from editbench import toyworld
+
+                self._pipe = toyworld.load_pipeline(device=self.device, dtype=self.dtype)
+            elif model == "tiny":
+                from editbench.testing import tiny_pipeline
+
+                self._pipe = tiny_pipeline().to(self.device, self.dtype)
+            else:
+                if not Path(model).is_dir():
+                    raise EditbenchError(f"model folder {model} not found; set 'model:' in the suite to a local "
+                                         "diffusers folder (or 'toyworld')")
+                from diffusers import DiffusionPipeline
+
+                self._pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=self.dtype or torch.float32,
+                                                               local_files_only=True).to(self.device)
+                self._pipe.set_progress_bar_config(disable=True)
+        return self._pipe
+
+    @property
+    def clip(self) -> M.ClipScorer:
+        if self._clip is None:
+            self._clip = M.load_clip(self.suite.metrics.get("clip"), self.device, arch=self.suite.metrics.get("clip_arch"))
+        return self._clip
+
+    @property
+    def dino(self) -> Any:
+        if self._dino is None and self.suite.metrics.get("dino"):
+            self._dino = M.load_dino(self.suite.metrics["dino"], self.device,
+                                     **({"arch": self.suite.metrics["dino_arch"]}
+                                        if self.suite.metrics.get("dino_arch") else {}))
+        return self._dino
+
+    def editor(self, m: MethodSpec) -> Any:
+        if m.label not in self._editors:
+            from editbench import methods as registry
+
+            self._editors[m.label] = registry.get(m.name)(**m.config)
+        return self._editors[m.label]
+
+    def concept_data(self, editor: Any, name: str) -> Any:
+        from editbench.concepts import ConceptData
+
+        c = self.suite.concepts[name]
+        placeholder = c.placeholder
+        if not getattr(editor, "new_token", True):
+            tok = self.pipeline.tokenizer
+            words = [w for w in RARE_WORDS if len(tok(w, add_special_tokens=False).input_ids) == 1]
+            placeholder = words[sorted(self.suite.concepts).index(name) % len(words)]
+        return ConceptData(placeholder, c.superclass, list(c.images), list(c.masks) if c.masks else None,
+                           templates=c.templates)
+
+    def artifact(self, m: MethodSpec, name: str, seed: int) -> tuple[Any, Any]:
+        """(artifact, ConceptData) of (method, concept, seed): loaded if saved, else trained and saved."""
+        editor = self.editor(m)
+        concept = self.concept_data(editor, name)
+        steps = m.steps or self.suite.steps
+        key = _hash({"method": m.name, "config": dataclasses.asdict(editor.config), "steps": steps, "seed": seed,
+                     "concept": self.suite.concepts[name].identity(), "placeholder": concept.placeholder,
+                     "model": self.suite.model})
+        if (m.label, name, seed, key) in self._artifacts:
+            return self._artifacts[(m.label, name, seed, key)], concept
+        path = _inside(self.out, self.out / "artifacts" / m.label / name / f"seed{seed}-{key}.safetensors")
+        art = None
+        if path.is_file():
+            with contextlib.suppress(EditbenchError):
+                art = editor.load(path)
+        if art is None:
+            ckpt = path.with_suffix(".ckpt")
+            art = editor.fit(self.pipeline, concept, steps=steps, seed=seed, progress=self.progress,
+                             checkpoint_dir=ckpt)
+            art.save(path)
+            with contextlib.suppress(OSError):
+                for f in ckpt.glob("*"):
+                    f.unlink()
+                ckpt.rmdir()
+        self._artifacts = {k: v for k, v in self._artifacts.items() if k[:3] != (m.label, name, seed)}
+        self._artifacts[(m.label, name, seed, key)] = art
+        return art, concept
+
+    def references(self, encoder: Any, name: str) -> torch.Tensor:
+        key = (encoder.name, name)
+        if key not in self._refs:
+            self._refs[key] = encoder.encode_images(list(self.suite.concepts[name].images))
+        return self._refs[key]
+
+    def cell_path(self, cell: Cell, suffix: str = ".csv") -> Path:
+        return _inside(self.out, self.out / "cells" / f"{cell.id}{suffix}")
+
+    def done(self, cell: Cell) -> bool:
+        return self.cell_path(cell).is_file() or self.cell_path(cell, ".skip.json").is_file()
+
+    def run_cell(self, cell: Cell) -> None:
+        s, m = self.suite, cell.method
+        concepts = [s.concepts[n] for n in cell.concepts]
+        cost: dict[str, Any] = {"storage_bytes": 0, "train_time_s": 0.0, "peak_memory_bytes": 0,
+                                "memory_kind": None, "train_steps": 0}
+        handle = None
+        from editbench.methods.base import Editor
+
+        if m.name == BASE_METHOD:
+            phrases = [c.superclass for c in concepts]
+        else:
+            editor = self.editor(m)
+            inference, transform = _split_settings(editor, cell.settings)
+            n = len(concepts)
+            can_compose = type(editor).compose is not Editor.compose
+            if n > 1 and editor.max_artifacts is not None and editor.max_artifacts < n and not can_compose:
+                _write_json(self.cell_path(cell, ".skip.json"),
+                            {"cell": cell.id, "reason": f"{m.name} applies at most {editor.max_artifacts} artifact(s) "
+                             "and has no merge (compose)"})
+                return
+            arts, phrases = [], []
+            for name in cell.concepts:
+                art, concept = self.artifact(m, name, cell.seed)
+                st = M.artifact_stats(art)
+                cost["train_time_s"] += st["train_time_s"]
+                cost["train_steps"] += st["train_steps"]
+                cost["peak_memory_bytes"] = max(cost["peak_memory_bytes"], st["peak_memory_bytes"])
+                cost["memory_kind"] = st["memory_kind"]
+                if transform:
+                    art = _transform_fn(editor)(art, **transform)
+                cost["storage_bytes"] += art.nbytes
+                arts.append(art)
+                phrases.append(_phrase(editor, art, concept))
+            if n > 1 and editor.max_artifacts is not None and editor.max_artifacts < n:
+                kw = {"pipeline": self.pipeline} if "pipeline" in inspect.signature(editor.compose).parameters else {}
+                arts = [editor.compose(arts, **kw)]
+                cost["storage_bytes"] = arts[0].nbytes
+            handle = editor.apply(self.pipeline, arts, **inference)
+        t0 = time.perf_counter()
+        try:
+            prompts = [(p, M.fill_prompt(t, phrases)) for p, t in cell.prompts]
+            gen = dict(s.generation)
+            batch = int(gen.pop("batch_size", 8))
+            images = generate(self.pipeline, prompts, images_per_prompt=s.images_per_prompt, seed=cell.seed,
+                              batch_size=batch, progress=self.progress, **gen)
+        finally:
+            if handle is not None:
+                handle.undo()
+        gen_time = (time.perf_counter() - t0) / max(len(images), 1)
+        rows = self.score(cell, prompts, images)
+        sample_dir = _inside(self.out, self.out / "samples" / cell.id)
+        sample_dir.mkdir(parents=True, exist_ok=True)
+        for r, img in zip(rows, images):
+            img.save(self.out / r["image"])
+            r.update(cost, gen_time_s=gen_time)
+        _write_csv(self.cell_path(cell), pd.DataFrame(rows))
+
+    def score(self, cell: Cell, prompts: list[tuple[int, str]], images: list) -> list[dict]:
+        s, mt = self.suite, self.suite.metrics
+        concepts = [s.concepts[n] for n in cell.concepts]
+        k = s.images_per_prompt
+        templates = dict(cell.prompts)
+        eval_texts = [M.superclass_prompt(templates[p], [c.superclass for c in concepts]) for p, _ in prompts]
+        clip = self.clip
+        emb = clip.encode_images(images)                                          # (n, d)
+        texts = sorted(set(eval_texts))
+        temb = clip.encode_texts(texts)
+        idx = torch.tensor([texts.index(eval_texts[i // k]) for i in range(len(images))])
+        text_cos = (emb * temb[idx]).sum(1)                                       # (n,)
+        per_img_cos, per_img_scaled, thresholds = [], [], []
+        comp = mt["composition"]
+        for c in concepts:
+            ref = self.references(clip, c.name)
+            per_img_cos.append(M.pair_alignment(emb, ref))
+            per_img_scaled.append(M.pair_alignment(emb, ref, scale=mt["image_scale"]))
+            thresholds.append(M.composition_threshold(ref, quantile=comp["quantile"], margin=comp["margin"]))
+        cos_mat = torch.stack(per_img_cos, 1)                                     # (n, concepts)
+        dino = self.dino
+        dino_vals = (torch.stack([M.pair_alignment(dino.encode_images(images), self.references(dino, c.name))
+                                  for c in concepts], 1) if dino is not None else None)
+        hits = M.composition_hits(cos_mat, thresholds) if len(concepts) > 1 else None
+        text_scaled = M.to_scale(text_cos, mt["text_scale"])
+        base = {"suite": s.name, "cell": cell.id, "method": cell.method.name, "label": cell.method.label,
+                "concepts": "+".join(cell.concepts), "n_concepts": len(concepts), "seed": cell.seed,
+                "setting": setting_label(cell.settings), "settings": json.dumps(cell.settings, sort_keys=True),
+                **{f"set_{key}": v for key, v in cell.settings.items()},
+                "clip_model": clip.name, "text_scale": mt["text_scale"], "image_scale": mt["image_scale"]}
+        rows = []
+        for i, img in enumerate(images):
+            p, prompt = prompts[i // k]
+            r = dict(base, prompt_index=p, prompt=prompt, eval_prompt=eval_texts[i // k], image_index=i % k,
+                     image=f"samples/{cell.id}/p{p:02d}_i{i % k:02d}.png",
+                     text_alignment=float(text_scaled[i]), text_cosine=float(text_cos[i]),
+                     image_alignment=float(torch.stack(per_img_scaled, 1)[i].mean()),
+                     image_cosine=float(cos_mat[i].mean()))
+            for j, c in enumerate(concepts):
+                r[f"concept_{j}"] = c.name
+                r[f"image_alignment_{j}"] = float(per_img_scaled[j][i])
+                r[f"image_cosine_{j}"] = float(per_img_cos[j][i])
+                if dino_vals is not None:
+                    r[f"dino_image_{j}"] = float(dino_vals[i, j])
+                if len(concepts) > 1:
+                    r[f"composition_threshold_{j}"] = thresholds[j]
+            if dino_vals is not None:
+                r["dino_model"], r["dino_image"] = dino.name, float(dino_vals[i].mean())
+            if hits is not None:
+                r["composition_hit"] = math.nan if any(math.isnan(t) for t in thresholds) else float(hits[i])
+            rows.append(r)
+        return rows
+
+
+def collect(out: str | os.PathLike, cells: Iterable[str] | None = None) -> pd.DataFrame:
+    """Assemble ``results.csv`` (and ``results.parquet`` if pyarrow is installed) from the finished cells of
+    the suite recorded in ``out/suite.json`` (or ``cells``); returns the table (empty if nothing finished)."""
+    out = Path(out)
+    if cells is None:
+        manifest = out / "suite.json"
+        if not manifest.is_file():
+            raise EditbenchError(f"{out} holds no suite.json; run a suite into it first (editbench eval run ...)")
+        cells = json.loads(manifest.read_text())["cells"]
+    frames = [pd.read_csv(out / "cells" / f"{c}.csv") for c in cells if (out / "cells" / f"{c}.csv").is_file()]
+    df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    _write_csv(out / "results.csv", df)
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        with atomic_target(out / "results.parquet") as tmp:
+            df.to_parquet(tmp, index=False)
+    return df
+
+
+def run_suite(suite: str | os.PathLike | Suite, out: str | os.PathLike, *, shard: tuple[int, int] | str = (0, 1),
+              device: Any = None, dtype: Any = None, progress: bool = True, pipeline: Any = None,
+              clip: Any = None, dino: Any = None) -> pd.DataFrame:
+    """Run (or resume) a suite into ``out``; returns the assembled long-format results table.
+
+    ``suite`` is a bundled name, a YAML path or a :class:`Suite`. ``shard=(i, N)`` (or ``"i/N"``) runs one
+    deterministic slice of the cells. ``device``/``dtype`` override the suite's. ``pipeline``, ``clip`` (a
+    :class:`~editbench.eval.metrics.ClipScorer`) and ``dino`` inject ready models (tests, notebooks).
+    Cells that raise are recorded in ``cells/<cell>.error.txt`` and the others still run; an EditbenchError
+    listing them is raised at the end (re-running retries them).
+    """
+    from tqdm.auto import tqdm
+
+    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    shard = parse_shard(shard)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise EditbenchError(f"output {out} exists and is not a folder; choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    cells = suite.cells()
+    suite.validate()
+    _write_json(out / "suite.json", {"name": suite.name, "model": suite.model, "metrics": suite.metrics,
+                                     "images_per_prompt": suite.images_per_prompt,
+                                     "cells": [c.id for c in cells],
+                                     "methods": [dataclasses.asdict(m) for m in suite.methods]})
+    runner = _Runner(suite, out, device=device, dtype=dtype, progress=progress, pipeline=pipeline, clip=clip,
+                     dino=dino)
+    todo = [c for c in shard_cells(cells, shard) if not runner.done(c)]
+    failed = []
+    for cell in tqdm(todo, desc=f"{suite.name} shard {shard[0]}/{shard[1]}", disable=not progress):
+        err_path = runner.cell_path(cell, ".error.txt")
+        try:
+            runner.run_cell(cell)
+        except TrainingError:  # e.g. a non-finite loss: that cell failed, the others can still run
+            failed.append(cell.id)
+            err_path.parent.mkdir(parents=True, exist_ok=True)
+            err_path.write_text(traceback.format_exc())
+            continue
+        except EditbenchError as err:  # user errors (bad data, settings) stop the run: fix, then re-run
+            raise EditbenchError(f"cell {cell.id}: {err}") from err
+        except Exception:  # noqa: BLE001 - a method bug fails its cell, not the whole run
+            failed.append(cell.id)
+            err_path.parent.mkdir(parents=True, exist_ok=True)
+            err_path.write_text(traceback.format_exc())
+        else:
+            err_path.unlink(missing_ok=True)
+    df = collect(out, [c.id for c in cells])
+    if failed:
+        raise EditbenchError(f"{len(failed)} cell(s) failed: {failed[:5]}{' ...' if len(failed) > 5 else ''}; "
+                             f"see {out / 'cells'}/<cell>.error.txt, fix and re-run (finished cells are kept)")
+    return df
+
+
+def write_report(out: str | os.PathLike) -> Path:
+    """Write ``report.md`` and its plots for the results in ``out`` (see :mod:`editbench.eval.report`)."""
+    from editbench.eval.report import write_report as _write
+
+    return _write(out)

@@ -1,0 +1,72 @@
+"""Custom Diffusion's training config (toy-world defaults; the paper's recipe is
+:meth:`CustomDiffusionConfig.reference`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from editbench.errors import EditbenchError
+from editbench.methods.prior import PriorConfigMixin
+from editbench.training import TrainConfig
+
+__all__ = ["CustomDiffusionConfig"]
+
+
+@dataclass
+class CustomDiffusionConfig(PriorConfigMixin, TrainConfig):
+    """Training settings of Custom Diffusion: the K/V projections of every cross-attention layer + one modifier
+    token per concept (``"<new1> cat"``), resize augmentation with a masked loss, prior preservation.
+
+    Defaults are the toy-world scale (32x32 px): 100 steps of batch 4 (+4 class images), 16 class images, lr
+    4e-4 (the reference's ``1e-5 x batch`` rule gives 4e-5; x10 so that 100-step toy runs move: an untuned toy
+    choice). Everything else is the reference's: AdamW with weight decay 1e-2, the same lr for the modifier
+    rows, augmentation p = 0.66, prior loss weight 1.0, modifier tokens initialised from rare tokens.
+
+    ``svd_rank`` / ``svd_energy`` store each K/V delta as a truncated SVD (rank, or the smallest rank keeping
+    that fraction of the singular-value sum; the paper's compression uses 0.6). ``merge_ridge`` is the ridge
+    ``eps`` of ``C + eps tr(C)/d I`` in :meth:`CustomDiffusionEditor.compose`, whose ``C`` comes from the first
+    ``merge_captions`` captions of :func:`editbench.solver.default_captions` (1000 captions, ~9k token vectors:
+    over 10 d for SD 1.x's d = 768; the reference uses 200).
+    """
+
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 4e-4
+    lr_modifier: float | None = None            # None: same as lr (the reference trains both with one lr)
+    weight_decay: float = 1e-2
+    initializers: tuple[str, ...] = ("ktn", "pll", "ucd")  # concept j starts from initializers[j % len]
+    augment: bool = True
+    hflip: bool = False
+    svd_rank: int | None = None
+    svd_energy: float | None = None
+    merge_ridge: float = 1e-6
+    merge_captions: int | None = 1000          # first N of default_captions() for C (None: all 3,000)
+
+    @classmethod
+    def reference(cls, **overrides) -> CustomDiffusionConfig:
+        """The paper's recipe (512 px): 250 steps (500 for two concepts), batch 8, lr 8e-5 (= 1e-5 x batch),
+        200 regularization images, prior loss weight 1.0."""
+        return cls(**{"steps": 250, "batch_size": 8, "lr": 8e-5, "num_class_images": 200,
+                      "class_inference_steps": 50, "class_guidance_scale": 6.0, **overrides})
+
+    def validate(self) -> None:
+        super().validate()
+        self.validate_prior()
+        for name in ("lr", "lr_modifier"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise EditbenchError(f"{name} must be a finite number > 0, got {v!r}")
+        if isinstance(self.initializers, str) or not self.initializers:
+            raise EditbenchError("initializers must be a non-empty tuple of single-token words")
+        if self.svd_rank is not None and (isinstance(self.svd_rank, bool) or not isinstance(self.svd_rank, int)
+                                          or self.svd_rank < 1):
+            raise EditbenchError(f"svd_rank must be a positive int or None, got {self.svd_rank!r}")
+        if self.svd_energy is not None and not 0 < self.svd_energy <= 1:
+            raise EditbenchError(f"svd_energy must be in (0, 1] or None, got {self.svd_energy!r}")
+        if self.merge_captions is not None and (isinstance(self.merge_captions, bool)
+                                                or not isinstance(self.merge_captions, int) or self.merge_captions < 1):
+            raise EditbenchError(f"merge_captions must be a positive int or None, got {self.merge_captions!r}")
+        if not self.merge_ridge >= 0:
+            raise EditbenchError(f"merge_ridge must be >= 0, got {self.merge_ridge!r}")

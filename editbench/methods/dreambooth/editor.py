@@ -1,0 +1,126 @@
+"""DreamBooth (Ruiz et al., CVPR 2023): fine-tune the whole UNet on "<identifier> <class>" with prior preservation.
+
+Artifact tensors: ``unet.<name>`` for every entry of the tuned UNet's state dict (in the base UNet's dtype) and,
+with ``train_text_encoder``, ``text_encoder.<name>`` for the text encoder's. Metadata ``unet_config`` /
+``text_encoder_config`` hold the model configs so that :func:`export_diffusers` can write diffusers' folders.
+The artifact is as large as the model: that is the method's storage cost, reported as it is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from editbench.concepts import ConceptData
+from editbench.errors import ArtifactError
+from editbench.methods import register
+from editbench.methods.base import Artifact, EditHandle, Editor
+from editbench.methods.dreambooth.config import DreamBoothConfig
+from editbench.methods.prior import ClassPromptSession, make_prior
+from editbench.training import ParamGroup, TrainingSession, TrainResult
+
+__all__ = ["COMPONENTS", "DreamBoothEditor", "export_diffusers"]
+
+COMPONENTS = ("unet", "text_encoder")
+
+
+def _config_of(module: torch.nn.Module) -> dict:
+    if hasattr(module, "to_json_string"):          # diffusers ConfigMixin
+        return json.loads(module.to_json_string())
+    return module.config.to_dict()                 # transformers PretrainedConfig
+
+
+class _Session(ClassPromptSession):
+    def __init__(self, pipeline: Any, prior: Any, tuned: dict[str, torch.nn.Module], dtypes: dict[str, torch.dtype],
+                 config: DreamBoothConfig):
+        super().__init__(pipeline, prior)
+        self.tuned, self.dtypes, self.config = tuned, dtypes, config
+
+    def param_groups(self) -> list[ParamGroup]:
+        c = self.config
+        lrs = {"unet": c.lr, "text_encoder": c.lr_text_encoder or c.lr}
+        return [ParamGroup(name, list(m.parameters()), lrs[name], c.weight_decay) for name, m in self.tuned.items()]
+
+    def artifact(self, result: TrainResult) -> Artifact:
+        tensors = {f"{name}.{k}": v.detach().to(self.dtypes[name]).clone()
+                   for name, m in self.tuned.items() for k, v in m.state_dict().items()}
+        meta = {f"{name}_config": _config_of(m) for name, m in self.tuned.items()}
+        return Artifact(DreamBoothEditor.name, tensors, {**meta, "components": list(self.tuned)})
+
+
+@register
+class DreamBoothEditor(Editor):
+    """DreamBooth. The concept's placeholder is the rare identifier (e.g. ``"sks"``: a word already in the
+    vocabulary, not a new token); prompts say "<identifier> <superclass>"."""
+
+    name = "dreambooth"
+    Config = DreamBoothConfig
+    new_token = False
+    max_artifacts = 1
+
+    def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,
+                         config: DreamBoothConfig) -> TrainingSession:
+        prior = make_prior(pipeline, concept, config)  # class images from the unedited base model, first
+        names = ["unet"] + (["text_encoder"] if config.train_text_encoder else [])
+        tuned, dtypes = {}, {}
+        for name in names:  # train a float32 copy; the base module is put back by the handle afterwards
+            base = getattr(pipeline, name)
+            dtypes[name] = next(base.parameters()).dtype
+            tuned[name] = copy.deepcopy(base).to(torch.float32)
+            handle.set_attr(pipeline, name, tuned[name])
+        return _Session(pipeline, prior, tuned, dtypes, config)
+
+    def check_artifact(self, artifact: Artifact, pipeline: Any = None) -> None:
+        comps = artifact.metadata.get("components")
+        if not isinstance(comps, list) or "unet" not in comps or not set(comps) <= set(COMPONENTS):
+            raise ArtifactError(f"a dreambooth artifact lists its components (unet[, text_encoder]), got {comps!r}")
+        stray = [k for k in artifact.tensors if k.partition(".")[0] not in comps]
+        if stray:
+            raise ArtifactError(f"unexpected tensors in a dreambooth artifact: {stray[:3]}")
+        if pipeline is None:
+            return
+        for name in comps:
+            want = {k: tuple(v.shape) for k, v in getattr(pipeline, name).state_dict().items()}
+            have = {k[len(name) + 1:]: tuple(v.shape) for k, v in artifact.tensors.items() if k.startswith(name + ".")}
+            if want != have:
+                diff = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
+                raise ArtifactError(f"the artifact's {name} does not fit this pipeline's ({len(diff)} tensors differ, "
+                                    f"e.g. {diff[0]}: artifact {have.get(diff[0])}, model {want.get(diff[0])}); it "
+                                    "was trained for another base model")
+
+    def install(self, pipeline: Any, artifacts: list[Artifact], handle: EditHandle, settings: Any) -> None:
+        art = artifacts[0]
+        for name in art.metadata["components"]:
+            base = getattr(pipeline, name)
+            new = copy.deepcopy(base)  # same class, processors and placement; then the tuned weights
+            state = {k[len(name) + 1:]: v for k, v in art.tensors.items() if k.startswith(name + ".")}
+            new.load_state_dict(state, strict=True)
+            handle.set_attr(pipeline, name, new)
+
+
+def export_diffusers(artifact: Artifact, folder: str | os.PathLike) -> Path:
+    """Write the tuned components in diffusers' folder layout: ``folder/unet/{config.json,
+    diffusion_pytorch_model.safetensors}`` (+ ``folder/text_encoder/{config.json, model.safetensors}``).
+
+    Load with ``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`` and pass it to the base
+    pipeline (``StableDiffusionPipeline.from_pretrained(base, unet=unet)`` or ``StableDiffusionPipeline(**{
+    **pipe.components, "unet": unet})``). Returns ``folder``.
+    """
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    DreamBoothEditor().check_artifact(artifact)
+    folder = Path(folder)
+    for name in artifact.metadata["components"]:
+        cfg = artifact.metadata[f"{name}_config"]
+        model = UNet2DConditionModel.from_config(cfg) if name == "unet" else CLIPTextModel(CLIPTextConfig(**cfg))
+        state = {k[len(name) + 1:]: v for k, v in artifact.tensors.items() if k.startswith(name + ".")}
+        model.load_state_dict(state, strict=True)
+        dtype = next(iter(state.values())).dtype
+        (model if dtype == torch.float32 else model.to(dtype)).save_pretrained(folder / name, safe_serialization=True)
+    return folder
