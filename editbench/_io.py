@@ -47,7 +47,13 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tenso
     """Atomically write ``tensors`` (moved to CPU, made contiguous) and string ``metadata`` as safetensors."""
     from safetensors.torch import save_file
 
-    flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    flat = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    seen: set[int] = set()
+    for k, v in flat.items():  # safetensors refuses tensors sharing memory: copy those, and only those (copying
+        ptr = v.untyped_storage().data_ptr()  # everything doubled the memory of saving a whole-UNet artifact)
+        if ptr in seen and v.numel():
+            flat[k] = v.clone()
+        seen.add(ptr)
     with atomic_target(path) as tmp:
         save_file(flat, str(tmp), metadata=dict(metadata))
     return Path(path)

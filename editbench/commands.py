@@ -50,6 +50,8 @@ def _concept(args):
         raise EditbenchError("give --concept NAME (a toy-world concept) or --images DIR --superclass WORD "
                              "--placeholder TOKEN")
     folder = Path(args.images)
+    if not folder.is_dir():
+        raise EditbenchError(f"--images {folder} is not a folder; give the folder holding the concept's images")
     images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not images:
         raise EditbenchError(f"no .png/.jpg/.jpeg/.webp images in {folder}")

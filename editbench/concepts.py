@@ -18,6 +18,7 @@ from typing import Any, Union
 import torch
 
 from editbench.errors import ConceptDataError
+from editbench.safety import convert_image, open_image
 
 __all__ = ["DEFAULT_TEMPLATES", "ConceptData", "ImageLike", "model_resolution", "vocabulary_id"]
 
@@ -65,7 +66,7 @@ def _open(item: Any, what: str, i: int, mode: str):
     from PIL import Image, UnidentifiedImageError
 
     if isinstance(item, Image.Image):
-        return item.convert(mode)
+        return convert_image(item, mode)  # 16-bit images scaled to 8 bits, not clipped (editbench.safety)
     if isinstance(item, torch.Tensor):
         t = item.detach().float().cpu()
         if t.ndim != 3 or t.shape[0] not in (1, 3) or not torch.isfinite(t).all() or t.min() < 0 or t.max() > 1:
@@ -79,11 +80,9 @@ def _open(item: Any, what: str, i: int, mode: str):
     path = Path(item)
     if not path.is_file():
         raise ConceptDataError(f"{what} {_describe(item, i)} does not exist or is not a file; fix the path")
-    try:
-        with Image.open(path) as img:
-            img.load()  # decodes every byte: truncated or corrupt files fail here
-            return img.convert(mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    try:  # size checked before decoding (decompression bombs); every byte decoded (truncated files fail)
+        return open_image(path, mode)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as err:
         raise ConceptDataError(f"{what} {_describe(item, i)} is unreadable or corrupt ({err}); replace the "
                                "file") from None
 
@@ -192,13 +191,16 @@ class ConceptData:
         """Every template filled with ``phrase`` (default: the placeholder)."""
         return [t.format(self.placeholder if phrase is None else phrase) for t in self.templates]
 
-    def load_images(self, size: int) -> torch.Tensor:
-        """Images center-cropped and resized to ``size`` px: float32 ``(n, 3, size, size)`` in [-1, 1]."""
+    def load_images(self, size: int | Any) -> torch.Tensor:
+        """Images center-cropped and resized to ``size`` px (an int, or a pipeline: its
+        :func:`model_resolution`): float32 ``(n, 3, size, size)`` in [-1, 1]."""
+        size = size if isinstance(size, int) else model_resolution(size)
         out = [_to_tensor(_square(_open(img, "image", i, "RGB"), size)) for i, img in enumerate(self.images)]
         return torch.stack(out) * 2 - 1
 
-    def load_masks(self, size: int) -> torch.Tensor | None:
+    def load_masks(self, size: int | Any) -> torch.Tensor | None:
         """Masks cropped and resized like the images: float32 ``(n, 1, size, size)`` in [0, 1], or None."""
         if self.masks is None:
             return None
+        size = size if isinstance(size, int) else model_resolution(size)
         return torch.stack([_to_tensor(_square(_open(m, "mask", i, "L"), size)) for i, m in enumerate(self.masks)])

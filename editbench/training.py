@@ -308,26 +308,45 @@ def _save_checkpoint(path: Path, *, groups: list[ParamGroup], optimizer: torch.o
                 tensors[f"optim/{g.name}/{i}/{key}"] = value
     for key, value in session.state_tensors().items():
         tensors[f"session/{key}"] = value
-    info = {"format": _CKPT_FORMAT, "signature": signature, "step": step, "losses": losses, "wall_time_s": wall}
+    info = {"format": _CKPT_FORMAT, "signature": signature, "step": step, "losses": losses, "wall_time_s": wall,
+            "checksum": _tensor_checksum(tensors)}
     write_safetensors(path, tensors, {"editbench_checkpoint": json.dumps(info)})
+
+
+def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256(b"editbench-checkpoint-checksum|")
+    for name in sorted(tensors):
+        update_with_tensor(h, name, tensors[name])
+    return h.hexdigest()[:16]
+
+
+def _finite_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _load_checkpoint(path: Path, *, groups: list[ParamGroup], optimizer: torch.optim.Optimizer,
                      generator: torch.Generator, session: TrainingSession, signature: str,
                      steps: int) -> tuple[int, list[float], float]:
+    from editbench.safety import parse_metadata
+
     tensors, header = read_safetensors(path, "checkpoint")
     try:
-        info = json.loads(header["editbench_checkpoint"])
+        info = parse_metadata(header["editbench_checkpoint"], path)  # bounded, finite JSON object (or ArtifactError)
         ok = info["format"] == _CKPT_FORMAT
     except (KeyError, ValueError, TypeError):
         ok = False
     if not ok:
         raise TrainingError(f"{path} is not an editbench training checkpoint; delete it or pick another "
                             "checkpoint_dir")
-    if info["signature"] != signature:
+    if info.get("signature") != signature:
         raise TrainingError(f"the checkpoint in {path.parent} belongs to another run (different method, config, "
                             "seed, base model or concept); delete it or use another checkpoint_dir")
-    step = int(info["step"])
+    step, losses, wall = info.get("step"), info.get("losses"), info.get("wall_time_s")
+    if (isinstance(step, bool) or not isinstance(step, int) or step < 0 or not isinstance(losses, list)
+            or len(losses) != step or not all(_finite_number(x) for x in losses) or not _finite_number(wall)
+            or ("checksum" in info and info["checksum"] != _tensor_checksum(tensors))):
+        raise TrainingError(f"the checkpoint {path} is damaged (its step, losses or tensors do not check out); delete "
+                            "it to start over")
     if step > steps:
         raise TrainingError(f"the checkpoint in {path.parent} is at step {step}, beyond steps={steps}; raise steps "
                             "or delete the checkpoint")
@@ -340,9 +359,17 @@ def _load_checkpoint(path: Path, *, groups: list[ParamGroup], optimizer: torch.o
                 p.copy_(saved)
                 state = {k.rsplit("/", 1)[1]: tensors.pop(k).to(p.device)
                          for k in [k for k in tensors if k.startswith(f"optim/{g.name}/{i}/")]}
+                bad = [k for k, v in state.items() if not v.is_floating_point() or v.shape not in (p.shape, ())
+                       or not bool(torch.isfinite(v).all())]
+                if bad or not bool(torch.isfinite(saved).all()):
+                    raise TrainingError(f"checkpoint {path} holds unusable optimizer state {bad} (or non-finite "
+                                        f"values) for parameter {g.name}[{i}]; delete it to start over")
                 if state:
                     optimizer.state[p] = state
-    generator.set_state(tensors.pop("rng"))
+    rng = tensors.pop("rng", None)
+    if rng is None or rng.dtype != torch.uint8 or rng.shape != generator.get_state().shape:
+        raise TrainingError(f"checkpoint {path} has no usable random-generator state; delete it to start over")
+    generator.set_state(rng)
     session.load_state_tensors({k[len("session/"):]: v for k, v in tensors.items() if k.startswith("session/")})
     return step, [float(x) for x in info["losses"]], float(info["wall_time_s"])
 

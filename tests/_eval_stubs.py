@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import ClassVar
 
+import numpy as np
 import torch
+from PIL import Image
 
 from editbench import methods
 from editbench.eval.metrics import ClipScorer
@@ -95,6 +100,88 @@ class SingleStubEditor(StubEditor):
     """Like StubEditor but one artifact at a time and no merge: multi-concept cells are skipped."""
 
     name = "stub_single"
+    max_artifacts = 1
+
+
+# ---------------------------------------------------------------------------- fakes: no diffusers, no open_clip
+class FakeTokenizer:
+    def __call__(self, text, add_special_tokens=False):
+        return SimpleNamespace(input_ids=[1] if " " not in text else [1, 2])
+
+
+class FakePipeline:
+    """Renders a deterministic 8x8 image from (prompt, generator seed, offset); ``offset`` is what edits change."""
+
+    def __init__(self):
+        self.offset = 0.0
+        self.tokenizer = FakeTokenizer()
+        self.calls = 0
+
+    def __call__(self, prompt, generator, num_images_per_prompt=1, output_type="pil", **kwargs):
+        assert len(prompt) == len(generator) and num_images_per_prompt == 1 and output_type == "pil"
+        self.calls += 1
+        images = []
+        for p, g in zip(prompt, generator):
+            h = int(hashlib.sha256(p.encode()).hexdigest()[:6], 16)
+            noise = torch.rand(8, 8, 3, generator=g).numpy()
+            base = np.array([(h % 255), (h // 255) % 255, 128]) / 255.0
+            arr = np.clip(0.5 * noise + 0.5 * base + self.offset, 0, 1)
+            images.append(Image.fromarray((arr * 255).astype(np.uint8), "RGB"))
+        return SimpleNamespace(images=images)
+
+
+class FakeClip:
+    """encode_images: the image's 4x4 thumbnail; encode_texts: a hashed random vector (both 48-d)."""
+
+    name = "fake-clip"
+
+    def encode_images(self, images):
+        from editbench.eval.metrics import _pil
+
+        x = torch.stack([torch.from_numpy(np.asarray(_pil(i).resize((4, 4)), dtype=np.float64)).flatten()
+                         for i in images]) / 255.0 - 0.3
+        return x / x.norm(dim=1, keepdim=True)
+
+    def encode_texts(self, texts):
+        out = []
+        for t in texts:
+            g = torch.Generator().manual_seed(int(hashlib.sha256(t.encode()).hexdigest()[:8], 16))
+            out.append(torch.randn(48, generator=g, dtype=torch.float64))
+        x = torch.stack(out)
+        return x / x.norm(dim=1, keepdim=True)
+
+
+class FakeEditor(Editor):
+    """Test-only: ``fit`` returns an artifact at once (no training loop); ``apply`` shifts the fake pipeline."""
+
+    name = "fake"
+    Settings = StubSettings
+    new_token = True
+    max_artifacts = None
+    fits: ClassVar[list] = []
+
+    def fit(self, pipeline, concept, *, steps=None, seed=0, progress=True, checkpoint_dir=None):
+        FakeEditor.fits.append((self.name, concept.placeholder, seed))
+        value = (seed + 1) * 0.01 + len(concept.placeholder) * 0.001
+        return Artifact(self.name, {"delta": torch.tensor([value])},
+                        {"base_fingerprint": "fake", "training": {"wall_time_s": 1.5, "peak_memory_bytes": 1000,
+                                                                  "memory_kind": "fake", "steps": steps or 1}})
+
+    def fingerprint(self, pipeline):
+        return "fake"
+
+    def check_artifact(self, artifact, pipeline=None):
+        pass
+
+    def install(self, pipeline, artifacts, handle, settings):
+        handle.set_attr(pipeline, "offset", float(sum(a.tensors["delta"].sum() for a in artifacts)) * settings.scale)
+
+
+class FakeRareWordEditor(FakeEditor):
+    """Reuses a rare word as placeholder and takes one artifact, no merge: multi-concept cells are skipped."""
+
+    name = "fake_single"
+    new_token = False
     max_artifacts = 1
 
 

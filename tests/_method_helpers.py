@@ -6,9 +6,11 @@ The tiny pipeline is deterministic (seeded weights), so every ``tiny_pipeline()`
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import math
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from editbench.methods.base import Artifact
 from editbench.testing import tiny_pipeline
 
 _TMP = Path(tempfile.mkdtemp(prefix="editbench-method-tests-"))
+atexit.register(shutil.rmtree, _TMP, ignore_errors=True)
 CLASS_CACHE = str(_TMP / "class_images")
 
 
@@ -113,3 +116,25 @@ def other_shapes_pipeline():
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def denoising_loss(pipe, concept: ConceptData, phrase: str, seed: int = 0) -> float:
+    """Deterministic diffusion loss of ``concept``'s images (first template, fixed noise, 8 spread timesteps)."""
+    from diffusers import DDPMScheduler
+
+    from editbench.training import _encode_images, _scale_latents, encode_prompts
+
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    images = concept.load_images(pipe.unet.config.sample_size * pipe.vae_scale_factor)     # (n, 3, H, W)
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    with torch.no_grad():
+        mean, _ = _encode_images(pipe, images)
+        latents = _scale_latents(pipe, mean)                                                # (n, c, h, w)
+        cond = encode_prompts(pipe, [concept.templates[0].format(phrase)] * len(images))
+        for t in torch.linspace(50, 950, 8).long():
+            noise = torch.randn(latents.shape, generator=g)
+            noisy = sched.add_noise(latents, noise, t.expand(len(images)))
+            pred = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
+            total += float((pred - noise).pow(2).mean())
+    return total / 8

@@ -21,8 +21,14 @@ from editbench.errors import ArtifactError, ConceptDataError, EditbenchError, Tr
 from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.tokens import ExtendedEmbedding, add_tokens, single_token_id
 from editbench.testing import tiny_pipeline
-from editbench.training import (CHECKPOINT_FILE, ParamGroup, TrainConfig, TrainingSession, encode_prompts,
-                                masked_mse)
+from editbench.training import (
+    CHECKPOINT_FILE,
+    ParamGroup,
+    TrainConfig,
+    TrainingSession,
+    encode_prompts,
+    masked_mse,
+)
 
 
 def write_images(folder: Path, n: int, size=(20, 24), seed: int = 0, mode: str = "RGB") -> list[Path]:
@@ -134,7 +140,7 @@ def test_editor_config_overrides_are_checked():
     assert DummyEditor(steps=3).config.steps == 3
     with pytest.raises(EditbenchError, match="unknown dummy option.*'stepz'"):
         DummyEditor(stepz=3)
-    for bad in (dict(steps=0), dict(batch_size=-1), dict(optimizer="sgd"), dict(checkpoint_every=-1)):
+    for bad in ({"steps": 0}, {"batch_size": -1}, {"optimizer": "sgd"}, {"checkpoint_every": -1}):
         with pytest.raises(EditbenchError):
             DummyEditor(**bad)
     with pytest.raises(EditbenchError, match="unknown dummy inference setting"):
@@ -168,20 +174,20 @@ def test_concept_data_rejects_bad_inputs(tmp_path, pipe):
     truncated = tmp_path / "truncated.png"
     truncated.write_bytes(good[0].read_bytes()[:60])
     cases = [
-        (dict(images=[]), "at least one image"),
-        (dict(images=str(good[0])), "list"),
-        (dict(images=[tmp_path / "missing.png"]), "does not exist"),
-        (dict(images=[corrupt]), "corrupt"),
-        (dict(images=[truncated]), "corrupt"),
-        (dict(images=good, masks=good[:1]), "1 masks for 2 images"),
-        (dict(images=good, masks=write_images(tmp_path / "m", 2, size=(8, 8), mode="L")), "must match"),
-        (dict(images=good, templates=["no placeholder here"]), "exactly once"),
-        (dict(images=good, placeholder="two words"), "placeholder"),
-        (dict(images=good, placeholder="dog"), "same word"),
-        (dict(images=[torch.zeros(3, 4)]), "tensor"),
+        ({"images": []}, "at least one image"),
+        ({"images": str(good[0])}, "list"),
+        ({"images": [tmp_path / "missing.png"]}, "does not exist"),
+        ({"images": [corrupt]}, "corrupt"),
+        ({"images": [truncated]}, "corrupt"),
+        ({"images": good, "masks": good[:1]}, "1 masks for 2 images"),
+        ({"images": good, "masks": write_images(tmp_path / "m", 2, size=(8, 8), mode="L")}, "must match"),
+        ({"images": good, "templates": ["no placeholder here"]}, "exactly once"),
+        ({"images": good, "placeholder": "two words"}, "placeholder"),
+        ({"images": good, "placeholder": "dog"}, "same word"),
+        ({"images": [torch.zeros(3, 4)]}, "tensor"),
     ]
     for kwargs, msg in cases:
-        args = dict(placeholder="<thing>", superclass="dog") | kwargs
+        args = {"placeholder": "<thing>", "superclass": "dog"} | kwargs
         with pytest.raises(ConceptDataError, match=msg):
             ConceptData(**args)
     tok = pipe.tokenizer
@@ -343,7 +349,7 @@ def test_fit_leaves_pipeline_untouched_and_records_metadata(pipe, concept):
 
 
 def test_resume_is_bitwise_identical_to_an_uninterrupted_run(pipe, concept, tmp_path):
-    kw = dict(batch_size=2, grad_accum=2, checkpoint_every=2)
+    kw = {"batch_size": 2, "grad_accum": 2, "checkpoint_every": 2}
     full = DummyEditor(steps=5, **kw).fit(pipe, concept, progress=False, checkpoint_dir=tmp_path / "a")
     part = DummyEditor(steps=3, **kw).fit(pipe, concept, progress=False, checkpoint_dir=tmp_path / "b")
     assert (tmp_path / "b" / CHECKPOINT_FILE).is_file()
@@ -373,7 +379,7 @@ def test_non_finite_loss_names_the_step_and_keeps_the_last_checkpoint(pipe, conc
 
 def test_apply_checks_fingerprints_and_undoes(pipe, concept):
     art = Artifact("dummy", {"embedding": torch.zeros(32)},
-                   {"base_fingerprint": "ffffffffffffffff", "concept": {"placeholder": "<thing>"}})
+                   {"base_fingerprint": "ffffffffffffffff", "concept": {"placeholder": "<thing>", "superclass": "dog"}})
     with pytest.raises(EditbenchError, match="ffffffffffffffff.*" + DummyEditor().fingerprint(pipe)):
         DummyEditor().apply(pipe, art)
     tok = pipe.tokenizer

@@ -87,3 +87,20 @@ def test_damaged_artifact(name, damage, tmp_path):
         methods.get(name)().load(path)
     with pytest.raises(EditbenchError):
         methods.get(name)().apply(tiny_pipeline(), path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", METHODS)
+def test_training_lowers_the_concept_loss(name):
+    """With the default (toy) learning rates, 60 steps lower a fixed-noise denoising loss on the concept."""
+    from _method_helpers import denoising_loss, editor
+
+    pipe, concept = tiny_pipeline(), concept_for(name)
+    ed = editor(name, batch_size=4, num_class_images=4, class_inference_steps=10)
+    art = ed.fit(pipe, concept, steps=60, progress=False)
+    phrase = concept.placeholder if name in ("textual_inversion", "perfusion") else \
+        f"{concept.placeholder} {concept.superclass}"
+    before = denoising_loss(pipe, concept, phrase)
+    with ed.apply(pipe, art):
+        after = denoising_loss(pipe, concept, phrase)
+    assert after < before, (before, after)

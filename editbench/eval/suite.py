@@ -23,7 +23,6 @@ See ``docs/evaluation.md`` for the YAML schema.
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
 import hashlib
 import importlib
@@ -46,6 +45,14 @@ import torch
 from editbench._io import atomic_target
 from editbench.errors import EditbenchError, TrainingError
 from editbench.eval import metrics as M
+from editbench.eval.sources import (
+    ConceptSpec,
+    PairSpec,
+    custom_concept,
+    customconcept101_concepts,
+    dreambench_concepts,
+    toy_concepts,
+)
 
 __all__ = ["BUNDLED", "Cell", "ConceptSpec", "MethodSpec", "PairSpec", "Suite", "bundled_suites", "collect",
            "generate", "load_suite", "parse_shard", "run_suite", "safe_name", "shard_cells", "write_report"]
@@ -53,7 +60,7 @@ __all__ = ["BUNDLED", "Cell", "ConceptSpec", "MethodSpec", "PairSpec", "Suite", 
 BUNDLED = Path(__file__).parent / "suites"
 BASE_METHOD = "base"
 """Pseudo-method: the unedited model prompted with the superclass word (a reference point; nothing trained)."""
-RARE_WORDS = ("sks", "olis", "bnha", "hta", "ucd", "pll")
+RARE_WORDS = ("sks", "olis", "bnha", "hta", "ucd", "pll", "rcn", "waj", "httr", "shld", "omd", "adl", "nlwx", "ucn")
 """Single-token rare words used as placeholders by methods that reuse a word (``new_token = False``)."""
 
 _TOP_KEYS = {"name", "description", "model", "device", "dtype", "seeds", "concepts", "pairs", "prompts",
@@ -61,7 +68,6 @@ _TOP_KEYS = {"name", "description", "model", "device", "dtype", "seeds", "concep
 _METHOD_KEYS = {"name", "label", "config", "steps", "settings", "sweep"}
 _METRIC_KEYS = {"clip", "clip_arch", "dino", "dino_arch", "text_scale", "image_scale", "composition"}
 _NAME_OK = re.compile(r"[^A-Za-z0-9._+=-]+")
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -95,184 +101,6 @@ def parse_shard(shard: str | Sequence[int]) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise EditbenchError(f"shard {i}/{n}: need N >= 1 and 0 <= i < N (shards are numbered from 0)")
     return i, n
-
-
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
-
-
-# ------------------------------------------------------------------------------------------------ concepts
-@dataclass(frozen=True)
-class ConceptSpec:
-    """One concept of a suite: reference images (and optional masks), superclass word and prompts (``{}``)."""
-
-    name: str
-    superclass: str
-    images: tuple[Path, ...]
-    prompts: tuple[str, ...]
-    masks: tuple[Path, ...] | None = None
-    placeholder: str = ""
-    source: str = "custom"
-    templates: tuple[str, ...] | None = None   # training prompt templates (None: the library default)
-
-    def identity(self) -> dict:
-        return {"name": self.name, "superclass": self.superclass, "placeholder": self.placeholder,
-                "images": [str(p) for p in self.images], "masks": [str(p) for p in self.masks or ()],
-                "templates": list(self.templates or ())}
-
-
-@dataclass(frozen=True)
-class PairSpec:
-    """Two concepts and their composition prompts (``{0}``, ``{1}``)."""
-
-    names: tuple[str, str]
-    prompts: tuple[str, ...]
-
-
-def _masks(folder: Path, n: int) -> tuple[Path, ...] | None:
-    m = folder / "masks"
-    found = _images_in(m) if m.is_dir() else []
-    return tuple(found) if len(found) == n else None
-
-
-def _toy_concepts() -> tuple[dict[str, ConceptSpec], list[PairSpec]]:
-    from editbench import toyworld
-    from editbench.toyworld.benchmark import concept_pairs
-
-    templates = getattr(toyworld, "TEMPLATES", None)
-    cs = {c.name: ConceptSpec(c.name, c.superclass, tuple(c.images), tuple(c.prompts),
-                              tuple(c.masks) if len(c.masks) == len(c.images) else None, c.placeholder, "toyworld",
-                              tuple(templates) if templates else None)
-          for c in toyworld.concepts()}
-    pairs = [PairSpec((a.name, b.name), tuple(toyworld.pair_prompts(a, b))) for a, b in concept_pairs()]
-    return cs, pairs
-
-
-def _dreambench_prompts(text: str) -> tuple[dict[str, str], list[str], list[str]]:
-    """Parse DreamBench's ``prompts_and_classes.txt``: classes, object prompts, live-subject prompts (``{}``)."""
-    classes, objects, live, section = {}, [], [], None
-    for line in text.splitlines():
-        s = line.strip()
-        low = s.lower()
-        if low.startswith("object prompts"):
-            section = objects
-        elif low.startswith("live subject prompts"):
-            section = live
-        elif section is None and re.fullmatch(r"[\w-]+,[\w -]+", s) and low != "subject_name,class":
-            k, v = s.split(",", 1)
-            classes[k] = v.strip()
-        elif section is not None:
-            m = re.match(r"""['"](.*)['"]\.format\(""", s)
-            if m:
-                section.append(m.group(1).replace("{0} {1}", "{}"))
-    return classes, objects, live
-
-
-def _dreambench(root: Path, names: Iterable[str] | None) -> dict[str, ConceptSpec]:
-    if not root.is_dir():
-        raise EditbenchError(f"DreamBench folder {root} not found; point 'dreambench:' at the folder holding one "
-                             "sub-folder of images per subject")
-    classes: dict[str, str] = {}
-    objects: list[str] = []
-    live: list[str] = []
-    if (root / "concepts.csv").is_file():
-        with open(root / "concepts.csv", newline="") as fh:
-            classes = {r["concept"]: r["class"] for r in csv.DictReader(fh)}
-    elif (root / "prompts_and_classes.txt").is_file():
-        classes, objects, live = _dreambench_prompts((root / "prompts_and_classes.txt").read_text())
-    else:
-        raise EditbenchError(f"{root} has neither concepts.csv (concept,class) nor DreamBench's "
-                             "prompts_and_classes.txt; add one so the superclass words are known")
-    out = {}
-    for name in (names if names is not None else sorted(classes)):
-        if name not in classes:
-            raise EditbenchError(f"DreamBench concept {name!r} is not listed in {root}; available: {sorted(classes)}")
-        folder = root / name
-        if not folder.is_dir() or not _images_in(folder):
-            raise EditbenchError(f"DreamBench concept {name!r}: no images in {folder}")
-        pfile = root / f"prompts_{name}.txt"
-        if pfile.is_file():
-            prompts = [p for p in pfile.read_text().splitlines() if p.strip()]
-        else:
-            prompts = live if classes[name] in ("dog", "cat") else objects
-        if not prompts:
-            raise EditbenchError(f"DreamBench concept {name!r} has no prompts; add {pfile} (one prompt per line, "
-                                 "{} for the concept)")
-        images = _images_in(folder)
-        out[name] = ConceptSpec(name, classes[name].split()[-1], tuple(images), tuple(prompts),
-                                _masks(folder, len(images)), f"<{name}>", "dreambench")
-    return out
-
-
-def _prompts_of(entry: dict, base: Path, key: str = "prompts") -> list[str]:
-    if key in entry:
-        return list(entry[key])
-    if "prompt_filename" in entry:
-        return [p for p in (base / entry["prompt_filename"]).read_text().splitlines() if p.strip()]
-    return []
-
-
-def _customconcept101(path: Path, names: Iterable[str] | None) -> tuple[dict[str, ConceptSpec], list[PairSpec]]:
-    if path.is_dir():
-        found = [path / n for n in ("customconcept101.json", "dataset.json") if (path / n).is_file()]
-        if not found:
-            raise EditbenchError(f"{path} holds no customconcept101.json or dataset.json")
-        path = found[0]
-    if not path.is_file():
-        raise EditbenchError(f"CustomConcept101 file {path} not found; point 'customconcept101:' at its JSON file")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise EditbenchError(f"{path} is not valid JSON ({err})") from None
-    single, multi = (data.get("single", []), data.get("multi", [])) if isinstance(data, dict) else (data, [])
-    base, out = path.parent, {}
-    for e in single:
-        try:
-            folder = base / e["instance_data_dir"]
-            name = e.get("name") or Path(e["instance_data_dir"]).name
-            sup = e["class_prompt"].split()[-1]
-        except (KeyError, TypeError, AttributeError):
-            raise EditbenchError(f"{path}: each concept entry needs instance_data_dir and class_prompt, got "
-                                 f"{e!r}") from None
-        if names is not None and name not in names:
-            continue
-        images = _images_in(folder) if folder.is_dir() else []
-        if not images:
-            raise EditbenchError(f"CustomConcept101 concept {name!r}: no images in {folder}")
-        prompts = _prompts_of(e, base)
-        if not prompts:
-            raise EditbenchError(f"CustomConcept101 concept {name!r} has no prompts ('prompts' or 'prompt_filename')")
-        out[name] = ConceptSpec(name, sup, tuple(images), tuple(prompts), _masks(folder, len(images)),
-                                f"<{name}>", "customconcept101")
-    missing = sorted(set(names or ()) - set(out))
-    if missing:
-        raise EditbenchError(f"concepts {missing} are not in {path}")
-    pairs = [PairSpec(tuple(e["names"]), tuple(_prompts_of(e, base))) for e in multi
-             if isinstance(e, dict) and len(e.get("names", ())) == 2]
-    return out, pairs
-
-
-def _custom_concept(e: dict, base: Path) -> ConceptSpec:
-    unknown = set(e) - {"name", "superclass", "images", "masks", "prompts", "placeholder", "templates"}
-    if unknown or not {"name", "superclass", "images", "prompts"} <= set(e):
-        raise EditbenchError(f"a custom concept needs name, superclass, images (folder or list), prompts (list or "
-                             f"file) [, masks, placeholder, templates]; got keys {sorted(e)}")
-    imgs = e["images"]
-    folder = base / imgs if isinstance(imgs, str) else None
-    images = _images_in(folder) if folder is not None and folder.is_dir() else [base / p for p in
-                                                                                  (imgs if folder is None else [])]
-    if not images:
-        raise EditbenchError(f"concept {e['name']!r}: no images found at {imgs!r}")
-    prompts = e["prompts"]
-    if isinstance(prompts, str):
-        prompts = [p for p in (base / prompts).read_text().splitlines() if p.strip()]
-    masks = e.get("masks")
-    if isinstance(masks, str):
-        masks = _images_in(base / masks)
-    return ConceptSpec(str(e["name"]), str(e["superclass"]), tuple(images), tuple(prompts),
-                       tuple(base / m for m in masks) if masks else None,
-                       str(e.get("placeholder") or f"<{e['name']}>"), "custom",
-                       tuple(e["templates"]) if e.get("templates") else None)
 
 
 # ------------------------------------------------------------------------------------------------ suite
@@ -477,7 +305,7 @@ def load_suite(suite: str | os.PathLike | dict) -> Suite:
     toy = None
     for e in _as_list(raw.get("concepts"), "concepts"):
         if isinstance(e, str) or (isinstance(e, dict) and "toyworld" in e):
-            toy = toy or _toy_concepts()
+            toy = toy or toy_concepts()
             want = [e] if isinstance(e, str) else e["toyworld"]
             want = sorted(toy[0]) if want == "all" else _as_list(want, "toyworld")
             for n in want:
@@ -488,15 +316,15 @@ def load_suite(suite: str | os.PathLike | dict) -> Suite:
             source_pairs += toy[1]
         elif isinstance(e, dict) and "dreambench" in e:
             names = e.get("names", "all")
-            concepts.update(_dreambench(base / e["dreambench"], None if names == "all" else _as_list(names, "names")))
+            concepts.update(dreambench_concepts(base / e["dreambench"], None if names == "all" else _as_list(names, "names")))
         elif isinstance(e, dict) and "customconcept101" in e:
             names = e.get("names", "all")
-            found, prs = _customconcept101(base / e["customconcept101"],
+            found, prs = customconcept101_concepts(base / e["customconcept101"],
                                            None if names == "all" else _as_list(names, "names"))
             concepts.update(found)
             source_pairs += prs
         elif isinstance(e, dict):
-            c = _custom_concept(e, base)
+            c = custom_concept(e, base)
             concepts[c.name] = c
         else:
             raise EditbenchError(f"bad concepts entry {e!r}; use a toy-world name, {{toyworld: all}}, "
@@ -732,7 +560,6 @@ class _Runner:
                 for f in ckpt.glob("*"):
                     f.unlink()
                 ckpt.rmdir()
-        self._artifacts = {k: v for k, v in self._artifacts.items() if k[:3] != (m.label, name, seed)}
         self._artifacts[(m.label, name, seed, key)] = art
         return art, concept
 
@@ -909,8 +736,11 @@ def run_suite(suite: str | os.PathLike | Suite, out: str | os.PathLike, *, shard
     runner = _Runner(suite, out, device=device, dtype=dtype, progress=progress, pipeline=pipeline, clip=clip,
                      dino=dino)
     todo = [c for c in shard_cells(cells, shard) if not runner.done(c)]
-    failed = []
+    failed, group = [], None
     for cell in tqdm(todo, desc=f"{suite.name} shard {shard[0]}/{shard[1]}", disable=not progress):
+        if cell.group != group:  # keep only the current group's artifacts in memory (DreamBooth's are big)
+            runner._artifacts.clear()
+            group = cell.group
         err_path = runner.cell_path(cell, ".error.txt")
         try:
             runner.run_cell(cell)

@@ -37,6 +37,7 @@ from editbench._io import read_safetensors, write_safetensors
 from editbench.concepts import ConceptData
 from editbench.errors import ArtifactError, EditbenchError
 from editbench.fingerprint import fingerprint, module_tensors, update_with_tensor
+from editbench.safety import check_artifact_for, check_metadata, parse_metadata
 from editbench.training import TrainConfig, TrainingSession, train
 
 __all__ = ["ARTIFACT_FORMAT", "Artifact", "EditHandle", "Editor", "NoSettings"]
@@ -129,8 +130,8 @@ class Artifact:
         if _HEADER_KEY not in header:
             raise ArtifactError(f"{path} is a safetensors file but not an editbench artifact (no '{_HEADER_KEY}' "
                                 "header entry)")
+        meta = parse_metadata(header[_HEADER_KEY], path)  # bounded, finite JSON object (editbench.safety)
         try:
-            meta = json.loads(header[_HEADER_KEY])
             fmt, name, checksum = meta["format"], meta["method"], meta["checksum"]
         except (ValueError, KeyError, TypeError) as err:
             raise ArtifactError(f"{path} has a damaged editbench header ({err!r}); re-create the artifact") from None
@@ -141,6 +142,7 @@ class Artifact:
         if method is not None and name != method:
             raise ArtifactError(f"{path} is a {name!r} artifact, not a {method!r} one; load it with "
                                 f"editbench.methods.get({name!r})")
+        check_metadata(meta, tensors, path)  # schema: types, ranges, shapes/dtypes vs the tensors
         art = cls(name, tensors, meta)
         art.path = Path(path)
         return art
@@ -279,10 +281,14 @@ class Editor:
         for c in concepts:
             c.check_tokens(pipeline.tokenizer, new_placeholder=self.new_token)
         base_fp = self.fingerprint(pipeline)
-        cfg = dataclasses.asdict(config)
+        cfg = json.loads(json.dumps(dataclasses.asdict(config)))  # JSON types (tuples -> lists), as after load
         signature = {"method": self.name, "base": base_fp,
                      "config": {k: v for k, v in cfg.items() if k not in config.RESUMABLE_FIELDS}}
-        with EditHandle(pipeline, f"{self.name} training") as handle:
+        # methods may draw from torch's global RNG while setting up (peft's LoRA init): seed it from ``seed`` so
+        # that a fit (and a resumed fit) is reproducible, and leave the caller's global RNG state as it was
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices), EditHandle(pipeline, f"{self.name} training") as handle:
+            torch.manual_seed(seed)
             subject = concepts[0] if len(concepts) == 1 else concepts
             session = self.prepare_training(pipeline, subject, handle, config)
             result = train(pipeline, subject, session, config, seed=seed, progress=progress,
@@ -309,6 +315,7 @@ class Editor:
         for a in arts:
             if a.method != self.name:
                 raise ArtifactError(f"a {a.method!r} artifact cannot be applied by {self.name!r}")
+            check_artifact_for(self, a)  # metadata schema, before anything is modified
         settings = self.settings(len(arts), **inference_settings)
         self.check_pipeline(pipeline)
         base_fp = self.fingerprint(pipeline)
@@ -335,6 +342,7 @@ class Editor:
     def load(self, path: str | os.PathLike) -> Artifact:
         """Read and check an artifact of this method (ArtifactError on any problem)."""
         art = Artifact.load(path, method=self.name)
+        check_artifact_for(self, art)
         self.check_artifact(art)
         return art
 

@@ -94,7 +94,9 @@ def _read_cached(folder: Path, n: int) -> torch.Tensor | None:
                 arrays.append(np.asarray(img.convert("RGB"), dtype=np.uint8).copy())
     except (OSError, ValueError, KeyError):
         return None  # damaged cache entry: regenerate it
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # (n, 3, H, W) uint8
+    # contiguous, like freshly generated images: a channels-last view takes other conv kernels in the VAE and
+    # would make a fit with a cache hit differ (in the last bits) from the same fit with a cache miss
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()  # (n, 3, H, W) uint8
 
 
 def class_images(pipeline: Any, prompt: str, n: int, *, steps: int = 25, guidance_scale: float = 3.0,
@@ -103,6 +105,7 @@ def class_images(pipeline: Any, prompt: str, n: int, *, steps: int = 25, guidanc
 
     Images are quantised to 8 bits and cached as PNG files in ``cache_dir`` (default :func:`default_cache_dir`)
     under a key of the base weights, prompt, count, resolution, sampler and seed; a cached set is reused.
+    (diffusers' scripts do the same with a throwaway pipeline inside the script; there is no library function.)
     """
     size = model_resolution(pipeline)
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir()

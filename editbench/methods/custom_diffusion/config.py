@@ -20,8 +20,9 @@ class CustomDiffusionConfig(PriorConfigMixin, TrainConfig):
 
     Defaults are the toy-world scale (32x32 px): 100 steps of batch 4 (+4 class images), 16 class images, lr
     4e-4 (the reference's ``1e-5 x batch`` rule gives 4e-5; x10 so that 100-step toy runs move: an untuned toy
-    choice). Everything else is the reference's: AdamW with weight decay 1e-2, the same lr for the modifier
-    rows, augmentation p = 0.66, prior loss weight 1.0, modifier tokens initialised from rare tokens.
+    choice). Everything else is the reference's: AdamW with weight decay 1e-2 and gradient clipping at 1.0, the
+    same lr for the modifier rows, augmentation p = 0.66, prior loss weight 1.0, modifier tokens initialised from
+    rare tokens.
 
     ``svd_rank`` / ``svd_energy`` store each K/V delta as a truncated SVD (rank, or the smallest rank keeping
     that fraction of the singular-value sum; the paper's compression uses 0.6). ``merge_ridge`` is the ridge
@@ -36,6 +37,7 @@ class CustomDiffusionConfig(PriorConfigMixin, TrainConfig):
     lr: float = 4e-4
     lr_modifier: float | None = None            # None: same as lr (the reference trains both with one lr)
     weight_decay: float = 1e-2
+    max_grad_norm: float | None = 1.0
     initializers: tuple[str, ...] = ("ktn", "pll", "ucd")  # concept j starts from initializers[j % len]
     augment: bool = True
     hflip: bool = False

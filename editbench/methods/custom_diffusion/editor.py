@@ -13,6 +13,7 @@ Shape legend: b batch, d text width, o output width, r rank, k concepts.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -253,7 +254,7 @@ class CustomDiffusionEditor(Editor):
         meta = {"modifier_tokens": [t for a in arts for t in a.metadata["modifier_tokens"]],
                 "categories": [c for a in arts for c in a.metadata["categories"]],
                 "compression": {"rank": n, "energy": None, "exact": True},
-                "base_fingerprint": self.fingerprint(pipeline), "config": dataclasses.asdict(self.config),
+                "base_fingerprint": self.fingerprint(pipeline), "config": json.loads(json.dumps(dataclasses.asdict(self.config))),
                 "composed_from": [{"concepts": a.metadata["modifier_tokens"], "checksum": a.metadata.get("checksum"),
                                    "path": str(a.path) if a.path else None} for a in arts],
                 "merge": {"keys": n, "captions": "default_captions" if cov is None else "given",

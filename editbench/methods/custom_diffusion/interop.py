@@ -19,11 +19,12 @@ from typing import Any
 
 import torch
 
-from editbench._io import read_safetensors, write_safetensors
+from editbench._io import write_safetensors
 from editbench.errors import ArtifactError
 from editbench.methods.base import Artifact, EditHandle
 from editbench.methods.custom_diffusion.editor import EMBEDDINGS, CustomDiffusionEditor, deltas, projections
 from editbench.methods.tokens import add_tokens
+from editbench.safety import load_weights, safe_join
 
 __all__ = ["WEIGHT_NAME", "export_diffusers", "load_diffusers"]
 
@@ -31,59 +32,26 @@ WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"
 _SUFFIX = {"to_k": "to_k_custom_diffusion.weight", "to_v": "to_v_custom_diffusion.weight"}
 
 
-def export_diffusers(artifact: Artifact, pipeline: Any, folder: str | os.PathLike) -> Path:
-    """Write ``artifact`` as diffusers' Custom Diffusion output into ``folder``; returns the weights file.
-
-    The diffusers format stores full weights, so the base ``pipeline`` (the one the artifact was trained on)
-    supplies ``W0``. Modifier tokens go to ``folder/<token>.safetensors`` (``{token: (d,)}``), loadable with
-    ``pipe.load_textual_inversion(folder, weight_name="<token>.safetensors")``.
-    """
-    editor = CustomDiffusionEditor()
-    editor.check_artifact(artifact, pipeline)
-    proj = projections(pipeline.unet)
-    state = {}
-    for name, delta in deltas(artifact).items():
-        attn, _, which = name.rpartition(".")
-        w0 = proj[name].weight.detach()
-        state[f"{attn}.processor.{_SUFFIX[which]}"] = (w0.float() + delta).to(w0.dtype)
-    folder = Path(folder)
-    for token, row in zip(artifact.metadata["modifier_tokens"], artifact.tensors[EMBEDDINGS]):
-        write_safetensors(folder / f"{token}.safetensors", {token: row}, {"format": "pt"})
-    return write_safetensors(folder / WEIGHT_NAME, state, {"format": "pt"})
-
-
-def load_diffusers(pipeline: Any, folder: str | os.PathLike, *, weight_name: str = WEIGHT_NAME,
-                   tokens: list[str] | None = None) -> EditHandle:
-    """Apply a diffusers Custom Diffusion folder to ``pipeline`` with diffusers' ``CustomDiffusionAttnProcessor``.
-
-    Every cross-attention layer named in the file gets a processor holding the stored K/V (and Q/out, if the
-    run trained them) weights; all other processors are kept. Modifier tokens: ``tokens`` (default: every
-    ``*.safetensors`` file of ``folder`` other than the weights, each ``{token: embedding}``). ArtifactError if
-    the file is unreadable, names a layer the UNet does not have, or its shapes do not fit. ``undo()`` on the
-    returned handle restores the processors, tokenizer and embedding.
-    """
+def _install(pipeline: Any, handle: EditHandle, weights: dict[str, dict[str, torch.Tensor]], *,
+             fill: bool = False) -> None:
+    """Give every attention layer named in ``weights`` (``{processor name: {sub key: tensor}}``) a diffusers
+    ``CustomDiffusionAttnProcessor`` holding those weights; keep every other processor, or with ``fill`` give it
+    a weightless one (the training script's setup, which ``save_attn_procs`` requires). Recorded on ``handle``."""
     from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
 
-    folder = Path(folder)
-    state, _ = read_safetensors(folder / weight_name, "Custom Diffusion weights")
     unet = pipeline.unet
     current = unet.attn_processors
-    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    for key, value in state.items():
-        proc, sep, sub = key.partition(".processor.")
-        if not sep or f"{proc}.processor" not in current:
-            raise ArtifactError(f"{key}: this UNet has no attention processor {proc}.processor; the weights are for "
-                                "another base model")
-        grouped[f"{proc}.processor"][sub] = value
-    new = {}
     ref = next(unet.parameters())
-    for name, sub in grouped.items():
+    new = {n: CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False) for n in current} if fill else {}
+    for name, sub in weights.items():
+        if name not in current:
+            raise ArtifactError(f"this UNet has no attention processor {name}; the weights are for another base model")
         attn = unet.get_submodule(name[: -len(".processor")])
         k = sub.get("to_k_custom_diffusion.weight")
         if k is None or tuple(k.shape) != tuple(attn.to_k.weight.shape):
-            raise ArtifactError(f"{name}: to_k_custom_diffusion.weight is "
-                                f"{None if k is None else tuple(k.shape)}, the layer's to_k is "
-                                f"{tuple(attn.to_k.weight.shape)}; the weights are for another base model")
+            raise ArtifactError(f"{name}: to_k_custom_diffusion.weight is {None if k is None else tuple(k.shape)}, "
+                                f"the layer's to_k is {tuple(attn.to_k.weight.shape)}; the weights are for another "
+                                "base model")
         proc = CustomDiffusionAttnProcessor(train_kv=True, train_q_out="to_q_custom_diffusion.weight" in sub,
                                             hidden_size=k.shape[0], cross_attention_dim=k.shape[1])
         try:
@@ -91,29 +59,82 @@ def load_diffusers(pipeline: Any, folder: str | os.PathLike, *, weight_name: str
         except RuntimeError as err:
             raise ArtifactError(f"{name}: {err}") from None
         new[name] = proc.to(ref.device, ref.dtype)
-    handle = EditHandle(pipeline, "custom_diffusion (diffusers format)")
     unet.set_attn_processor({**current, **new})  # diffusers pops from the dict it gets: pass a fresh one
     handle.on_undo("attention processors", lambda: unet.set_attn_processor(dict(current)))
+
+
+def export_diffusers(artifact: Artifact, pipeline: Any, folder: str | os.PathLike) -> Path:
+    """Write ``artifact`` as diffusers' Custom Diffusion output into ``folder``; returns the weights file.
+
+    The diffusers format stores full weights, so the base ``pipeline`` (the one the artifact was trained on)
+    supplies ``W0``. The processors are installed on ``pipeline`` for a moment so that diffusers' own
+    ``unet.save_attn_procs`` writes the file (then removed again). Modifier tokens go to
+    ``folder/<token>.safetensors`` (``{token: (d,)}``, as the diffusers script saves them), loadable with
+    ``pipe.load_textual_inversion(folder, weight_name="<token>.safetensors")``.
+    """
+    CustomDiffusionEditor().check_artifact(artifact, pipeline)
+    proj = projections(pipeline.unet)
+    weights: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for name, delta in deltas(artifact).items():
+        attn, _, which = name.rpartition(".")
+        w0 = proj[name].weight.detach()
+        weights[f"{attn}.processor"][_SUFFIX[which]] = (w0.float() + delta).to(w0.dtype)
+    folder = Path(folder)
+    for token, row in zip(artifact.metadata["modifier_tokens"], artifact.tensors[EMBEDDINGS]):
+        # the token comes from the artifact's metadata: it must not name a path outside ``folder``
+        write_safetensors(safe_join(folder, f"{token}.safetensors", "modifier token file"), {token: row},
+                          {"format": "pt"})
+    with EditHandle(pipeline, "custom_diffusion export") as handle:
+        _install(pipeline, handle, weights, fill=True)
+        pipeline.unet.save_attn_procs(str(folder), weight_name=WEIGHT_NAME, safe_serialization=True)
+    return folder / WEIGHT_NAME
+
+
+def load_diffusers(pipeline: Any, folder: str | os.PathLike, *, weight_name: str = WEIGHT_NAME,
+                   tokens: list[str] | None = None, allow_pickle: bool = False) -> EditHandle:
+    """Apply a diffusers Custom Diffusion folder to ``pipeline`` with diffusers' ``CustomDiffusionAttnProcessor``.
+
+    Every cross-attention layer named in the file gets a processor holding the stored K/V (and Q/out, if the
+    run trained them) weights; all other processors are kept. Modifier tokens: ``tokens`` (default: every
+    ``*.safetensors`` file of ``folder`` other than the weights, each ``{token: embedding}``). ArtifactError if
+    the file is unreadable, names a layer the UNet does not have, or its shapes do not fit. ``undo()`` on the
+    returned handle restores the processors, tokenizer and embedding.
+
+    Pickle files (diffusers' older ``pytorch_custom_diffusion_weights.bin``, ``<token>.bin``) are refused unless
+    ``allow_pickle=True``; they are then read with ``torch.load(weights_only=True)``
+    (:func:`editbench.safety.load_weights`). File names must stay inside ``folder``.
+    """
+    folder = Path(folder)
+    state = load_weights(safe_join(folder, weight_name, "weight_name"), "Custom Diffusion weights",
+                         allow_pickle=allow_pickle)
+    grouped: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
+    for key, value in state.items():
+        proc, sep, sub = key.partition(".processor.")
+        if not sep:
+            raise ArtifactError(f"{key} is not a Custom Diffusion processor weight (<layer>.processor.<name>)")
+        grouped[f"{proc}.processor"][sub] = value
     files = sorted(p for p in folder.glob("*.safetensors") if p.name != weight_name) if tokens is None else \
-        [folder / f"{t}.safetensors" for t in tokens]
+        [safe_join(folder, f"{t}.safetensors", "token file") for t in tokens]
     words, rows = [], []
     for path in files:
-        emb, _ = read_safetensors(path, "modifier token embedding")
-        if len(emb) != 1:
-            raise ArtifactError(f"{path} must hold exactly one {{token: embedding}} entry, got {sorted(emb)}")
+        emb = load_weights(path, "modifier token embedding", allow_pickle=allow_pickle)
+        if len(emb) != 1 or next(iter(emb.values())).ndim not in (1, 2):
+            raise ArtifactError(f"{path} must hold exactly one {{token: embedding (d,)}} entry, got "
+                                f"{ {k: tuple(v.shape) for k, v in emb.items()} }")
         (word, row), = emb.items()
         words.append(word)
-        rows.append(row.reshape(-1, row.shape[-1]))
-    if words:
-        emb_w = pipeline.text_encoder.get_input_embeddings().weight
-        rows_t = torch.cat(rows)
-        if rows_t.shape[1] != emb_w.shape[1]:
-            handle.undo()
-            raise ArtifactError(f"modifier embeddings have width {rows_t.shape[1]}, the text encoder "
-                                f"{emb_w.shape[1]}")
-        try:
-            handle.info["token_ids"] = add_tokens(handle, pipeline, words, rows_t.to(emb_w.device, emb_w.dtype))
-        except BaseException:
-            handle.undo()
-            raise
+        rows.append(row.reshape(-1, row.shape[-1]))                        # (1, d)
+    emb_w = pipeline.text_encoder.get_input_embeddings().weight
+    widths = sorted({r.shape[1] for r in rows} - {emb_w.shape[1]})
+    if widths:
+        raise ArtifactError(f"modifier embeddings have width {widths[0]}, the text encoder {emb_w.shape[1]}")
+    handle = EditHandle(pipeline, "custom_diffusion (diffusers format)")
+    try:
+        _install(pipeline, handle, grouped)
+        if words:
+            handle.info["token_ids"] = add_tokens(handle, pipeline, words,
+                                                  torch.cat(rows).to(emb_w.device, emb_w.dtype))
+    except BaseException:
+        handle.undo()
+        raise
     return handle

@@ -21,6 +21,12 @@ class KVLinear(nn.Module):
 
     The start token's output is detached (Custom Diffusion: the start token is in every prompt, its key/value
     must not be what the fine-tuning changes), so the weight only learns from the other tokens.
+
+    Why not diffusers' ``CustomDiffusionAttnProcessor`` for training: it replaces the whole attention computation
+    of the layer (its own baddbmm/softmax path instead of the installed processor) and would have to be set on
+    every attention layer; swapping only the two linear maps keeps each layer's processor as it is and makes
+    training, ``apply`` and ``undo`` plain module swaps. The diffusers processors are used for interop
+    (:mod:`.interop`).
     """
 
     def __init__(self, base: nn.Linear):
@@ -67,6 +73,9 @@ def resize_augment(image: torch.Tensor, mask: torch.Tensor, factor: int, gen: to
     with one cell trimmed on each side, as in the reference. Otherwise it is enlarged 1.2-1.4x and randomly
     cropped (valid region: everything). Returns the image, ``mask`` x valid region ``(1, S, S)`` and the prompt
     prefix: "a far away "/"very small " below 0.6 S, "zoomed in "/"close up " when enlarged, else "".
+
+    Hand-written because diffusers has it only inside its example training script (not importable); this is
+    the same logic on tensors, with randomness from the training loop's generator.
     """
     size = image.shape[-1]
     if float(torch.rand((), generator=gen)) < p_small:

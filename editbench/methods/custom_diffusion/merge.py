@@ -1,4 +1,4 @@
-"""Custom Diffusion's closed-form multi-concept merge (paper Eq. 4-5), through :func:`editbench.solver.closed_form_edit`.
+"""Custom Diffusion's closed-form multi-concept merge (paper Eq. 4-5), through :func:`editbench.solver.closed_form_edit_many`.
 
 For every K/V projection ``W0`` and concepts ``i`` with fine-tuned ``W_i``::
 
@@ -23,7 +23,7 @@ import torch
 
 from editbench.errors import EditbenchError
 from editbench.methods.tokens import token_position
-from editbench.solver import closed_form_edit
+from editbench.solver import Whitener, closed_form_edit_many
 from editbench.training import tokenize
 
 __all__ = ["MergeResult", "concept_keys", "merge_projections"]
@@ -63,7 +63,10 @@ def merge_projections(base: dict[str, torch.Tensor], tuned: Sequence[dict[str, t
         base: ``{name: W0 (o, d)}``.
         tuned: per concept group (artifact), ``{name: W_i (o, d)}`` for the same names.
         keys: per concept group, its key rows ``(n_i, d)``.
-        cov: ``(d, d)`` text second moment ``C``.
+        cov: ``(d, d)`` text second moment ``C`` (or a :class:`editbench.solver.Whitener` of it).
+
+    ``C`` is factored once and the keys' whitened SVD computed once for all projections
+    (:func:`editbench.solver.closed_form_edit_many`); each projection then costs two small matrix products.
     """
     k_all = torch.cat([k.double() for k in keys])                        # (N, d)
     owner = torch.cat([torch.full((len(k),), i) for i, k in enumerate(keys)])
@@ -71,9 +74,13 @@ def merge_projections(base: dict[str, torch.Tensor], tuned: Sequence[dict[str, t
     seen: set[int] = set()
     keep = [i for i, g in enumerate(first.tolist()) if not (g in seen or seen.add(g))]  # first of each row
     k, owner = k_all[keep], owner[keep]                                  # (n, d), (n,)
-    weights, values = {}, {}
+    groups = [(j, (owner == j).nonzero().flatten()) for j in range(len(keys))]
+    values = {}
     for name, w0 in base.items():
-        v = torch.stack([tuned[int(j)][name].double() @ k[r] for r, j in enumerate(owner)])  # (n, o) = W_i k
-        weights[name] = closed_form_edit(w0.double(), k, v, cov=cov)     # (o, d) float64
+        v = k.new_empty(len(k), w0.shape[0])                             # (n, o) = W_i k, per owner i
+        for j, rows in groups:
+            v[rows] = k[rows] @ tuned[j][name].double().T
         values[name] = v
+    white = cov if isinstance(cov, Whitener) else Whitener(cov)          # factor C once for every projection
+    weights = closed_form_edit_many({n: w0.double() for n, w0 in base.items()}, k, values, cov=white)  # float64
     return MergeResult(weights, k, values)

@@ -71,7 +71,9 @@ class DreamBoothEditor(Editor):
         for name in names:  # train a float32 copy; the base module is put back by the handle afterwards
             base = getattr(pipeline, name)
             dtypes[name] = next(base.parameters()).dtype
-            tuned[name] = copy.deepcopy(base).to(torch.float32)
+            tuned[name] = copy.deepcopy(base)
+            if dtypes[name] != torch.float32:
+                tuned[name].to(torch.float32)
             handle.set_attr(pipeline, name, tuned[name])
         return _Session(pipeline, prior, tuned, dtypes, config)
 

@@ -41,17 +41,24 @@ def _inject(handle: EditHandle, unet: Any, configs: list[tuple[str, Any]]) -> No
     """Add peft adapters ``(name, LoraConfig)`` to ``unet`` (diffusers' ``add_adapter``), recorded on ``handle``:
     undo deletes them and, if no other adapter is left, puts the original ``nn.Linear`` modules back."""
     loaded = getattr(unet, "_hf_peft_config_loaded", False)
+    had_flag = "_hf_peft_config_loaded" in vars(unet)
     previous = unet.active_adapters() if loaded else []
     names = [n for n, _ in configs]
+    grads = [(p, p.requires_grad) for p in unet.parameters()]  # add_adapter freezes every base weight
 
     def restore() -> None:
         if set(getattr(unet, "peft_config", None) or {}) <= set(names):
             unet.unload_lora()                  # restores every wrapped layer's original base_layer module
-            unet._hf_peft_config_loaded = loaded
+            if had_flag:
+                unet._hf_peft_config_loaded = loaded
+            else:
+                vars(unet).pop("_hf_peft_config_loaded", None)
         else:
             unet.delete_adapters(names)
             if previous:
                 unet.set_adapters(previous)
+        for p, flag in grads:
+            p.requires_grad_(flag)
 
     try:
         for name, cfg in configs:
@@ -119,6 +126,13 @@ class LoRAEditor(Editor):
                                     f"{ {k: tuple(v.shape) for k, v in ab.items()} }")
         if not modules:
             raise ArtifactError("lora artifact holds no adapter weights")
+        targets = meta["target_modules"]  # peft matches them as module-name suffixes
+        hits = {t: [n for n in modules if isinstance(t, str) and (n == t or n.endswith("." + t))]
+                for t in (targets if isinstance(targets, list) else [])}
+        uncovered = [n for n in modules if not any(n in h for h in hits.values())]
+        if not hits or uncovered or not all(hits.values()):
+            raise ArtifactError(f"lora metadata target_modules {targets!r} do not match the adapter weights (e.g. "
+                                f"{(uncovered or sorted(modules))[:1]}); the artifact is damaged")
         if pipeline is None:
             return
         for name, ab in modules.items():

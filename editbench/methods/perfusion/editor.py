@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from editbench.concepts import DEFAULT_TEMPLATES, ConceptData
-from editbench.errors import ArtifactError, EditbenchError
+from editbench.errors import ArtifactError, EditbenchError, TrainingError
 from editbench.fingerprint import module_tensors, text_encoder_fingerprint
 from editbench.methods import register
 from editbench.methods.base import Artifact, EditHandle, Editor
@@ -78,15 +78,15 @@ def _cholesky(pipeline: Any, ridge: float) -> torch.Tensor:
     return chol.to(device, torch.float32 if device.type == "mps" else torch.float64)
 
 
-def superclass_encoding(pipeline: Any, superclass_id: int, templates=DEFAULT_TEMPLATES) -> torch.Tensor:
+def superclass_encoding(pipeline: Any, superclass: str, templates=DEFAULT_TEMPLATES) -> torch.Tensor:
     """Mean encoding ``(d,)`` float32 of the superclass token over ``templates`` filled with the superclass word."""
-    word = pipeline.tokenizer.convert_ids_to_tokens(superclass_id).removesuffix("</w>")
-    ids = tokenize(pipeline, [t.format(word) for t in templates])                    # (b, n)
+    superclass_id = single_token_id(pipeline.tokenizer, superclass)
+    ids = tokenize(pipeline, [t.format(superclass) for t in templates])              # (b, n)
     with torch.no_grad():
         hidden = pipeline.text_encoder(ids)[0]                                       # (b, n, d)
     pos = token_position(ids, superclass_id)                                         # (b,)
     if bool((pos < 0).any()):
-        raise EditbenchError(f"superclass word {word!r} did not survive tokenization of the templates")
+        raise EditbenchError(f"superclass word {superclass!r} did not survive tokenization of the templates")
     return hidden[torch.arange(len(ids)), pos].float().mean(0)
 
 
@@ -130,7 +130,7 @@ class PerfusionSession(TrainingSession):
         sup_id = single_token_id(pipeline.tokenizer, concept.superclass)
         base_row = encoder.get_input_embeddings().weight[sup_id]
         self.embedding = torch.nn.Parameter(base_row.detach().float().clone()[None])           # (1, d_emb)
-        i_super = superclass_encoding(pipeline, sup_id, concept.templates)[None]              # (1, d)
+        i_super = superclass_encoding(pipeline, concept.superclass, concept.templates)[None]  # (1, d)
         self.token_id = add_tokens(handle, pipeline, [concept.placeholder], self.embedding)[0]
         self.bank = ConceptBank(_cholesky(pipeline, config.cov_ridge), [self.token_id], [sup_id],
                                 [config.beta_train], [config.tau_train])
@@ -164,6 +164,10 @@ class PerfusionSession(TrainingSession):
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         ema = tensors.pop("ema_i_star", None)
         super().load_state_tensors(tensors)
+        d = self.bank.chol.shape[0]
+        if ema is not None and (ema.shape != (d,) or not ema.is_floating_point() or not bool(torch.isfinite(ema).all())):
+            raise TrainingError(f"the checkpoint's ema_i_star is {tuple(ema.shape)} {ema.dtype}, not a finite ({d},) "
+                                "vector; delete the checkpoint to start over")
         self.ema = None if ema is None else ema.to(self.bank.chol)
 
     def artifact(self, result: TrainResult) -> Artifact:
@@ -256,7 +260,7 @@ class PerfusionEditor(Editor):
         sites = _sites(pipeline)
         device = pipeline.text_encoder.device
         sup_ids = [single_token_id(pipeline.tokenizer, w["superclass"]) for w in words]
-        i_super = torch.stack([superclass_encoding(pipeline, s) for s in sup_ids])          # (c, d)
+        i_super = torch.stack([superclass_encoding(pipeline, w["superclass"]) for w in words])  # (c, d)
         emb = pipeline.text_encoder.get_input_embeddings().weight
         rows = torch.stack([a.tensors["embedding"] for a in artifacts]).to(emb)             # (c, d_emb)
         token_ids = add_tokens(handle, pipeline, placeholders, rows)

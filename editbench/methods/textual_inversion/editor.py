@@ -89,6 +89,7 @@ def export_diffusers(artifact: Artifact, folder: str | os.PathLike) -> Path:
 
     Load it with ``pipe.load_textual_inversion(folder, token=placeholder)``; diffusers registers the extra
     vectors as ``placeholder_1``, ... and expands ``placeholder`` in prompts, as editbench's ``apply`` does.
+    (diffusers writes this file from its training script only; the format is one safetensors entry.)
     """
     TextualInversionEditor().check_artifact(artifact)
     path = Path(folder) / DIFFUSERS_WEIGHT_NAME

@@ -1,0 +1,68 @@
+"""LoRA: the adapter weights, diffusers' pytorch_lora_weights round trip, several adapters with weights, scale."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from _method_helpers import assert_same, generate, load, snapshot, trained
+
+from editbench.errors import EditbenchError
+from editbench.methods.lora import DIFFUSERS_WEIGHT_NAME, LoRAEditor, export_diffusers
+from editbench.testing import tiny_pipeline
+
+NAME = "lora"
+PROMPT = "a photo of a sks star"
+
+
+def test_adapter_weights():
+    art = load(NAME, trained(NAME))
+    assert art.metadata["lora"]["r"] == 4 and art.metadata["lora"]["lora_alpha"] == 4.0
+    assert len(art.tensors) == 4 * 8 * 2  # (q, k, v, out) x 8 attention modules x (A, B)
+    for k, v in art.tensors.items():
+        assert (v.shape[0] if k.endswith("lora_A.weight") else v.shape[1]) == 4
+
+
+def test_diffusers_round_trip_with_alpha_not_rank(tmp_path):
+    art = load(NAME, trained(NAME, alpha=8.0))
+    path = export_diffusers(art, tmp_path)
+    assert path.name == DIFFUSERS_WEIGHT_NAME
+    ours = tiny_pipeline()
+    with LoRAEditor().apply(ours, art):
+        expected = generate(ours, PROMPT)
+    theirs = tiny_pipeline()
+    theirs.load_lora_weights(str(tmp_path), adapter_name="concept")
+    assert np.allclose(generate(theirs, PROMPT), expected, atol=1e-6)
+    assert not np.allclose(generate(tiny_pipeline(), PROMPT), expected, atol=1e-4)
+
+
+def test_several_adapters_with_weights_and_scale(tmp_path):
+    a, b = load(NAME, trained(NAME)), load(NAME, trained(NAME, seed=1))
+    export_diffusers(a, tmp_path / "a")
+    export_diffusers(b, tmp_path / "b")
+    pipe = tiny_pipeline()
+    before, base_img = snapshot(pipe), generate(pipe, PROMPT)
+    with LoRAEditor().apply(pipe, [a, b], adapter_weights=[0.7, 0.4], scale=0.5) as handle:
+        ours = generate(pipe, PROMPT)
+        assert len(handle.info["adapters"]) == 2
+    assert_same(before, snapshot(pipe))
+    theirs = tiny_pipeline()
+    theirs.load_lora_weights(str(tmp_path / "a"), adapter_name="a")
+    theirs.load_lora_weights(str(tmp_path / "b"), adapter_name="b")
+    theirs.set_adapters(["a", "b"], adapter_weights=[0.7, 0.4])
+    assert np.allclose(generate(theirs, PROMPT, cross_attention_kwargs={"scale": 0.5}), ours, atol=1e-6)
+    with LoRAEditor().apply(pipe, [a, b], scale=0.0):           # scale 0 adds exact zeros
+        assert np.array_equal(generate(pipe, PROMPT), base_img)
+    with pytest.raises(EditbenchError):
+        LoRAEditor().apply(pipe, [a, b], adapter_weights=[1.0])
+
+
+def test_undo_keeps_an_adapter_the_user_loaded(tmp_path):
+    a, b = load(NAME, trained(NAME)), load(NAME, trained(NAME, seed=1))
+    export_diffusers(b, tmp_path)
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(str(tmp_path), adapter_name="user")
+    user_img = generate(pipe, PROMPT)
+    with LoRAEditor().apply(pipe, a, allow_fingerprint_mismatch=True):  # the user's adapter changes the base
+        assert not np.array_equal(generate(pipe, PROMPT), user_img)
+    assert list(pipe.unet.peft_config) == ["user"]
+    assert np.array_equal(generate(pipe, PROMPT), user_img)

@@ -1,0 +1,390 @@
+"""Perfusion: the exact gated rank-1 math, key-locking inside a real pipeline call, apply/undo, artifacts, training.
+
+The text covariance is computed over the first 400 default captions (patched) into a temporary cache, to keep
+the run short; everything else is the real code path.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from editbench import solver
+from editbench.concepts import ConceptData
+from editbench.errors import ArtifactError, ConceptDataError, EditbenchError
+from editbench.methods import get
+from editbench.methods.base import Artifact, EditHandle
+from editbench.methods.perfusion import (
+    GatedRank1Linear,
+    PerfusionConfig,
+    PerfusionEditor,
+    gated_rank1,
+    text_covariance,
+)
+from editbench.methods.perfusion.editor import cache_root
+from editbench.methods.tokens import add_tokens, single_token_id, token_position
+from editbench.sites import find_cross_attention_sites
+from editbench.testing import tiny_pipeline, unet_config
+from editbench.training import encode_prompts, tokenize
+
+STEEP = {"beta": 0.5, "tau": 1e-3}  # gates saturate: sigmoid(+-500)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_corpus(tmp_path_factory):
+    captions = solver.default_captions()[:400]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("EDITBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+        mp.setattr(solver, "default_captions", lambda: list(captions))
+        yield
+
+
+@pytest.fixture
+def pipe():
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="module")
+def concept(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("concept")
+    g = torch.Generator().manual_seed(0)
+    paths = []
+    for i in range(2):
+        paths.append(folder / f"{i}.png")
+        Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()).save(paths[-1])
+    return ConceptData("<thing>", "dog", paths, templates=["a photo of a {}", "a {} on the grass"])
+
+
+def snapshot(pipe):
+    return {n: {k: v.clone() for k, v in getattr(pipe, n).state_dict().items()} for n in ("unet", "text_encoder")}
+
+
+def unchanged(pipe, snap) -> bool:
+    return all(torch.equal(getattr(pipe, n).state_dict()[k], v) for n, sd in snap.items() for k, v in sd.items())
+
+
+def images(pipe, prompt, **kw):
+    return pipe(prompt, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
+                output_type="pt", **kw).images
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the math
+# ---------------------------------------------------------------------------------------------------------------
+
+def _problem(d=12, o=7, c=3, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(d, 3 * d, generator=g, dtype=torch.float64)
+    cov = a @ a.T / (3 * d) + 0.1 * torch.eye(d, dtype=torch.float64)                   # (d, d) SPD
+    w = torch.randn(o, d, generator=g, dtype=torch.float64)
+    i_star = torch.randn(c, d, generator=g, dtype=torch.float64)
+    o_star = torch.randn(c, o, generator=g, dtype=torch.float64)
+    x = torch.randn(2, 5, d, generator=g, dtype=torch.float64)
+    return cov, w, i_star, o_star, x
+
+
+def _reference(x, w, cov, i_star, o_star, beta, tau):
+    """h(x) row by row in float64, from the definition (explicit inverses; independent of the implementation)."""
+    cinv = torch.linalg.inv(cov)
+    u = i_star.T                                                                         # (d, c)
+    s_of = torch.linalg.inv(u.T @ cinv @ u) @ u.T @ cinv                                 # (c, d)
+    rows = []
+    for row in x.reshape(-1, x.shape[-1]):
+        s = s_of @ row
+        h = w @ (row - u @ s)
+        for c in range(len(s)):
+            h = h + torch.sigmoid((s[c] - beta[c]) / tau[c]) * o_star[c]
+        rows.append(h)
+    return torch.stack(rows).reshape(*x.shape[:-1], w.shape[0])
+
+
+@pytest.mark.parametrize("c", [1, 3])
+def test_gated_rank1_matches_a_float64_reference(c):
+    cov, w, i_star, o_star, x = _problem(c=c)
+    beta, tau = torch.linspace(0.6, 0.8, c, dtype=torch.float64), torch.linspace(0.1, 0.2, c, dtype=torch.float64)
+    ref = _reference(x, w, cov, i_star, o_star, beta, tau)
+    cinv = torch.linalg.inv(cov)
+    got64 = gated_rank1(x, w, cinv, i_star, o_star, beta, tau)
+    torch.testing.assert_close(got64, ref, rtol=1e-10, atol=1e-10)
+    got32 = gated_rank1(x.float(), w.float(), cinv.float(), i_star.float(), o_star.float(), beta.float(), tau.float())
+    assert got32.dtype == torch.float32
+    torch.testing.assert_close(got32.double(), ref, rtol=1e-4, atol=1e-4)
+    if c == 1:  # the single-concept closed form: s(x) = x^T C^-1 i* / (i*^T C^-1 i*)
+        i = i_star[0]
+        s = (x @ cinv @ i) / (i @ cinv @ i)
+        h = (x - s[..., None] * i) @ w.T + torch.sigmoid((s - beta[0]) / tau[0])[..., None] * o_star[0]
+        torch.testing.assert_close(gated_rank1(x, w, cinv, i, o_star[0], beta[0], tau[0]), h)
+
+
+def test_steep_gates_hit_every_target_and_spare_orthogonal_inputs():
+    cov, w, i_star, o_star, x = _problem(c=3)
+    cinv = torch.linalg.inv(cov)
+    # each concept's own direction reaches exactly its own target (multi-concept exactness)
+    torch.testing.assert_close(gated_rank1(i_star, w, cinv, i_star, o_star, **STEEP), o_star, rtol=0, atol=1e-9)
+    # inputs C^-1-orthogonal to every i* are left alone: h(x) = W x
+    u = i_star.T
+    x_perp = x - (u @ torch.linalg.solve(u.T @ cinv @ u, u.T @ cinv @ x.reshape(-1, 12).T)).T.reshape(x.shape)
+    assert (x_perp.reshape(-1, 12) @ cinv @ u).abs().max() < 1e-9
+    torch.testing.assert_close(gated_rank1(x_perp, w, cinv, i_star, o_star, **STEEP), x_perp @ w.T)
+    # the summed single-concept form is NOT exact for correlated concepts; the joint form is
+    single = sum(gated_rank1(i_star[:1], w, cinv, i_star[k], o_star[k], **STEEP) - i_star[:1] @ w.T
+                 for k in range(3)) + i_star[:1] @ w.T
+    assert (single - o_star[:1]).abs().max() > 1e-3
+
+
+def test_gated_rank1_rejects_bad_shapes_and_dependent_concepts():
+    cov, w, i_star, o_star, x = _problem(c=2)
+    with pytest.raises(EditbenchError, match="shape mismatch"):
+        gated_rank1(x, w, cov, i_star, o_star[:, :3], 0.7, 0.1)
+    with pytest.raises(EditbenchError, match="dependent"):
+        gated_rank1(x, w, cov, torch.stack([i_star[0], 2 * i_star[0]]), o_star, 0.7, 0.1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# crafted artifacts: i* is exactly the concept token's encoding in a known prompt
+# ---------------------------------------------------------------------------------------------------------------
+
+def craft(pipe, words: list[tuple[str, str]], prompt: str, seed: int = 0) -> list[Artifact]:
+    """One artifact per (placeholder, superclass): random embedding near the superclass row, random o*_V, and
+    i* = the encoding of the placeholder in ``prompt`` (all placeholders present, as after apply)."""
+    g = torch.Generator().manual_seed(seed)
+    weight = pipe.text_encoder.get_input_embeddings().weight
+    rows = torch.stack([weight[single_token_id(pipe.tokenizer, s)] for _, s in words]).detach().clone()
+    rows += 0.5 * weight.std() * torch.randn(rows.shape, generator=g)
+    with EditHandle(pipe, "probe") as h:
+        ids_new = add_tokens(h, pipe, [p for p, _ in words], rows)
+        ids = tokenize(pipe, [prompt])
+        with torch.no_grad():
+            hidden = pipe.text_encoder(ids)[0][0]                                        # (n, d)
+        i_stars = [hidden[int(token_position(ids, t)[0])] for t in ids_new]
+    fp = PerfusionEditor().fingerprint(pipe)
+    sites = find_cross_attention_sites(pipe.unet)
+    return [Artifact("perfusion", {"embedding": rows[k], "i_star": i_stars[k].clone(),
+                                   **{f"o_v.{s.name}": torch.randn(s.value_features, generator=g) for s in sites}},
+                     {"concept": {"placeholder": p, "superclass": s}, "base_fingerprint": fp,
+                      "config": {"cov_ridge": PerfusionConfig.cov_ridge}})
+            for k, (p, s) in enumerate(words)]
+
+
+def capture(handle) -> dict[str, list]:
+    """Record (input, output) of every Perfusion layer's first call."""
+    seen: dict[str, list] = {}
+
+    def hook(name):
+        def record(mod, args, out):
+            seen.setdefault(name, [args[0].detach(), out.detach()])  # returns None: output untouched
+        return record
+
+    for name, layer in handle.info["layers"].items():
+        handle.add_hook(layer.register_forward_hook(hook(name)))
+    return seen
+
+
+@pytest.mark.parametrize("lock", ["local", "global"])
+def test_key_locking_inside_an_ordinary_pipeline_call(pipe, lock):
+    prompt, super_prompt = "a photo of a <thing> on the grass", "a photo of a dog on the grass"
+    (art,) = craft(pipe, [("<thing>", "dog")], prompt)
+    with torch.no_grad():
+        x_super = encode_prompts(pipe, [super_prompt])[0]                                # (n, d) base encoder
+    handle = PerfusionEditor().apply(pipe, art, lock=lock, **STEEP)
+    seen = capture(handle)
+    images(pipe, prompt)                                                                 # CFG batch [uncond, cond]
+    pos = int(token_position(tokenize(pipe, [prompt]), handle.info["token_ids"][0])[0])
+    assert pos == 5
+    for name, layer in handle.info["layers"].items():
+        x, out = seen[name]
+        assert x.shape[0] == 2 and torch.equal(x[1, pos], art.tensors["i_star"])        # cond row, concept token
+        w = layer.weight
+        if layer.role == "key":
+            expect = x_super @ w.T if lock == "global" else x_super[pos] @ w.T          # superclass keys
+            got = out[1] if lock == "global" else out[1, pos]
+            torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+        else:
+            site = name.removesuffix(".to_v")
+            torch.testing.assert_close(out[1, pos], art.tensors[f"o_v.{site}"], rtol=1e-4, atol=1e-5)
+    handle.undo()
+
+
+def test_two_concepts_in_one_prompt_each_reach_their_own_targets(pipe):
+    words = [("<thing>", "dog"), ("<other>", "cat")]
+    prompt = "a <thing> and a <other> in a garden"
+    arts = craft(pipe, words, prompt, seed=3)
+    with torch.no_grad():
+        x_super = encode_prompts(pipe, ["a dog and a cat in a garden"])[0]
+    handle = PerfusionEditor().apply(pipe, arts, beta=[0.5, 0.5], tau=[1e-3, 1e-3])
+    seen = capture(handle)
+    images(pipe, prompt)
+    ids = tokenize(pipe, [prompt])
+    for k, tid in enumerate(handle.info["token_ids"]):
+        pos = int(token_position(ids, tid)[0])
+        for name, layer in handle.info["layers"].items():
+            _, out = seen[name]
+            expect = (x_super[pos] @ layer.weight.T if layer.role == "key"
+                      else arts[k].tensors[f"o_v.{name.removesuffix('.to_v')}"])
+            torch.testing.assert_close(out[1, pos], expect, rtol=1e-4, atol=1e-5)
+    handle.undo()
+    with pytest.raises(EditbenchError, match="same placeholder"):
+        PerfusionEditor().apply(pipe, [arts[0], arts[0]])
+
+
+def test_apply_then_undo_restores_the_base_bitwise(pipe):
+    (art,) = craft(pipe, [("<thing>", "dog")], "a photo of a <thing>")
+    tok, emb = pipe.tokenizer, pipe.text_encoder.get_input_embeddings()
+    modules = dict(pipe.unet.named_modules())
+    snap = snapshot(pipe)
+    base = images(pipe, "a photo of a dog")
+    with PerfusionEditor().apply(pipe, art) as handle:
+        assert sum(isinstance(m, GatedRank1Linear) for m in pipe.unet.modules()) == len(handle.info["layers"])
+        assert set(pipe.unet.state_dict()) == set(snap["unet"])                          # no new state-dict keys
+        edited = images(pipe, "a photo of a <thing>")
+        assert not torch.equal(edited, base)
+        with pytest.raises(EditbenchError, match="already applied"):
+            PerfusionEditor().apply(pipe, art)
+    assert images(pipe, "a photo of a dog").equal(base)
+    assert pipe.tokenizer is tok and pipe.text_encoder.get_input_embeddings() is emb
+    assert all(dict(pipe.unet.named_modules())[n] is m for n, m in modules.items())
+    assert unchanged(pipe, snap) and not pipe.text_encoder._forward_hooks
+
+
+def test_settings_and_artifacts_are_validated(pipe):
+    (art,) = craft(pipe, [("<thing>", "dog")], "a photo of a <thing>")
+    editor = PerfusionEditor()
+    for bad in ({"tau": 0.0}, {"lock": "sideways"}, {"beta": [0.6, 0.7]}, {"beta": "high"}, {"gamma": 1}):
+        with pytest.raises(EditbenchError):
+            editor.apply(pipe, art, **bad)
+    t = art.tensors
+    broken = {
+        "unknown": {**t, "o_k.x": torch.zeros(3)},
+        "missing": {k: v for k, v in t.items() if k != "i_star"},
+        "width": {**t, "i_star": torch.zeros(5)},
+        "layer": {**{k: v for k, v in t.items() if not k.endswith("mid_block.attentions.0.transformer_blocks.0.attn2")},
+                  "o_v.nowhere.attn2": torch.zeros(4)},
+        "nan": {**t, "embedding": torch.full_like(t["embedding"], float("nan"))},
+    }
+    for tensors in broken.values():
+        with pytest.raises(ArtifactError):
+            editor.apply(pipe, Artifact("perfusion", tensors, art.metadata))
+    with pytest.raises(EditbenchError, match="trained on base model"):
+        editor.apply(pipe, Artifact("perfusion", t, {**art.metadata, "base_fingerprint": "0" * 16}))
+    with pytest.raises(EditbenchError):
+        PerfusionEditor(lr_values=-1.0)
+    assert len(dict(pipe.unet.named_modules())) and not any(isinstance(m, GatedRank1Linear)
+                                                            for m in pipe.unet.modules())
+
+
+def test_covariance_is_cached_per_text_encoder_and_never_stored_in_artifacts(pipe):
+    moment = text_covariance(pipe)
+    files = list((cache_root() / "cov").glob("*.safetensors"))
+    assert len(files) == 1 and moment.dim == 32 and moment.count > 32
+    again = text_covariance(pipe)
+    assert torch.equal(again.matrix(), moment.matrix())
+    with torch.no_grad():
+        pipe.text_encoder.get_input_embeddings().weight[0, 0] += 1.0                      # another base model
+    text_covariance(pipe)
+    assert len(list((cache_root() / "cov").glob("*.safetensors"))) == 2
+
+
+def test_artifact_bytes_for_sd15_geometry(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config("sd15", full=True))
+    sites = find_cross_attention_sites(unet)
+    assert len(sites) == 16 and sum(s.value_features for s in sites) == 12480 and sites[0].in_features == 768
+    tensors = {"embedding": torch.zeros(768), "i_star": torch.zeros(768),
+               **{f"o_v.{s.name}": torch.zeros(s.value_features) for s in sites}}
+    meta = {"concept": {"placeholder": "<my-teddy>", "superclass": "teddy", "images": 6}, "seed": 0,
+            "base_fingerprint": "0123456789abcdef", "config": dataclasses.asdict(PerfusionConfig.reference()),
+            "beta_train": 0.75, "tau_train": 0.1,
+            "training": {"steps": 400, "wall_time_s": 312.5, "peak_memory_bytes": 123456789, "device": "cuda:0",
+                         "memory_kind": "cuda_max_allocated", "resumed_from": 0, "loss_first": 0.2,
+                         "loss_last": 0.1}}
+    for dtype, width in ((None, 4), (torch.float16, 2)):
+        path = Artifact("perfusion", tensors, meta).save(tmp_path / f"{width}.safetensors", dtype=dtype)
+        raw = path.read_bytes()
+        header = int.from_bytes(raw[:8], "little")
+        assert len(raw) == 8 + header + width * (12480 + 768 + 768)
+        assert len(raw) <= 110_000
+        art = Artifact.load(path, method="perfusion")
+        PerfusionEditor().check_artifact(art)
+        assert art.nbytes == len(raw)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------------------------
+
+def _fixed_loss(pipe, art, concept, n=24) -> float:
+    """Diffusion loss of the concept images under ``art`` (training gates), on fixed noise and timesteps."""
+    from diffusers import DDPMScheduler
+
+    g = torch.Generator().manual_seed(123)
+    sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad(), PerfusionEditor().apply(pipe, art, beta=0.75, tau=0.10):
+        x = concept.load_images(16)
+        lat = pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor       # (N, 4, 8, 8)
+        lat = lat[torch.arange(n) % len(lat)]
+        noise = torch.randn(lat.shape, generator=g)
+        t = torch.randint(0, sched.config.num_train_timesteps, (n,), generator=g)
+        cond = encode_prompts(pipe, [concept.prompts()[k % 2] for k in range(n)])
+        pred = pipe.unet(sched.add_noise(lat, noise, t), t, encoder_hidden_states=cond).sample
+        return float((pred - noise).pow(2).mean())
+
+
+@pytest.fixture(scope="module")
+def trained(concept):
+    pipe = tiny_pipeline()
+    snap = snapshot(pipe)
+    kw = {"batch_size": 4, "checkpoint_every": 0}
+    init = PerfusionEditor(steps=1, lr_values=1e-12, lr_embedding=1e-12, **kw).fit(pipe, concept, progress=False)
+    art = PerfusionEditor(steps=12, lr_values=0.05, lr_embedding=0.01, **kw).fit(pipe, concept, progress=False)
+    return pipe, snap, init, art
+
+
+def test_training_lowers_the_loss_and_changes_only_the_concept(trained, concept):
+    pipe, snap, init, art = trained
+    assert unchanged(pipe, snap)
+    assert not any(isinstance(m, GatedRank1Linear) for m in pipe.unet.modules())
+    assert set(art.tensors) == set(init.tensors)
+    assert len(art.tensors) == 2 + len(find_cross_attention_sites(pipe.unet))
+    for key in art.tensors:
+        assert not torch.equal(art.tensors[key], init.tensors[key]), key
+    sup = single_token_id(pipe.tokenizer, "dog")
+    torch.testing.assert_close(init.tensors["embedding"], pipe.text_encoder.get_input_embeddings().weight[sup])
+    assert _fixed_loss(pipe, art, concept) < _fixed_loss(pipe, init, concept)
+    meta = art.metadata
+    assert meta["training"]["steps"] == 12 and meta["beta_train"] == 0.75 and meta["config"]["lr_values"] == 0.05
+
+
+def test_trained_artifact_round_trips_and_applies_from_disk(trained, tmp_path):
+    pipe, _, _, art = trained
+    path = art.save(tmp_path / "thing.safetensors")
+    back = get("perfusion")().load(path)
+    assert all(torch.equal(back.tensors[k], v) for k, v in art.tensors.items()) and back.metadata == art.metadata
+    assert back.nbytes == path.stat().st_size
+    with PerfusionEditor().apply(pipe, art):
+        a = images(pipe, "a <thing> in the snow")
+    with PerfusionEditor().apply(pipe, path):
+        b = images(pipe, "a <thing> in the snow")
+    assert torch.equal(a, b)
+    with pytest.raises(ConceptDataError, match="exactly one"):
+        PerfusionEditor(steps=1).fit(pipe, ConceptData("<x>", "xyzzyplughwobble", [torch.rand(3, 8, 8)]))
+
+
+@pytest.mark.slow
+def test_perfusion_resume_is_bitwise_identical(concept, tmp_path):
+    pipe = tiny_pipeline()
+    kw = {"batch_size": 2, "checkpoint_every": 2}
+    full = PerfusionEditor(steps=4, **kw).fit(pipe, concept, progress=False, checkpoint_dir=tmp_path / "a")
+    PerfusionEditor(steps=2, **kw).fit(pipe, concept, progress=False, checkpoint_dir=tmp_path / "b")
+    resumed = PerfusionEditor(steps=4, **kw).fit(pipe, concept, progress=False, checkpoint_dir=tmp_path / "b")
+    assert all(torch.equal(resumed.tensors[k], v) for k, v in full.tensors.items())
+
+
+def test_docs_exist():
+    doc = Path(__file__).parents[1] / "docs" / "methods" / "perfusion.md"
+    assert doc.is_file() and "110" in doc.read_text()

@@ -1,0 +1,102 @@
+"""Reports: confidence intervals, scale handling, report.md, plots and sample grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from _eval_stubs import FakeClip, FakeEditor, FakePipeline, FakeRareWordEditor, registered
+from PIL import Image
+
+from editbench.errors import EditbenchError
+from editbench.eval import report as R
+from editbench.eval import suite as S
+
+
+def _frame(values, clusters, scale="cosine"):
+    return pd.DataFrame({"concepts": [f"c{c}" for c in clusters], "seed": 0, "prompt_index": 0, "x": values,
+                         "text_scale": scale})
+
+
+def test_bootstrap_ci_mean_interval_and_clamp():
+    rng = np.random.default_rng(0)
+    vals = rng.normal(0.3, 0.1, size=200)
+    df = _frame(vals, np.repeat(np.arange(40), 5))
+    m, lo, hi = R.bootstrap_ci(df, "x")
+    assert m == pytest.approx(vals.mean(), abs=1e-12)
+    assert lo < m < hi and hi - lo < 0.1
+    assert R.bootstrap_ci(df, "x") == (m, lo, hi)                    # fixed seed: reproducible
+    const = _frame([0.5] * 6, [0, 0, 1, 1, 2, 2])
+    assert R.bootstrap_ci(const, "x") == pytest.approx((0.5, 0.5, 0.5))
+    one = _frame([0.1, 0.2], [0, 0])                                 # one cluster: no interval
+    m1, lo1, _ = R.bootstrap_ci(one, "x")
+    assert m1 == pytest.approx(0.15) and np.isnan(lo1)
+    neg = _frame([-30.0, -10.0, 5.0, 1.0], [0, 1, 2, 3], "torchmetrics")
+    m2, lo2, hi2 = R.bootstrap_ci(neg, "x", scale="torchmetrics")    # clamped at 0 after averaging
+    assert m2 == 0.0 and lo2 == 0.0 and hi2 >= 0.0
+    # clusters, not rows, are resampled: 2 clusters of very different size
+    lop = _frame([1.0] * 99 + [0.0], [0] * 99 + [1])
+    m3, lo3, hi3 = R.bootstrap_ci(lop, "x")
+    assert m3 == pytest.approx(0.99) and lo3 == pytest.approx(0.0) and hi3 == pytest.approx(1.0)
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "out"
+    spec = {"name": "rep", "model": "tiny", "concepts": ["zebra", "sunny"], "pairs": [["zebra", "sunny"]],
+            "seeds": [0, 1], "max_prompts": 2, "images_per_prompt": 2,
+            "methods": ["base", {"name": "fake", "label": "perfusion-like", "sweep": {"scale": [0.2, 0.5, 1.0]}},
+                        "fake_single"]}
+    with registered(FakeEditor, FakeRareWordEditor):
+        S.run_suite(S.load_suite(spec), out, pipeline=FakePipeline(), clip=FakeClip(), progress=False)
+    return out
+
+
+def test_report_tables_plots_and_grids(results):
+    path = R.write_report(results)
+    text = path.read_text()
+    assert path == results / "report.md"
+    for needle in ("# Results: rep", "## Single concept", "## Multi-concept composition", "perfusion-like",
+                   "scale=0.5", "fake_single", "## Skipped cells", "plots/alignment.png", "grids/base.png"):
+        assert needle in text, needle
+    summary = pd.read_csv(results / "summary.csv")
+    # one row per (method, setting) of the single-concept cells, each over 2 concepts x 2 seeds x 2 x 2 images
+    assert len(summary) == 1 + 3 + 1 and (summary["images"] == 16).all()
+    df = pd.read_csv(results / "results.csv")
+    base = df[(df.label == "base") & (df.n_concepts == 1)]
+    row = summary[summary.method == "base"].iloc[0]
+    assert row["text_alignment"] == pytest.approx(base["text_alignment"].mean())
+    assert row["text_alignment_lo"] <= row["text_alignment"] <= row["text_alignment_hi"]
+    assert row["storage_bytes"] == 0 and summary[summary.method == "fake_single"]["storage_bytes"].iloc[0] > 0
+    comp = pd.read_csv(results / "composition.csv")
+    assert set(comp["method"]) == {"base", "perfusion-like"} and comp["composition_hit"].between(0, 1).all()
+    for name in ("alignment", "storage", "training_time"):
+        with Image.open(results / "plots" / f"{name}.png") as img:
+            assert img.size[0] > 300
+    with Image.open(results / "grids" / "perfusion-like.png") as grid:
+        # rows: 2 single concepts + 1 pair, 2 prompts each; columns: 3 settings x 2 images
+        assert grid.size == (200 + 96 * 6, 16 + 96 * 6)
+        px = np.asarray(grid)[16 + 40, 200 + 40]
+        assert not (px == 255).all()                          # a sample was pasted, not left blank
+
+
+def test_sweep_parameter_becomes_a_curve(results):
+    df = pd.read_csv(results / "results.csv")
+    assert R._sweep_param(df[df.label == "perfusion-like"]) == "set_scale"
+    assert R._sweep_param(df[df.label == "base"]) is None
+
+
+def test_mixed_scales_are_refused(results, tmp_path):
+    df = pd.read_csv(results / "results.csv")
+    df.loc[df.index[:3], "text_scale"] = "hessel"
+    (tmp_path / "mixed").mkdir()
+    df.to_csv(tmp_path / "mixed" / "results.csv", index=False)
+    with pytest.raises(EditbenchError, match="mix"):
+        R.write_report(tmp_path / "mixed")
+
+
+def test_report_errors(tmp_path):
+    with pytest.raises(EditbenchError, match="not a results folder"):
+        R.write_report(tmp_path / "missing")
+    with pytest.raises(EditbenchError, match="no results.csv"):
+        R.write_report(tmp_path)

@@ -1,0 +1,334 @@
+"""Suite mechanics: parsing, cells, resume after a kill, sharding, artifact reuse, path sanitizing.
+
+Fast tests use a fake pipeline, a fake CLIP and a fake Editor (registered only inside each test); the slow test
+runs a stub Editor through the real training loop on the tiny pipeline with a tiny random open_clip model.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from _eval_stubs import FakeClip, FakeEditor, FakePipeline, FakeRareWordEditor, registered
+
+from editbench.errors import EditbenchError
+from editbench.eval import suite as S
+
+BASE = {"name": "t", "model": "tiny", "concepts": ["zebra", "sunny", "target"], "pairs": [["zebra", "sunny"]],
+        "seeds": [0, 1], "max_prompts": 2, "images_per_prompt": 2, "steps": 3,
+        "methods": ["base", {"name": "fake", "sweep": {"scale": [0.5, 1.0]}}, "fake_single"]}
+
+
+def _run(tmp_path, spec=None, **kw):
+    suite = S.load_suite(spec or BASE)
+    return S.run_suite(suite, tmp_path / "out", pipeline=kw.pop("pipeline", FakePipeline()), clip=FakeClip(),
+                       progress=False, **kw)
+
+
+def _expected_rows(spec=BASE) -> int:
+    """Cells x prompts x images, skipping the multi-concept cells of fake_single (no multi-concept support)."""
+    suite = S.load_suite(spec)
+    return sum(len(c.prompts) * suite.images_per_prompt for c in suite.cells()
+               if not (c.method.name == "fake_single" and len(c.concepts) > 1))
+
+
+@pytest.fixture
+def fakes():
+    FakeEditor.fits.clear()
+    with registered(FakeEditor, FakeRareWordEditor):
+        yield
+
+
+def test_cells_cover_the_grid():
+    suite = S.load_suite(BASE)
+    cells = suite.cells()
+    # 3 methods x (3 concepts + 1 pair) x 2 seeds, the fake method with 2 settings
+    assert len(cells) == (1 + 2 + 1) * 4 * 2
+    assert len({c.id for c in cells}) == len(cells)
+    assert {c.settings.get("scale") for c in cells if c.method.name == "fake"} == {0.5, 1.0}
+    assert all(len(c.prompts) == 2 for c in cells)
+    pair = next(c for c in cells if c.concepts == ("zebra", "sunny"))
+    assert all("{0}" in t and "{1}" in t for _, t in pair.prompts)
+
+
+def test_run_writes_one_row_per_image_and_reuses_artifacts(tmp_path, fakes):
+    df = _run(tmp_path)
+    out = tmp_path / "out"
+    assert len(df) == _expected_rows()
+    key = ["label", "concepts", "seed", "setting", "prompt_index", "image_index"]
+    assert not df.duplicated(key).any()
+    assert (out / "results.csv").is_file() and (out / "results.parquet").is_file()
+    assert len(pd.read_parquet(out / "results.parquet")) == len(df)
+    assert all((out / p).is_file() for p in df["image"])
+    # artifacts trained once per (method, concept, seed): reused across settings and by the pair cells
+    assert len(FakeEditor.fits) == len(set(FakeEditor.fits)) == 2 * 3 * 2
+    # the pair cells of the single-artifact method are recorded as skipped, with the reason
+    skips = list((out / "cells").glob("*.skip.json"))
+    assert len(skips) == 2 and "compose" in json.loads(skips[0].read_text())["reason"]
+    # the rare-word method got single-token placeholders, the new-token method <name>
+    assert {p for m, p, _ in FakeEditor.fits if m == "fake_single"} <= set(S.RARE_WORDS)
+    assert {p for m, p, _ in FakeEditor.fits if m == "fake"} == {"<zebra>", "<sunny>", "<target>"}
+    # the phrase reached the prompt; text alignment uses the superclass prompt
+    fake = df[(df["label"] == "fake") & (df["n_concepts"] == 1)]
+    assert fake["prompt"].str.contains("<").all() and not fake["eval_prompt"].str.contains("<").any()
+    assert (df.loc[df.label == "fake_single", "prompt"].str.split().apply(set)
+            .apply(lambda w: bool(w & set(S.RARE_WORDS)))).all()
+    # settings change the images (the edit is applied) and are undone afterwards
+    a = fake[fake.setting == "scale=0.5"]["image_cosine"].to_numpy()
+    b = fake[fake.setting == "scale=1.0"]["image_cosine"].to_numpy()
+    assert (a != b).any()
+    assert (df[df.label == "fake"]["storage_bytes"] > 0).all() and (df[df.label == "base"]["storage_bytes"] == 0).all()
+    multi = df[df.n_concepts == 2]
+    assert multi["composition_hit"].isin([0.0, 1.0]).all() and multi["image_alignment_1"].notna().all()
+
+
+def test_rerun_skips_finished_cells(tmp_path, fakes):
+    first = _run(tmp_path)
+    pipe = FakePipeline()
+    fits = len(FakeEditor.fits)
+    again = _run(tmp_path, pipeline=pipe)
+    assert pipe.calls == 0 and len(FakeEditor.fits) == fits
+    pd.testing.assert_frame_equal(first, again)
+
+
+def test_kill_mid_run_then_resume_has_no_duplicate_or_missing_rows(tmp_path, fakes, monkeypatch):
+    written = []
+    real = S._write_csv
+
+    def dying_write(path, df):
+        if path.parent.name == "cells" and len(written) == 5:  # the 6th cell dies after its samples were saved
+            raise KeyboardInterrupt
+        written.append(path)
+        real(path, df)
+
+    monkeypatch.setattr(S, "_write_csv", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path)
+    monkeypatch.setattr(S, "_write_csv", real)
+    assert len(list((tmp_path / "out" / "cells").glob("*.csv"))) == 5
+    pipe = FakePipeline()
+    df = _run(tmp_path, pipeline=pipe)
+    key = ["label", "concepts", "seed", "setting", "prompt_index", "image_index"]
+    assert len(df) == _expected_rows() and not df.duplicated(key).any()
+    total = len([c for c in S.load_suite(BASE).cells()])
+    assert pipe.calls > 0
+    assert len(list((tmp_path / "out" / "cells").glob("*.csv"))) + 2 == total  # + 2 skipped pair cells
+    assert not list((tmp_path / "out" / "cells").glob(".*.tmp"))
+
+
+def test_shards_partition_the_cells_exactly():
+    cells = S.load_suite(BASE).cells()
+    for n in (1, 2, 3, 7):
+        parts = [S.shard_cells(cells, (i, n)) for i in range(n)]
+        ids = [c.id for p in parts for c in p]
+        assert sorted(ids) == sorted(c.id for c in cells)  # disjoint and complete
+        for p in parts:  # a (method, concepts, seed) group never straddles shards
+            groups = {c.group for c in p}
+            assert all(c.group in groups for c in cells if c.group in groups) and len(p) == sum(
+                c.group in groups for c in cells)
+    assert S.shard_cells(cells, "1/3") == S.shard_cells(cells, (1, 3))
+    for bad in ("3/3", "-1/2", "a/b", "2", (0, 0)):
+        with pytest.raises(EditbenchError, match="shard"):
+            S.parse_shard(bad)
+
+
+def test_sharded_runs_assemble_the_full_table(tmp_path, fakes):
+    parts = [_run(tmp_path, shard=f"{i}/3") for i in range(3)]
+    assert len(parts[-1]) == _expected_rows()          # the last shard's assembly sees every shard's cells
+    assert len(parts[0]) < len(parts[-1])
+
+
+@pytest.mark.parametrize("bad", ["../../escape", "/abs/path", "..", "a/../../b", "~user", "x\\..\\y"])
+def test_names_from_suite_files_stay_inside_the_output(tmp_path, fakes, bad):
+    spec = dict(BASE, name=bad, concepts=["zebra"], pairs=None, seeds=[0], max_prompts=1, images_per_prompt=1,
+                methods=[{"name": "fake", "label": bad}])
+    if bad.strip("./\\~") == "":
+        with pytest.raises(EditbenchError, match="file name"):
+            S.load_suite(spec)
+        return
+    _run(tmp_path, spec)
+    out = (tmp_path / "out").resolve()
+    for p in tmp_path.rglob("*"):
+        assert p.resolve().is_relative_to(out) or p.resolve() == out or out.is_relative_to(p.resolve())
+    assert S.safe_name(bad) and "/" not in S.safe_name(bad) and not S.safe_name(bad).startswith(".")
+
+
+def test_safe_name_and_inside_guard(tmp_path):
+    assert S.safe_name("perfusion beta/0.7") == "perfusion_beta_0.7"
+    with pytest.raises(EditbenchError):
+        S.safe_name("../..")
+    with pytest.raises(EditbenchError, match="outside"):
+        S._inside(tmp_path / "out", tmp_path / "out" / ".." / "x")
+
+
+def test_suite_file_errors_name_the_problem(tmp_path):
+    def err(**change):
+        with pytest.raises(EditbenchError) as e:
+            S.load_suite({**BASE, **change})
+        return str(e.value)
+
+    assert "unknown suite key" in err(method=["x"])
+    assert "not a toy-world concept" in err(concepts=["nope"])
+    assert "labels must be unique" in err(methods=["base", "base"])
+    assert "sweep" in err(methods=[{"name": "fake", "sweep": {"scale": 0.5}}])
+    assert "seeds" in err(seeds=[-1])
+    assert "images_per_prompt" in err(images_per_prompt=0)
+    assert "unknown score scale" in err(metrics={"text_scale": "percent"})
+    assert "pair" in err(pairs=[["zebra", "nope"]])
+    with pytest.raises(EditbenchError, match="bundled"):
+        S.load_suite("no-such-suite")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("methods: [unclosed")
+    with pytest.raises(EditbenchError, match="YAML"):
+        S.load_suite(bad)
+    with pytest.raises(EditbenchError, match="unknown method"):
+        S.load_suite({**BASE, "methods": ["no_such_method"]}).validate()
+
+
+def test_bad_inference_setting_is_caught_before_running(tmp_path, fakes):
+    spec = {**BASE, "methods": [{"name": "fake", "sweep": {"scale": [-1.0]}}]}
+    with pytest.raises(EditbenchError, match="scale"):
+        _run(tmp_path, spec)
+    assert not (tmp_path / "out" / "cells").exists()
+
+
+def test_method_crash_fails_only_its_cell(tmp_path, fakes, monkeypatch):
+    def broken(self, pipeline, artifacts, handle, settings):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FakeRareWordEditor, "install", broken)
+    with pytest.raises(EditbenchError, match="cell\\(s\\) failed"):
+        _run(tmp_path)
+    errors = list((tmp_path / "out" / "cells").glob("*.error.txt"))
+    assert errors and all("boom" in p.read_text() for p in errors)
+    df = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert set(df["label"]) == {"base", "fake"}
+    monkeypatch.undo()
+    df = _run(tmp_path)                                   # fixed: the re-run retries only the failed cells
+    assert len(df) == _expected_rows() and not list((tmp_path / "out" / "cells").glob("*.error.txt"))
+
+
+def test_changed_suite_makes_new_cells(tmp_path, fakes):
+    _run(tmp_path)
+    df = _run(tmp_path, {**BASE, "images_per_prompt": 1})
+    assert len(df) == _expected_rows({**BASE, "images_per_prompt": 1})
+    assert (df["image_index"] == 0).all()
+
+
+def test_dreambench_and_customconcept101_folders(tmp_path):
+    from editbench import toyworld
+
+    data = toyworld.DATA
+    spec = {"model": "tiny", "methods": ["base"],
+            "concepts": [{"dreambench": str(data / "dreambench"), "names": ["zebra", "halo"]},
+                         {"customconcept101": str(data / "customconcept101.json"), "names": ["sunny"]}],
+            "pairs": "auto"}
+    suite = S.load_suite(spec)
+    assert set(suite.concepts) == {"zebra", "halo", "sunny"}
+    z = suite.concepts["zebra"]
+    assert z.superclass == "heart" and len(z.images) == 5 and z.masks and len(z.prompts) == 8
+    # CustomConcept101's pairs whose two concepts are both in the suite (zebra from the DreamBench folder)
+    assert [p.names for p in suite.pairs] == [("zebra", "sunny")] and len(suite.pairs[0].prompts) == 3
+    # DreamBench's own prompts_and_classes.txt layout
+    root = tmp_path / "db"
+    (root / "dog2").mkdir(parents=True)
+    for i in range(2):
+        (root / "dog2" / f"0{i}.jpg").write_bytes((data / "dreambench" / "zebra" / f"0{i}.png").read_bytes())
+    (root / "prompts_and_classes.txt").write_text(
+        "Classes\nsubject_name,class\ndog2,dog\n\nPrompts\nObject Prompts\nprompt_list = [\n"
+        "'a {0} {1} in the jungle'.format(unique_token, class_token),\n]\n\nLive Subject Prompts\n"
+        "prompt_list = [\n'a {0} {1} in the snow'.format(unique_token, class_token),\n]\n")
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump({"model": "tiny", "methods": ["base"], "concepts": [{"dreambench": "db"}]}))
+    dog = S.load_suite(cfg).concepts["dog2"]
+    assert dog.superclass == "dog" and dog.prompts == ("a {} in the snow",) and dog.masks is None
+    with pytest.raises(EditbenchError, match="not found"):
+        S.load_suite({**spec, "concepts": [{"dreambench": str(tmp_path / "missing")}]})
+
+
+def test_bundled_suites_parse():
+    names = S.bundled_suites()
+    assert {"toy-quick", "toy-full", "dreambench", "customconcept101"} <= set(names)
+    quick = S.load_suite("toy-quick")
+    assert {m.name for m in quick.methods} >= {"perfusion", "custom_diffusion", "textual_inversion", "dreambooth",
+                                               "lora"}
+    assert len(quick.concepts) == 2 and len(quick.seeds) == 1
+    full = S.load_suite("toy-full")
+    assert len(full.concepts) == 8 and len(full.seeds) == 3 and full.pairs
+    assert any("beta" in m.sweep for m in full.methods)
+    for name in ("dreambench", "customconcept101"):
+        path = S.BUNDLED / f"{name}.yaml"
+        raw = yaml.safe_load(path.read_text())
+        assert raw["model"].startswith("/path/to/")  # a placeholder the user edits
+        with pytest.raises(EditbenchError, match="not found"):
+            S.load_suite(path)
+
+
+@pytest.mark.slow
+def test_real_training_loop_with_tiny_pipeline_and_open_clip(tmp_path):
+    from _eval_stubs import StubEditor, tiny_clip
+
+    from editbench.testing import tiny_pipeline
+
+    spec = {"model": "tiny", "concepts": ["zebra", "sunny"], "pairs": [["zebra", "sunny"]], "seeds": [0],
+            "max_prompts": 1, "images_per_prompt": 2, "steps": 2,
+            "generation": {"num_inference_steps": 2, "guidance_scale": 2.0},
+            "methods": [{"name": "stub", "sweep": {"scale": [0.0, 1.0]}}]}
+    with registered(StubEditor):
+        df = S.run_suite(S.load_suite(spec), tmp_path, pipeline=tiny_pipeline(), clip=tiny_clip(), progress=False)
+    assert len(df) == 3 * 2 * 2
+    assert (df["storage_bytes"] > 0).all() and (df["train_time_s"] > 0).all()
+    assert len(list(Path(tmp_path, "artifacts").rglob("*.safetensors"))) == 2
+
+
+@pytest.mark.slow
+def test_all_builtin_methods_on_the_tiny_pipeline(tmp_path):
+    """The five real methods through the suite: phrases, rare words, compose, sweeps (perfusion beta, LoRA scale,
+    Custom Diffusion compression rank), artifacts reused across settings."""
+    from _eval_stubs import tiny_clip
+
+    from editbench.testing import tiny_pipeline
+
+    prior = {"num_class_images": 2, "class_inference_steps": 2}
+    spec = {"model": "tiny", "concepts": ["zebra", "sunny"], "pairs": [["zebra", "sunny"]], "seeds": [0],
+            "max_prompts": 1, "images_per_prompt": 1, "steps": 2,
+            "generation": {"num_inference_steps": 2, "guidance_scale": 2.0},
+            "methods": [{"name": "perfusion", "sweep": {"beta": [0.6, 0.7]}},
+                        {"name": "custom_diffusion", "config": prior, "sweep": {"rank": [1, 2]}},
+                        "textual_inversion", {"name": "dreambooth", "config": prior},
+                        {"name": "lora", "sweep": {"scale": [0.5, 1.0]}}]}
+    df = S.run_suite(S.load_suite(spec), tmp_path, pipeline=tiny_pipeline(), clip=tiny_clip(), progress=False)
+    single = df[df.n_concepts == 1]
+    assert set(single["label"]) == {"perfusion", "custom_diffusion", "textual_inversion", "dreambooth", "lora"}
+    assert single.groupby("label")["setting"].nunique().to_dict() == {
+        "perfusion": 2, "custom_diffusion": 2, "textual_inversion": 1, "dreambooth": 1, "lora": 2}
+    prompts = dict(zip(single["label"] + single["concepts"], single["prompt"]))
+    assert "<zebra> heart" in prompts["custom_diffusionzebra"] and "<zebra>" in prompts["perfusionzebra"]
+    assert any(f"{w} heart" in prompts["dreamboothzebra"] for w in S.RARE_WORDS)
+    cd = single[single.label == "custom_diffusion"].groupby("setting")["storage_bytes"].first()
+    assert cd["rank=1"] < cd["rank=2"]                              # compression changes the stored size
+    assert len(list((tmp_path / "artifacts").rglob("*.safetensors"))) == 5 * 2
+    multi = df[df.n_concepts == 2]
+    assert {"perfusion", "custom_diffusion", "textual_inversion", "lora"} <= set(multi["label"])
+    assert list((tmp_path / "cells").glob("dreambooth__zebra+sunny*.skip.json"))
+
+
+@pytest.mark.slow
+def test_toy_quick_finishes_within_ten_minutes(tmp_path):
+    import time
+
+    from editbench import toyworld
+    from editbench.eval import write_report
+
+    if not (toyworld.WEIGHTS / "model").is_dir():
+        pytest.skip("the toy world's weights are not installed")
+    t0 = time.perf_counter()
+    df = S.run_suite("toy-quick", tmp_path, progress=False)
+    report = write_report(tmp_path)
+    elapsed = time.perf_counter() - t0
+    assert elapsed < 600, f"toy-quick took {elapsed:.0f} s"
+    assert {"perfusion", "custom_diffusion", "textual_inversion", "dreambooth", "lora"} <= set(df["method"])
+    assert df["text_alignment"].notna().all() and report.is_file()
