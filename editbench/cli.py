@@ -33,8 +33,7 @@ def cmd_world_train(args) -> None:
 
     cfg = WorldConfig(seed=args.seed)
     if args.smoke:  # a minutes-long run of every stage, for tests and CI
-        cfg = WorldConfig(seed=args.seed, n_scenes=256, vae_steps=4, unet_steps=4, evaluator_steps=2,
-                          evaluator_batch=16, checkpoint_every=2, warmup=2)
+        cfg = WorldConfig.smoke(seed=args.seed)
     train_world(Path(args.out or WEIGHTS), work=args.work, cfg=cfg, progress=not args.quiet)
 
 

@@ -138,3 +138,76 @@ def test_personal_concepts_and_data_layout(tmp_path):
         assert len(bgs) <= 2
         asked = {p.split(" on a ")[-1].split()[0] for p in single_prompts(c)}
         assert asked - bgs, c.name
+
+
+# ------------------------------------------------------------------------------- committed weights, training
+def _sample(pipe, prompt, seed, steps=4):
+    import torch
+
+    g = torch.Generator("cpu").manual_seed(seed)
+    return pipe(prompt, num_inference_steps=steps, guidance_scale=3.0, generator=g, output_type="np").images
+
+
+def test_committed_weights_load_offline_like_an_sd_folder(monkeypatch):
+    """``StableDiffusionPipeline.from_pretrained(model_path())`` with the hub switched off, float32 by default;
+    sampling is deterministic for a seed; the evaluator is an open_clip model."""
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from editbench import toyworld
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = StableDiffusionPipeline.from_pretrained(toyworld.model_path())
+    pipe.set_progress_bar_config(disable=True)
+    assert {p.dtype for p in pipe.unet.parameters()} | {p.dtype for p in pipe.text_encoder.parameters()} == {
+        torch.float32}
+    assert pipe.tokenizer.model_max_length == 77
+    a, b, c = _sample(pipe, "a red star", 3), _sample(pipe, "a red star", 3), _sample(pipe, "a red star", 4)
+    assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all()
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    model, preprocess, tokenizer = toyworld.evaluator()
+    with torch.no_grad():
+        f = model.encode_text(tokenizer(["a red star", "a blue circle"]))
+    assert f.shape == (2, 64) and torch.isfinite(f).all()
+    total = sum(p.stat().st_size for p in toyworld.WEIGHTS.rglob("*") if p.is_file() and "_work" not in p.parts)
+    assert total <= 40 * 2**20, f"committed toy-world weights are {total / 2**20:.1f} MB (budget 40 MB)"
+
+
+def test_world_train_smoke_run_exports_a_loadable_world_and_resumes(tmp_path, monkeypatch):
+    """`editbench world train --smoke`: every stage runs, the export loads as a standard pipeline and an
+    open_clip evaluator, and re-running with the same work folder resumes (nothing is retrained)."""
+    import json
+
+    from diffusers import StableDiffusionPipeline
+
+    from editbench.cli import main
+    from editbench.toyworld.train import WorldConfig, train_world
+
+    out = tmp_path / "world"
+    assert not main(["world", "train", "--smoke", "--quiet", "--out", str(out)])
+    log = json.loads((out / "training_log.json").read_text())
+    assert set(log["stages"]) == {"vae", "unet", "decoder", "evaluator"}
+    assert log["stages"]["unet"]["steps"] == WorldConfig.smoke().unet_steps
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    pipe = StableDiffusionPipeline.from_pretrained(out / "model")
+    pipe.set_progress_bar_config(disable=True)
+    assert np.isfinite(_sample(pipe, "a red star", 0, steps=2)).all()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "_work").glob("*.safetensors")}
+    train_world(out, cfg=WorldConfig.smoke(), progress=False)  # resume: every stage is complete
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "_work").glob("*.safetensors")}
+    assert before == after
+    with pytest.raises(Exception, match="another config"):
+        train_world(out, cfg=WorldConfig.smoke(seed=1), progress=False)
+
+
+@pytest.mark.slow
+def test_world_training_is_deterministic_for_a_seed(tmp_path):
+    from editbench.io import read_tensors
+    from editbench.toyworld.train import WorldConfig, train_world
+
+    for name in ("a", "b"):
+        train_world(tmp_path / name, cfg=WorldConfig.smoke(seed=5), progress=False)
+    for f in ("unet/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors",
+              "vae/diffusion_pytorch_model.safetensors"):
+        ta, tb = read_tensors(tmp_path / "a" / "model" / f), read_tensors(tmp_path / "b" / "model" / f)
+        assert ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta), f

@@ -62,6 +62,12 @@ class WorldConfig:
     checkpoint_every: int = 200
     text_width: int = 64
 
+    @classmethod
+    def smoke(cls, seed: int = 0) -> "WorldConfig":
+        """Every stage for a few steps on a few scenes (seconds): for tests and CI, not for use."""
+        return cls(seed=seed, n_scenes=64, vae_steps=4, vae_batch=8, unet_steps=4, unet_batch=8, warmup=2,
+                   evaluator_steps=2, evaluator_batch=16, decoder_steps=2, checkpoint_every=2)
+
 
 # ------------------------------------------------------------------------------------------ model configs
 def vae_config(cfg: WorldConfig) -> dict:
