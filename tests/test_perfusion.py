@@ -385,6 +385,196 @@ def test_perfusion_resume_is_bitwise_identical(concept, tmp_path):
     assert all(torch.equal(resumed.tensors[k], v) for k, v in full.tensors.items())
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# key-locking ablation: trained keys (config.key_locking = False, tensors o_k.<layer>)
+# ---------------------------------------------------------------------------------------------------------------
+
+def _i_super_ref(pipe, superclass, templates) -> torch.Tensor:
+    """Template mean (d,) of the superclass token's encoding, from the base text encoder (independent of the code)."""
+    sup = single_token_id(pipe.tokenizer, superclass)
+    ids = tokenize(pipe, [t.format(superclass) for t in templates])
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]
+    rows = [hidden[b, int((ids[b] == sup).nonzero()[0])] for b in range(len(ids))]
+    return torch.stack(rows).double().mean(0)
+
+
+def _with_exact_i_star(pipe, art, prompt) -> Artifact:
+    """``art`` with i* = the encoding of its placeholder in ``prompt`` (so a steep gate hits the targets exactly)."""
+    with EditHandle(pipe, "probe") as h:
+        (tid,) = add_tokens(h, pipe, [art.metadata["concept"]["placeholder"]], art.tensors["embedding"][None].clone())
+        ids = tokenize(pipe, [prompt])
+        with torch.no_grad():
+            i_star = pipe.text_encoder(ids)[0][0, int(token_position(ids, tid)[0])].clone()
+    return Artifact("perfusion", {**art.tensors, "i_star": i_star}, art.metadata)
+
+
+def with_trained_keys(pipe, art, seed=0) -> Artifact:
+    """A crafted artifact turned into a trained-key one: random o*_K per layer, metadata key_locking False."""
+    g = torch.Generator().manual_seed(100 + seed)
+    o_k = {f"o_k.{s.name}": torch.randn(s.key_features, generator=g) for s in find_cross_attention_sites(pipe.unet)}
+    meta = {**art.metadata, "config": {**art.metadata["config"], "key_locking": False}}
+    return Artifact("perfusion", {**art.tensors, **o_k}, meta)
+
+
+@pytest.fixture(scope="module")
+def trained_keys(concept):
+    pipe = tiny_pipeline()
+    snap = snapshot(pipe)
+    kw = {"batch_size": 4, "checkpoint_every": 0, "key_locking": False}
+    init = PerfusionEditor(steps=1, lr_values=1e-12, lr_embedding=1e-12, lr_keys=1e-12, **kw).fit(
+        pipe, concept, progress=False)
+    art = PerfusionEditor(steps=6, lr_values=0.05, lr_embedding=0.01, lr_keys=0.05, **kw).fit(
+        pipe, concept, progress=False)
+    return pipe, snap, init, art
+
+
+def test_default_artifacts_have_no_key_targets(trained):
+    _, _, _, art = trained
+    assert not any(k.startswith("o_k.") for k in art.tensors)
+    assert art.metadata["config"]["key_locking"] is True
+    assert set(art.tensors) == {"embedding", "i_star", *(f"o_v.{s.name}" for s in find_cross_attention_sites(
+        trained[0].unet))}
+
+
+def test_trained_keys_are_learned_stored_and_applied(trained_keys, concept, tmp_path):
+    pipe, snap, init, art = trained_keys
+    assert unchanged(pipe, snap) and not any(isinstance(m, GatedRank1Linear) for m in pipe.unet.modules())
+    sites = find_cross_attention_sites(pipe.unet)
+    assert set(art.tensors) == {"embedding", "i_star", *(f"o_v.{s.name}" for s in sites),
+                                *(f"o_k.{s.name}" for s in sites)}
+    assert art.metadata["config"]["key_locking"] is False and art.metadata["config"]["lr_keys"] == 0.05
+    i_super = _i_super_ref(pipe, concept.superclass, concept.templates)                    # (d,) float64
+    for s in sites:
+        ref = s.key.weight.double() @ i_super                                               # W_K i_super
+        assert art.tensors[f"o_k.{s.name}"].shape == (s.key_features,)
+        assert art.tensors[f"o_k.{s.name}"].dtype == torch.float32
+        torch.testing.assert_close(init.tensors[f"o_k.{s.name}"].double(), ref, rtol=1e-5, atol=1e-5)  # the init
+        assert (art.tensors[f"o_k.{s.name}"].double() - ref).abs().max() > 1e-3, s.name       # moved away
+    PerfusionEditor().check_artifact(art, pipe)
+    # save / load round trip, exact
+    path = art.save(tmp_path / "keys.safetensors")
+    back = PerfusionEditor().load(path)
+    assert set(back.tensors) == set(art.tensors) and back.metadata == art.metadata
+    assert all(torch.equal(back.tensors[k], v) for k, v in art.tensors.items())
+    # applied (steep gate, i* exact at the concept token): K output at the concept token = the stored o*_K,
+    # not the superclass key; V output = o*_V
+    prompt = "a photo of a <thing> on the grass"
+    exact = _with_exact_i_star(pipe, back, prompt)
+    with torch.no_grad():
+        x_super = encode_prompts(pipe, ["a photo of a dog on the grass"])[0]                 # (n, d)
+    with PerfusionEditor().apply(pipe, exact, **STEEP) as handle:   # undone even if an assertion fails
+        seen = capture(handle)
+        images(pipe, prompt)
+        pos = int(token_position(tokenize(pipe, [prompt]), handle.info["token_ids"][0])[0])
+        for name, layer in handle.info["layers"].items():
+            x, out = seen[name]
+            assert torch.equal(x[1, pos], exact.tensors["i_star"])
+            if layer.role == "key":
+                site = name.removesuffix(".to_k")
+                torch.testing.assert_close(out[1, pos], back.tensors[f"o_k.{site}"], rtol=1e-4, atol=1e-5)
+                assert (out[1, pos] - x_super[pos] @ layer.weight.T).abs().max() > 1e-3    # not the superclass key
+            else:
+                torch.testing.assert_close(out[1, pos], back.tensors[f"o_v.{name.removesuffix('.to_v')}"],
+                                           rtol=1e-4, atol=1e-5)
+    assert unchanged(pipe, snap)
+
+
+def test_trained_keys_apply_then_undo_restores_the_base_bitwise(trained_keys):
+    pipe, snap, _, art = trained_keys
+    modules = dict(pipe.unet.named_modules())
+    tok, emb = pipe.tokenizer, pipe.text_encoder.get_input_embeddings()
+    base = images(pipe, "a dog in the snow")
+    with PerfusionEditor().apply(pipe, art):
+        edited = images(pipe, "a <thing> in the snow")
+        assert set(pipe.unet.state_dict()) == set(snap["unet"])
+    assert not torch.equal(edited, base)
+    assert images(pipe, "a dog in the snow").equal(base)
+    assert pipe.tokenizer is tok and pipe.text_encoder.get_input_embeddings() is emb
+    assert all(dict(pipe.unet.named_modules())[n] is m for n, m in modules.items())
+    assert unchanged(pipe, snap) and not pipe.text_encoder._forward_hooks
+
+
+def test_trained_and_locked_keys_mix_in_one_apply(pipe):
+    words = [("<thing>", "dog"), ("<other>", "cat")]
+    prompt = "a <thing> and a <other> in a garden"
+    locked, free = craft(pipe, words, prompt, seed=3)
+    free = with_trained_keys(pipe, free)                      # <other>: trained keys; <thing>: key-locked
+    with torch.no_grad():
+        x_super = encode_prompts(pipe, ["a dog and a cat in a garden"])[0]
+    snap = snapshot(pipe)
+    with pytest.raises(EditbenchError, match="global"):
+        PerfusionEditor().apply(pipe, [locked, free], lock="global")
+    assert unchanged(pipe, snap) and not any(isinstance(m, GatedRank1Linear) for m in pipe.unet.modules())
+    with PerfusionEditor().apply(pipe, [locked, free], beta=[0.5, 0.5], tau=[1e-3, 1e-3], lock="local") as handle:
+        seen = capture(handle)
+        images(pipe, prompt)
+        ids = tokenize(pipe, [prompt])
+        pos = [int(token_position(ids, t)[0]) for t in handle.info["token_ids"]]
+        for name, layer in handle.info["layers"].items():
+            _, out = seen[name]
+            if layer.role != "key":
+                continue
+            site = name.removesuffix(".to_k")
+            torch.testing.assert_close(out[1, pos[0]], x_super[pos[0]] @ layer.weight.T, rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(out[1, pos[1]], free.tensors[f"o_k.{site}"], rtol=1e-4, atol=1e-5)
+            assert (out[1, pos[1]] - x_super[pos[1]] @ layer.weight.T).abs().max() > 1e-3
+    assert unchanged(pipe, snap) and not pipe.text_encoder._forward_hooks
+
+
+def test_trained_key_artifacts_and_config_are_validated(pipe):
+    (art,) = craft(pipe, [("<thing>", "dog")], "a photo of a <thing>")
+    good = with_trained_keys(pipe, art)
+    editor = PerfusionEditor()
+    editor.check_artifact(good, pipe)
+    t, meta = good.tensors, good.metadata
+    first = next(k for k in t if k.startswith("o_k."))
+    broken = {
+        "one o_k missing": ({k: v for k, v in t.items() if k != first}, meta),
+        "all o_k missing": ({k: v for k, v in t.items() if not k.startswith("o_k.")}, meta),
+        "o_k wrong width": ({**t, first: torch.zeros(t[first].shape[0] + 1)}, meta),
+        "o_k unknown layer": ({**t, "o_k.nowhere.attn2": torch.zeros(4)}, meta),
+        "o_k but key-locked": (t, {**meta, "config": {**meta["config"], "key_locking": True}}),
+        "o_k without config": (t, {k: v for k, v in meta.items() if k != "config"}),
+    }
+    for tensors, m in broken.values():
+        with pytest.raises(ArtifactError):
+            editor.apply(pipe, Artifact("perfusion", tensors, m))
+        with pytest.raises(ArtifactError):
+            editor.check_artifact(Artifact("perfusion", tensors, m), pipe)
+    with pytest.raises(ArtifactError):   # non-bool key_locking in the metadata
+        editor.apply(pipe, Artifact("perfusion", t, {**meta, "config": {**meta["config"], "key_locking": 0}}))
+    with pytest.raises(ArtifactError, match="without a key target"):
+        editor.check_artifact(Artifact("perfusion", {k: v for k, v in t.items() if k != first}, meta), pipe)
+    with pytest.raises(ArtifactError, match="missing"):
+        editor.check_artifact(Artifact("perfusion", {k: v for k, v in t.items() if not k.startswith("o_k.")}, meta))
+    for bad in ({"key_locking": "no"}, {"key_locking": 0}, {"key_locking": None}, {"lr_keys": 0.0},
+                {"lr_keys": float("nan")}, {"lr_keys": True}):
+        with pytest.raises(EditbenchError):
+            PerfusionEditor(**bad)
+    assert PerfusionConfig().key_locking is True and PerfusionConfig().lr_keys == 0.03
+    assert not any(isinstance(m, GatedRank1Linear) for m in pipe.unet.modules())
+
+
+def test_trained_key_artifact_bytes_for_sd15_geometry(tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**unet_config("sd15", full=True))
+    sites = find_cross_attention_sites(unet)
+    assert sum(s.key_features for s in sites) == 12480
+    tensors = {"embedding": torch.zeros(768), "i_star": torch.zeros(768),
+               **{f"o_v.{s.name}": torch.zeros(s.value_features) for s in sites},
+               **{f"o_k.{s.name}": torch.zeros(s.key_features) for s in sites}}
+    meta = {"concept": {"placeholder": "<my-teddy>", "superclass": "teddy"},
+            "config": dataclasses.asdict(PerfusionConfig.reference(key_locking=False))}
+    for dtype, width in ((None, 4), (torch.float16, 2)):
+        path = Artifact("perfusion", tensors, meta).save(tmp_path / f"{width}.safetensors", dtype=dtype)
+        raw = path.read_bytes()
+        assert len(raw) == 8 + int.from_bytes(raw[:8], "little") + width * (2 * 12480 + 768 + 768)
+        PerfusionEditor().check_artifact(Artifact.load(path, method="perfusion"))
+
+
 def test_docs_exist():
     doc = Path(__file__).parents[1] / "docs" / "methods" / "perfusion.md"
     assert doc.is_file() and "110" in doc.read_text()

@@ -24,7 +24,14 @@ def _positive(name: str, v: float) -> None:
 class PerfusionConfig(TrainConfig):
     """Training settings. Defaults are the toy-world scale (200 steps of batch 4); the paper's reference run is
     ``PerfusionConfig.reference()`` (400 steps, batch 16 = 4 x 4 accumulation). Learning rates are the
-    reference ones: Adam step sizes per parameter group, so they do not depend on batch size."""
+    reference ones: Adam step sizes per parameter group, so they do not depend on batch size.
+
+    ``key_locking`` (default True, the paper's method): the key targets are locked to the superclass,
+    ``o*_K = W_K i_super``, recomputed at inference and not stored. ``key_locking=False`` is the paper's ablation
+    "trained keys": ``o*_K`` of every cross-attention layer becomes a learned float32 parameter (initialised from
+    ``W_K i_super`` like ``o*_V``, its own parameter group with learning rate ``lr_keys``), stored in the artifact
+    as ``o_k.<layer>``; such artifacts cannot be applied with ``lock="global"``. ``lr_keys`` is unused when
+    ``key_locking`` is True."""
 
     steps: int = 200
     batch_size: int = 4
@@ -35,6 +42,8 @@ class PerfusionConfig(TrainConfig):
     tau_train: float = 0.10        # sigmoid temperature during training
     ema_decay: float = 0.99        # of i*, the concept token's encoding
     cov_ridge: float = 1e-4        # C + cov_ridge * tr(C) / d * I
+    key_locking: bool = True       # False: the "trained keys" ablation (o*_K learned and stored per layer)
+    lr_keys: float = 0.03          # o*_K of every cross-attention layer, only when key_locking is False
 
     @classmethod
     def reference(cls, **overrides) -> PerfusionConfig:
@@ -43,7 +52,9 @@ class PerfusionConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("lr_values", "lr_embedding", "tau_train", "cov_ridge"):
+        if not isinstance(self.key_locking, bool):
+            raise EditbenchError(f"key_locking must be True or False, got {self.key_locking!r}")
+        for name in ("lr_values", "lr_embedding", "lr_keys", "tau_train", "cov_ridge"):
             _positive(name, getattr(self, name))
         if not (isinstance(self.beta_train, (int, float)) and math.isfinite(self.beta_train)):
             raise EditbenchError(f"beta_train must be a finite number, got {self.beta_train!r}")
@@ -58,6 +69,9 @@ class PerfusionSettings:
     ``beta`` (gate bias; lower = stronger concept) and ``tau`` (gate temperature) are one number for every
     concept or one per artifact. ``lock``: ``"local"`` (key-lock the concept's keys to its superclass) or
     ``"global"`` (the key projections see the whole prompt with superclass words in place of the concepts).
+    Artifacts trained with ``key_locking=False`` (trained keys) always use their stored ``o*_K``: ``"local"``
+    locking does not touch their keys, and ``"global"`` is refused (EditbenchError) if any applied artifact has
+    trained keys.
     """
 
     beta: float | Sequence[float] = 0.70

@@ -5,11 +5,15 @@ Artifact tensors (float32 or float16):
 * ``embedding`` ``(d_emb,)``: the concept word's token embedding;
 * ``i_star`` ``(d,)``: the EMA of the concept token's encoding (the gate direction);
 * ``o_v.<site>`` ``(o_site,)``: the learned value target of every cross-attention layer ``<site>``
-  (e.g. ``o_v.down_blocks.0.attentions.0.transformer_blocks.0.attn2``).
+  (e.g. ``o_v.down_blocks.0.attentions.0.transformer_blocks.0.attn2``);
+* ``o_k.<site>`` ``(k_site,)``: only in "trained keys" artifacts (``config.key_locking`` False in the metadata):
+  the learned key target of every cross-attention layer.
 
-The key targets are not stored: ``o*_K = W_K i_super`` is recomputed from the superclass word (per prompt while
-sampling; a template average as fallback). ``C`` is not stored either: it is a property of the base text encoder,
-computed once and cached on disk (:func:`text_covariance`).
+With key-locking (the default) the key targets are not stored: ``o*_K = W_K i_super`` is recomputed from the
+superclass word (per prompt while sampling; a template average as fallback). Trained-key artifacts use their
+stored ``o*_K`` at every prompt; they cannot be applied with ``lock="global"`` (EditbenchError). ``C`` is not
+stored either: it is a property of the base text encoder, computed once and cached on disk
+(:func:`text_covariance`).
 """
 
 from __future__ import annotations
@@ -90,6 +94,16 @@ def superclass_encoding(pipeline: Any, superclass: str, templates=DEFAULT_TEMPLA
     return hidden[torch.arange(len(ids)), pos].float().mean(0)
 
 
+def _trained_keys(artifact: Artifact) -> bool:
+    """Whether ``artifact`` has trained keys: its metadata ``config.key_locking`` is False (absent: key-locked)."""
+    config = artifact.metadata.get("config") or {}
+    value = config.get("key_locking", True) if isinstance(config, dict) else True
+    if not isinstance(value, bool):
+        raise ArtifactError(f"{artifact.path or 'artifact'}: metadata config.key_locking must be true or false, "
+                            f"got {value!r}")
+    return not value
+
+
 def _sites(pipeline: Any) -> list[CrossAttentionSite]:
     unet = pipeline.unet
     if any(isinstance(m, GatedRank1Linear) for m in unet.modules()):
@@ -98,20 +112,30 @@ def _sites(pipeline: Any) -> list[CrossAttentionSite]:
     return find_cross_attention_sites(unet)
 
 
-def _install_layers(handle: EditHandle, pipeline: Any, sites: list[CrossAttentionSite], bank: ConceptBank,
-                    i_super: torch.Tensor, o_v: dict[str, torch.Tensor]) -> dict[str, GatedRank1Linear]:
-    """Swap every site's K and V projections for gated rank-1 layers; hook the text encoder for key-locking.
+def _key_fallback(site: CrossAttentionSite, i_super: torch.Tensor) -> torch.Tensor:
+    """``W_K i_super`` ``(c, o)`` in the key weight's dtype: the locked keys' fallback target (no gradient)."""
+    return F.linear(i_super.to(site.key.weight), site.key.weight).detach()
 
-    i_super ``(c, d)``: superclass template encodings (the keys' fallback targets); o_v: site -> ``(c, o)``.
+
+def _install_layers(handle: EditHandle, pipeline: Any, sites: list[CrossAttentionSite], bank: ConceptBank,
+                    i_super: torch.Tensor, o_v: dict[str, torch.Tensor],
+                    o_k: dict[str, torch.Tensor] | None = None) -> dict[str, GatedRank1Linear]:
+    """Swap every site's K and V projections for gated rank-1 layers; hook the text encoder for key-locking
+    (unless every concept has trained keys: then nothing reads the superclass encodings).
+
+    i_super ``(c, d)``: superclass template encodings (the locked keys' fallback targets); o_v: site -> ``(c, o)``;
+    o_k: site -> ``(c, o)`` key targets (rows of trained-key concepts learned, the others ``W_K i_super``), or
+    None for ``W_K i_super`` everywhere.
     """
     layers = {}
     for site in sites:
-        k_fallback = F.linear(i_super.to(site.key.weight), site.key.weight).detach()     # (c, o)
-        layers[site.key_name] = GatedRank1Linear(site.key, bank, "key", k_fallback)
+        k_target = _key_fallback(site, i_super) if o_k is None else o_k[site.name]    # (c, o)
+        layers[site.key_name] = GatedRank1Linear(site.key, bank, "key", k_target)
         layers[site.value_name] = GatedRank1Linear(site.value, bank, "value", o_v[site.name])
     for path, layer in layers.items():
         handle.swap_module(pipeline.unet, path, layer)
-    handle.add_hook(pipeline.text_encoder.register_forward_hook(bank.hook, with_kwargs=True), "key-lock hook")
+    if not bank.all_keys_trained:
+        handle.add_hook(pipeline.text_encoder.register_forward_hook(bank.hook, with_kwargs=True), "key-lock hook")
     handle.info.update(bank=bank, layers=layers)
     return layers
 
@@ -121,7 +145,8 @@ def _install_layers(handle: EditHandle, pipeline: Any, sites: list[CrossAttentio
 # ----------------------------------------------------------------------------------------------------------------
 
 class PerfusionSession(TrainingSession):
-    """Trains ``o*_V`` of every layer and the concept embedding; ``i*`` is an EMA with a straight-through term."""
+    """Trains ``o*_V`` of every layer and the concept embedding (and, with ``key_locking=False``, ``o*_K`` of every
+    layer); ``i*`` is an EMA with a straight-through term."""
 
     def __init__(self, pipeline: Any, concept: ConceptData, handle: EditHandle, config: PerfusionConfig):
         self.pipeline, self.concept, self.config = pipeline, concept, config
@@ -133,16 +158,24 @@ class PerfusionSession(TrainingSession):
         i_super = superclass_encoding(pipeline, concept.superclass, concept.templates)[None]  # (1, d)
         self.token_id = add_tokens(handle, pipeline, [concept.placeholder], self.embedding)[0]
         self.bank = ConceptBank(_cholesky(pipeline, config.cov_ridge), [self.token_id], [sup_id],
-                                [config.beta_train], [config.tau_train])
+                                [config.beta_train], [config.tau_train],
+                                trained_keys=[not config.key_locking])
         self.o_v = {s.name: torch.nn.Parameter(F.linear(i_super.to(s.value.weight), s.value.weight).detach().float())
                     for s in sites}                                                           # site -> (1, o)
+        # trained keys (ablation): o*_K learned per layer, initialised from W_K i_super exactly like o*_V
+        self.o_k = None if config.key_locking else {
+            s.name: torch.nn.Parameter(F.linear(i_super.to(s.key.weight), s.key.weight).detach().float())
+            for s in sites}                                                                   # site -> (1, o)
         self.ema: torch.Tensor | None = None                                                   # (d,) float64
         self.bank.set_i_star(i_super)
-        _install_layers(handle, pipeline, sites, self.bank, i_super, self.o_v)
+        _install_layers(handle, pipeline, sites, self.bank, i_super, self.o_v, self.o_k)
 
     def param_groups(self) -> list[ParamGroup]:
-        return [ParamGroup("values", list(self.o_v.values()), self.config.lr_values),
-                ParamGroup("embedding", [self.embedding], self.config.lr_embedding)]
+        groups = [ParamGroup("values", list(self.o_v.values()), self.config.lr_values),
+                  ParamGroup("embedding", [self.embedding], self.config.lr_embedding)]
+        if self.o_k is not None:
+            groups.append(ParamGroup("keys", list(self.o_k.values()), self.config.lr_keys))
+        return groups
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         ids = tokenize(self.pipeline, prompts)                                    # (b, n)
@@ -175,6 +208,8 @@ class PerfusionSession(TrainingSession):
             raise EditbenchError("no training step ran; nothing to save")
         tensors = {"embedding": self.embedding.detach()[0].clone(), "i_star": self.ema.float().clone(),
                    **{f"o_v.{name}": p.detach()[0].clone() for name, p in self.o_v.items()}}
+        if self.o_k is not None:
+            tensors.update({f"o_k.{name}": p.detach()[0].clone() for name, p in self.o_k.items()})
         return Artifact(PerfusionEditor.name, tensors, {"beta_train": self.config.beta_train,
                                                         "tau_train": self.config.tau_train})
 
@@ -189,6 +224,10 @@ class PerfusionEditor(Editor):
 
     ``apply(pipeline, artifacts, beta=0.70, tau=0.15, lock="local")`` takes one or several separately trained
     concepts (exact multi-concept gating); ``compose`` is not needed and not offered.
+
+    Trained-key artifacts (``PerfusionConfig(key_locking=False)``, tensors ``o_k.<layer>``) use their stored
+    ``o*_K`` instead of ``W_K i_super``; they mix freely with key-locked artifacts under ``lock="local"`` (each
+    concept keeps its own key target), and ``lock="global"`` with any trained-key artifact raises EditbenchError.
     """
 
     name = "perfusion"
@@ -217,13 +256,20 @@ class PerfusionEditor(Editor):
 
     def check_artifact(self, artifact: Artifact, pipeline: Any = None) -> None:
         t, where = artifact.tensors, artifact.path or "artifact"
-        missing = sorted({"embedding", "i_star"} - set(t)) or ([] if any(k.startswith("o_v.") for k in t)
-                                                                else ["o_v.<layer>"])
+        trained = _trained_keys(artifact)
+        prefixes = ("o_v.", "o_k.") if trained else ("o_v.",)
+        missing = sorted({"embedding", "i_star"} - set(t)) + [f"{p}<layer>" for p in prefixes
+                                                             if not any(k.startswith(p) for k in t)]
         if missing:
-            raise ArtifactError(f"{where} is not a complete Perfusion artifact: missing {missing}")
-        unknown = sorted(k for k in t if k not in ("embedding", "i_star") and not k.startswith("o_v."))
+            raise ArtifactError(f"{where} is not a complete Perfusion artifact"
+                                f"{' (trained keys: config.key_locking is false)' if trained else ''}: "
+                                f"missing {missing}")
+        unknown = sorted(k for k in t if k not in ("embedding", "i_star") and not k.startswith(prefixes))
         if unknown:
-            raise ArtifactError(f"{where} has unknown tensors {unknown[:5]}; expected embedding, i_star, o_v.<layer>")
+            hint = ("" if trained or not any(k.startswith("o_k.") for k in unknown) else
+                    "; o_k.<layer> tensors belong to trained-key artifacts (metadata config.key_locking false)")
+            raise ArtifactError(f"{where} has unknown tensors {unknown[:5]}; expected embedding, i_star, "
+                                f"{', '.join(p + '<layer>' for p in prefixes)}{hint}")
         for k, v in t.items():
             if v.ndim != 1 or not v.is_floating_point() or not bool(torch.isfinite(v).all()):
                 raise ArtifactError(f"{where}: tensor {k!r} must be a finite float vector, got {tuple(v.shape)} "
@@ -234,14 +280,16 @@ class PerfusionEditor(Editor):
         if pipeline is None:
             return
         sites = {s.name: s for s in find_cross_attention_sites(pipeline.unet)}
-        names = {k[4:] for k in t if k.startswith("o_v.")}
-        if names != set(sites):
-            extra, lacking = sorted(names - set(sites)), sorted(set(sites) - names)
-            raise ArtifactError(f"{where} does not fit this UNet: layers not in the model {extra[:3]}, model layers "
-                                f"without a value target {lacking[:3]}")
+        for prefix, what in (("o_v.", "value"), ("o_k.", "key"))[:len(prefixes)]:
+            names = {k[4:] for k in t if k.startswith(prefix)}
+            if names != set(sites):
+                extra, lacking = sorted(names - set(sites)), sorted(set(sites) - names)
+                raise ArtifactError(f"{where} does not fit this UNet: {prefix}* layers not in the model {extra[:3]}, "
+                                    f"model layers without a {what} target {lacking[:3]}")
         d, d_emb = sites[next(iter(sites))].in_features, pipeline.text_encoder.get_input_embeddings().weight.shape[1]
         bad = [(k, tuple(v.shape)) for k, v in t.items()
                if v.shape != ((d_emb,) if k == "embedding" else (d,) if k == "i_star"
+                              else (sites[k[4:]].key_features,) if k.startswith("o_k.")
                               else (sites[k[4:]].value_features,))]
         if bad:
             raise ArtifactError(f"{where} does not fit this model (text width {d}, embedding width {d_emb}): "
@@ -257,6 +305,11 @@ class PerfusionEditor(Editor):
         ridges = {a.metadata.get("config", {}).get("cov_ridge", PerfusionConfig.cov_ridge) for a in artifacts}
         if len(ridges) != 1:
             raise EditbenchError(f"the artifacts were trained with different cov_ridge values {sorted(ridges)}")
+        trained = [_trained_keys(a) for a in artifacts]
+        if settings.lock == "global" and any(trained):
+            names = [p for p, tr in zip(placeholders, trained) if tr]
+            raise EditbenchError(f"lock='global' replaces every key with the superclass prompt's keys, but {names} "
+                                 "were trained with key_locking=False (trained keys); apply them with lock='local'")
         sites = _sites(pipeline)
         device = pipeline.text_encoder.device
         sup_ids = [single_token_id(pipeline.tokenizer, w["superclass"]) for w in words]
@@ -265,9 +318,16 @@ class PerfusionEditor(Editor):
         rows = torch.stack([a.tensors["embedding"] for a in artifacts]).to(emb)             # (c, d_emb)
         token_ids = add_tokens(handle, pipeline, placeholders, rows)
         bank = ConceptBank(_cholesky(pipeline, ridges.pop()), token_ids, sup_ids, settings.per_concept("beta", n),
-                           settings.per_concept("tau", n), settings.lock)
+                           settings.per_concept("tau", n), settings.lock, trained_keys=trained)
         bank.set_i_star(torch.stack([a.tensors["i_star"] for a in artifacts]).to(device))
         o_v = {s.name: torch.stack([a.tensors[f"o_v.{s.name}"] for a in artifacts]).to(s.value.weight)
                for s in sites}                                                               # site -> (c, o)
-        _install_layers(handle, pipeline, sites, bank, i_super, o_v)
+        o_k = None
+        if any(trained):  # each concept its own key target: stored o*_K if trained, else W_K i_super (fallback)
+            o_k = {}
+            for s in sites:
+                locked = _key_fallback(s, i_super)                                           # (c, o)
+                o_k[s.name] = torch.stack([a.tensors[f"o_k.{s.name}"].to(locked) if tr else locked[c]
+                                           for c, (a, tr) in enumerate(zip(artifacts, trained))])
+        _install_layers(handle, pipeline, sites, bank, i_super, o_v, o_k)
         handle.info.update(token_ids=token_ids, placeholders=placeholders)

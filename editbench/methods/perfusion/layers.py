@@ -110,18 +110,30 @@ class ConceptBank:
         chol: ``(d, d)`` lower Cholesky factor of the (ridged) text second moment ``C``.
         token_ids, superclass_ids: one per concept.
         beta, tau: one per concept.  lock: ``"local"`` or ``"global"``.
+        trained_keys: one bool per concept (default all False): True for a concept whose key target ``o*_K`` is
+            learned (the "trained keys" ablation); its keys are never locked to the superclass, and
+            ``lock="global"`` is refused (EditbenchError) if any concept has trained keys.
     """
 
     STASH_SIZE = 64
 
     def __init__(self, chol: torch.Tensor, token_ids: Sequence[int], superclass_ids: Sequence[int],
-                 beta: Sequence[float], tau: Sequence[float], lock: str = "local"):
+                 beta: Sequence[float], tau: Sequence[float], lock: str = "local",
+                 trained_keys: Sequence[bool] | None = None):
         self.chol = chol.to(_wide(chol.device))
         self.device = chol.device
         self.token_ids, self.superclass_ids = list(token_ids), list(superclass_ids)
         self.beta = torch.tensor(beta, dtype=torch.float64, device=self.device)   # (c,)
         self.tau = torch.tensor(tau, dtype=torch.float64, device=self.device)     # (c,)
         self.lock = lock
+        trained = [False] * len(self.token_ids) if trained_keys is None else [bool(t) for t in trained_keys]
+        if len(trained) != len(self.token_ids):
+            raise EditbenchError(f"trained_keys needs one bool per concept ({len(self.token_ids)}), got {trained_keys!r}")
+        if lock == "global" and any(trained):
+            raise EditbenchError("global key-locking replaces every key with the superclass prompt's keys, which "
+                                 "contradicts trained keys (key_locking=False artifacts); use lock='local'")
+        self.trained_keys = torch.tensor(trained, dtype=torch.bool, device=self.device)   # (c,)
+        self.all_keys_trained = all(trained)
         self.version = 0
         self.generation = 0          # bumped whenever the key-lock stash changes (see GatedRank1Linear's cache)
         self._busy = False
@@ -234,7 +246,8 @@ class GatedRank1Linear(torch.nn.Module):
     Args:
         base: the original projection.  bank: the shared :class:`ConceptBank`.
         role: ``"value"`` (targets ``o_star`` ``(c, o)``, learned) or ``"key"`` (targets ``W i_super`` from the
-            bank's key-lock stash; ``o_star`` ``(c, o)`` is the fallback for rows without superclass info).
+            bank's key-lock stash; ``o_star`` ``(c, o)`` is the fallback for rows without superclass info). For
+            concepts with ``bank.trained_keys`` the key target is always ``o_star`` (learned, never locked).
 
     The input is the text encoding, the same tensor at every denoising step, so outside of training the output
     is cached: a call with the very tensor of the previous call (same object, not modified in place) and
@@ -294,13 +307,14 @@ class GatedRank1Linear(torch.nn.Module):
         wu = self._wu_for(i_star)                                           # (c, o)
         base_out = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         o_star = self.o_star.to(x.dtype)                                    # (c, o)
-        if self.role == "value" or x.ndim != 3:
+        if self.role == "value" or x.ndim != 3 or self.bank.all_keys_trained:
             return gated_output(x, base_out, g, wu, o_star, beta, tau)
         lock = self.bank.lookup(x)
         if lock is None:
             return gated_output(x, base_out, g, wu, o_star, beta, tau)
         locked = F.linear(lock.i_super, self.weight.to(x.dtype))            # (b, c, o) = W i_super
-        targets = torch.where(lock.present[..., None], locked, o_star)      # (b, c, o)
+        use_lock = lock.present & ~self.bank.trained_keys                   # (b, c) trained keys keep their o*_K
+        targets = torch.where(use_lock[..., None], locked, o_star)          # (b, c, o)
         out = gated_output(x, base_out, g, wu, targets, beta, tau)          # (b, n, o)
         if self.bank.lock == "global":
             whole = F.linear(lock.x_super, self.weight.to(x.dtype),
