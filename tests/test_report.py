@@ -95,6 +95,19 @@ def test_mixed_scales_are_refused(results, tmp_path):
         R.write_report(tmp_path / "mixed")
 
 
+def test_report_of_a_suite_without_pairs(results, tmp_path):
+    """A suite with single-concept cells only (like toy-quick) still gets its report; composition is empty."""
+    df = pd.read_csv(results / "results.csv")
+    single = df[df.n_concepts == 1]
+    assert len(single) < len(df)
+    out = tmp_path / "single"
+    out.mkdir()
+    single.to_csv(out / "results.csv", index=False)
+    text = R.write_report(out).read_text()
+    comp = text.split("## Multi-concept composition")[1].split("## Plots")[0]
+    assert "_(none)_" in comp and "perfusion-like" in text.split("## Multi-concept composition")[0]
+
+
 def test_report_errors(tmp_path):
     with pytest.raises(EditbenchError, match="not a results folder"):
         R.write_report(tmp_path / "missing")

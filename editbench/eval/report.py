@@ -126,6 +126,8 @@ def _bytes(n: float) -> str:
 
 
 def _display(t: pd.DataFrame, cols: list[tuple[str, str]]) -> pd.DataFrame:
+    if t.empty:  # e.g. a suite without multi-concept cells: no composition rows
+        return pd.DataFrame()
     out = t[["method", "setting", "images"]].copy()
     for col, title in cols:
         if col in t:
