@@ -8,6 +8,10 @@ check, wall time and peak memory. A method supplies a :class:`TrainingSession`: 
 become encoder hidden states, and optional hooks (augmentation, extra loss, after-step fix-ups, extra state to
 checkpoint, the artifact builder).
 
+With more than one CUDA device and a multi-process launch (``accelerate launch`` / ``torchrun``), or
+``EDITBENCH_ACCELERATE=1``, the same loop runs data-parallel through ``accelerate`` (see :func:`use_accelerate`);
+otherwise (CPU, one device) it is the plain single-process loop.
+
 Shape legend: b batch, c latent channels, h/w latent height/width, H/W pixel height/width, n tokens, d width.
 """
 
@@ -16,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -34,9 +39,11 @@ from editbench.fingerprint import update_with_tensor
 if TYPE_CHECKING:
     from editbench.methods.base import Artifact
 
-__all__ = ["CHECKPOINT_FILE", "ParamGroup", "StepContext", "TrainConfig", "TrainResult", "TrainingSession",
-           "encode_prompts", "masked_mse", "tokenize", "train"]
+__all__ = ["ACCELERATE_ENV", "CHECKPOINT_FILE", "ParamGroup", "StepContext", "TrainConfig", "TrainResult",
+           "TrainingSession", "encode_prompts", "masked_mse", "tokenize", "train", "use_accelerate"]
 
+ACCELERATE_ENV = "EDITBENCH_ACCELERATE"
+"""Environment flag: ``auto`` (default), ``1``/``on`` or ``0``/``off``; see :func:`use_accelerate`."""
 CHECKPOINT_FILE = "checkpoint.safetensors"
 _CKPT_FORMAT = "editbench-checkpoint/1"
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
@@ -292,6 +299,102 @@ class _Memory:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# several devices: data parallelism through accelerate
+# ----------------------------------------------------------------------------------------------------------------
+
+_ON, _OFF = ("1", "on", "true", "yes"), ("0", "off", "false", "no")
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 1
+
+
+def use_accelerate() -> bool:
+    """Whether :func:`train` runs data-parallel through ``accelerate`` instead of the plain loop.
+
+    True only with more than one CUDA device visible (``torch.cuda.device_count() > 1``) AND either a
+    multi-process launch (``accelerate launch`` / ``torchrun`` set ``WORLD_SIZE`` > 1) or
+    ``EDITBENCH_ACCELERATE=1``; ``EDITBENCH_ACCELERATE=0`` always keeps the plain loop. On CPU or one device it is
+    False whatever the flag: the plain loop, bitwise as before (resume included)."""
+    flag = os.environ.get(ACCELERATE_ENV, "auto").strip().lower() or "auto"
+    if flag not in _ON + _OFF + ("auto",):
+        raise EditbenchError(f"{ACCELERATE_ENV} must be auto, 1/on or 0/off, got {flag!r}")
+    if flag in _OFF or torch.cuda.device_count() < 2:
+        return False
+    return flag in _ON or _world_size() > 1
+
+
+def _make_accelerator() -> Any:
+    from accelerate import Accelerator
+
+    # the trained parameters are float32 by contract and the forward runs in the pipeline's dtype: no autocast or
+    # loss scaling (an fp16 `accelerate config` would otherwise scale the loss behind the clipping's back)
+    return Accelerator(mixed_precision="no")
+
+
+def _index(d: torch.device) -> tuple[str, int | None]:
+    """``(type, index)`` with a bare ``cuda`` read as the current CUDA device."""
+    return d.type, (torch.cuda.current_device() if d.type == "cuda" and d.index is None else d.index)
+
+
+class _DataParallel:
+    """The loop's data-parallel mode. Every process of the launch runs :func:`train` on its own device with its
+    own generator (process 0 keeps ``seed``; the others derive theirs), so each draws its own micro-batches, noise
+    and timesteps: the effective batch is ``batch_size x grad_accum x processes``. The trained parameters are
+    spread over several modules (token rows, swapped-in layers, LoRA), so instead of wrapping one module in DDP
+    their gradients are averaged over the processes once per optimizer step, after the ``grad_accum``
+    micro-batches (what DDP does with ``no_sync`` during accumulation). The optimizer is ``accelerator.prepare``d,
+    the backward pass is ``accelerator.backward``, the step loss is averaged over processes (a non-finite loss on
+    any process stops all of them at the same step), only the main process writes checkpoints. A resumed run
+    continues from the checkpoint (process 0's generator state; the others re-derive theirs): not bitwise equal to
+    an uninterrupted multi-process run."""
+
+    def __init__(self, accelerator: Any, device: torch.device):
+        kind = getattr(accelerator, "distributed_type", "NO")
+        kind = str(getattr(kind, "value", kind))
+        if kind not in ("NO", "MULTI_GPU"):
+            raise TrainingError(f"training runs plain data parallelism (accelerate MULTI_GPU), not {kind}; launch "
+                                "with `accelerate launch --multi_gpu` (no DeepSpeed/FSDP config)")
+        if _index(torch.device(accelerator.device)) != _index(device):
+            raise TrainingError(f"under a multi-process launch each process trains on its own device: this one is "
+                                f"{accelerator.device} but the pipeline is on {device}; move the pipeline to "
+                                "f'cuda:{LOCAL_RANK}' (accelerator.device) before fit")
+        self.acc = accelerator
+        self.n, self.rank = int(accelerator.num_processes), int(accelerator.process_index)
+        self.main = bool(accelerator.is_main_process)
+
+    def seed(self, seed: int, step: int = 0) -> int:
+        """Generator seed of this process (process 0 at step 0: ``seed`` itself)."""
+        if self.rank == 0 and step == 0:
+            return int(seed)
+        digest = hashlib.sha256(f"editbench-rank|{seed}|{self.rank}|{step}".encode()).digest()
+        return int.from_bytes(digest[:7], "big")
+
+    def sync_params(self, params: list[torch.nn.Parameter]) -> None:
+        """Start every process from process 0's parameters."""
+        dist = torch.distributed
+        if self.n > 1 and dist.is_available() and dist.is_initialized():  # the Accelerator set the group up
+            with torch.no_grad():
+                for p in params:
+                    dist.broadcast(p.data, src=0)
+
+    def mean(self, value: float, device: torch.device) -> float:
+        return float(self.acc.reduce(torch.tensor([value], dtype=torch.float64, device=device), reduction="mean"))
+
+    def reduce_grads(self, params: list[torch.nn.Parameter]) -> None:
+        """Average the accumulated gradients over the processes; a parameter no process has a gradient for keeps
+        ``grad = None`` (the optimizer skips it, as in the plain loop)."""
+        have = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+        have = self.acc.reduce(have, reduction="sum")
+        for p, h in zip(params, have.tolist()):
+            if h:
+                p.grad = self.acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # checkpoints: one safetensors file, JSON state in its header; written atomically
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -318,6 +421,10 @@ def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
     for name in sorted(tensors):
         update_with_tensor(h, name, tensors[name])
     return h.hexdigest()[:16]
+
+
+def _kept(ckpt: Path | None) -> str:
+    return f"the last checkpoint ({ckpt}) is kept" if ckpt is not None and ckpt.exists() else "no checkpoint was written"
 
 
 def _finite_number(x: Any) -> bool:
@@ -393,6 +500,10 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     Several concepts (joint training) pool their images; each image is prompted with its own concept's
     templates and ``session.phrase_for(concept)``, and ``StepContext.owners`` says which concept each item is.
 
+    With several devices and a multi-process launch (:func:`use_accelerate`) every process runs this loop on
+    its own device and the gradients are averaged over them (see :class:`_DataParallel`); on CPU or one device
+    the plain loop runs, unchanged.
+
     Raises TrainingError on a non-finite loss (naming the step; the last checkpoint is kept).
     The pipeline's ``requires_grad`` flags and train/eval modes are restored on return.
     """
@@ -424,16 +535,22 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     opt = _OPTIMIZERS[config.optimizer](
         [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups],
         betas=tuple(config.adam_betas), eps=config.adam_eps)
+    par = _DataParallel(_make_accelerator(), device) if use_accelerate() else None
+    stepper = opt if par is None else par.acc.prepare(opt)  # AcceleratedOptimizer around (the state of) opt
     digest = [_concept_digest(c, im, m) for c, (im, m) in zip(concepts, loaded)]
     sig_parts = dict(signature or {}, concept=digest[0] if len(digest) == 1 else digest, seed=seed,
                      groups=[(g.name, g.lr, g.weight_decay, [tuple(p.shape) for p in g.params]) for g in groups])
     sig = hashlib.sha256(json.dumps(sig_parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(int(seed) if par is None else par.seed(seed))
     ckpt = Path(checkpoint_dir) / CHECKPOINT_FILE if checkpoint_dir is not None else None
     start, losses, wall_before = 0, [], 0.0
     if ckpt is not None and ckpt.exists():
         start, losses, wall_before = _load_checkpoint(ckpt, groups=groups, optimizer=opt, generator=gen,
                                                       session=session, signature=sig, steps=config.steps)
+        if par is not None and par.rank:  # the checkpoint holds process 0's generator
+            gen.manual_seed(par.seed(seed, start))
+    if par is not None:
+        par.sync_params(params)
     from tqdm.auto import tqdm
 
     t0, mem = time.perf_counter(), _Memory(device)
@@ -458,7 +575,8 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
                 m = F.interpolate(m.to(device, torch.float32), size=pred.shape[-2:], mode="area")  # (b, 1, h, w)
             return masked_mse(pred, target, m)
 
-        bar = tqdm(total=config.steps, initial=start, disable=not progress, desc=desc, unit="step")
+        bar = tqdm(total=config.steps, initial=start, disable=not progress or (par is not None and not par.main),
+                   desc=desc, unit="step")
         try:
             for step in range(start + 1, config.steps + 1):
                 step_loss = 0.0
@@ -487,29 +605,45 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
                         loss = loss + extra
                     value = float(loss.detach())
                     if not math.isfinite(value):
-                        kept = f"the last checkpoint ({ckpt}) is kept" if ckpt is not None and ckpt.exists() \
-                            else "no checkpoint was written"
-                        raise TrainingError(f"loss is {value} at step {step} (micro-batch {micro}); {kept}. "
-                                            "Lower the learning rates or check the data")
-                    (loss / config.grad_accum).backward()
+                        if par is not None:  # the other processes wait in the step's reduce: stop there, together
+                            step_loss = math.nan
+                            continue
+                        raise TrainingError(f"loss is {value} at step {step} (micro-batch {micro}); "
+                                            f"{_kept(ckpt)}. Lower the learning rates or check the data")
+                    if par is None:
+                        (loss / config.grad_accum).backward()
+                    else:
+                        par.acc.backward(loss / config.grad_accum)
                     step_loss += value / config.grad_accum
                     mem.sample()
+                if par is not None:
+                    step_loss = par.mean(step_loss, device)
+                    if not math.isfinite(step_loss):
+                        raise TrainingError(f"loss is {step_loss} at step {step} (on at least one of {par.n} "
+                                            f"processes); {_kept(ckpt)}. Lower the learning rates or check the data")
+                    par.reduce_grads(params)
                 if config.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+                stepper.step()
+                stepper.zero_grad(set_to_none=True)
                 session.after_step(step)
                 losses.append(step_loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}")
                 if ckpt is not None and (step == config.steps or
                                          (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                    _save_checkpoint(ckpt, groups=groups, optimizer=opt, generator=gen, session=session,
-                                     signature=sig, step=step, losses=losses,
-                                     wall=wall_before + time.perf_counter() - t0)
+                    if par is None or par.main:
+                        _save_checkpoint(ckpt, groups=groups, optimizer=opt, generator=gen, session=session,
+                                         signature=sig, step=step, losses=losses,
+                                         wall=wall_before + time.perf_counter() - t0)
+                    if par is not None:
+                        par.acc.wait_for_everyone()
         finally:
             bar.close()
+            if par is not None:
+                par.acc.free_memory()
     wall = time.perf_counter() - t0
     peak, kind = mem.result()
     return TrainResult(steps=config.steps, losses=losses, wall_time_s=wall, wall_time_total_s=wall_before + wall,
-                       peak_memory_bytes=peak, memory_kind=kind, device=str(device), resumed_from=start)
+                       peak_memory_bytes=peak, memory_kind=kind, device=str(device), resumed_from=start,
+                       extra={} if par is None else {"processes": par.n})

@@ -7,6 +7,7 @@ runs a stub Editor through the real training loop on the tiny pipeline with a ti
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pandas as pd
@@ -265,6 +266,136 @@ def test_bundled_suites_parse():
         assert raw["model"].startswith("/path/to/")  # a placeholder the user edits
         with pytest.raises(EditbenchError, match="not found"):
             S.load_suite(path)
+
+
+# ------------------------------------------------------------------------------------------------ multi: joint
+class FakeJointEditor(FakeEditor):
+    """Trains several concepts in one fit (like Custom Diffusion: ``max_concepts = None``), applies one artifact."""
+
+    name = "fake_joint"
+    max_artifacts = 1
+    max_concepts = None
+
+    def fit(self, pipeline, concept, *, steps=None, seed=0, progress=True, checkpoint_dir=None):
+        many = isinstance(concept, list)
+        concepts = concept if many else [concept]
+        FakeEditor.fits.append((self.name, tuple(c.placeholder for c in concepts) if many else concept.placeholder,
+                                seed))
+        art = super().fit(pipeline, concepts[0], steps=steps, seed=seed)
+        FakeEditor.fits.pop()
+        info = [{"placeholder": c.placeholder, "superclass": c.superclass} for c in concepts]
+        art.metadata["concept"] = info if many else info[0]
+        return art
+
+    def compose(self, artifacts, pipeline=None):
+        arts = list(artifacts)
+        return type(arts[0])(self.name, {"delta": sum(a.tensors["delta"] for a in arts)},
+                             {"base_fingerprint": "fake", "composed_from": len(arts)})
+
+
+JOINT = {"name": "j", "model": "tiny", "concepts": ["zebra", "sunny"], "pairs": [["zebra", "sunny"]], "seeds": [0],
+         "max_prompts": 1, "images_per_prompt": 1, "steps": 3,
+         "methods": [{"name": "fake_joint"}, {"name": "fake_joint", "label": "fj-joint", "multi": "joint"}]}
+
+
+def test_multi_option_is_parsed_and_validated(fakes):
+    suite = S.load_suite(JOINT)
+    assert [m.multi for m in suite.methods] == ["separate", "joint"]
+    assert S.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": "merge"}]}).methods[0].multi == \
+        "separate"                                            # 'merge' is a synonym of the default
+    with pytest.raises(EditbenchError, match="multi must be one of"):
+        S.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": "together"}]})
+    with registered(FakeJointEditor):
+        suite.validate()
+        for name in ("fake", "fake_single"):               # max_concepts = 1: one concept per fit
+            with pytest.raises(EditbenchError, match=f"{name}.*multi: joint"):
+                S.load_suite({**JOINT, "methods": [{"name": name, "multi": "joint"}]}).validate()
+        with pytest.raises(EditbenchError, match="multi"):
+            S.load_suite({**JOINT, "methods": [{"name": "base", "multi": "joint"}]}).validate()
+    # the default leaves cell ids as they were before the option existed; joint makes its own cells
+    plain = S.load_suite({**JOINT, "methods": ["fake_joint"]}).cells()
+    assert [c.id for c in plain] == [c.id for c in suite.cells() if c.method.label == "fake_joint"]
+    assert {c.id for c in suite.cells() if c.method.label == "fj-joint"}.isdisjoint(c.id for c in plain)
+
+
+def test_joint_pair_cell_trains_one_artifact_on_both_concepts(tmp_path, fakes):
+    with registered(FakeJointEditor):
+        df = _run(tmp_path, JOINT)
+        fits = list(FakeEditor.fits)
+        out = tmp_path / "out"
+        # separate: one fit per concept (merged with compose); joint: the same singles + ONE fit on the pair
+        assert Counter(f[1] for f in fits) == {"<zebra>": 2, "<sunny>": 2, ("<zebra>", "<sunny>"): 1}
+        joint = sorted((out / "artifacts" / "fj-joint" / "zebra+sunny").glob("seed0-*.safetensors"))
+        assert len(joint) == 1 and not (out / "artifacts" / "fake_joint" / "zebra+sunny").exists()
+        from editbench.methods.base import Artifact
+
+        meta = Artifact.load(joint[0]).metadata
+        assert [c["placeholder"] for c in meta["concept"]] == ["<zebra>", "<sunny>"]
+        assert set(df["multi"]) == {"separate", "joint"}
+        pair = df[df.n_concepts == 2].set_index("label")
+        assert pair.loc["fj-joint", "multi"] == "joint" and pair.loc["fake_joint", "multi"] == "separate"
+        # cost of the joint cell: the one artifact (its own train time and file size), not a sum over concepts
+        assert pair.loc["fj-joint", "train_time_s"] == 1.5 and pair.loc["fake_joint", "train_time_s"] == 3.0
+        assert pair.loc["fj-joint", "storage_bytes"] == joint[0].stat().st_size
+        assert "<zebra>" in pair.loc["fj-joint", "prompt"] and "<sunny>" in pair.loc["fj-joint", "prompt"]
+        # single-concept cells of the joint entry behave as usual
+        assert len(df[(df.label == "fj-joint") & (df.n_concepts == 1)]) == 2
+        # re-run: everything is done, nothing is trained or generated again
+        pipe, before = FakePipeline(), len(FakeEditor.fits)
+        again = _run(tmp_path, JOINT, pipeline=pipe)
+        assert pipe.calls == 0 and len(FakeEditor.fits) == before
+        pd.testing.assert_frame_equal(df, again)
+        # a lost cell file: the joint artifact is reused from disk, not retrained
+        cell = next(c for c in S.load_suite(JOINT).cells() if c.method.label == "fj-joint" and len(c.concepts) == 2)
+        (out / "cells" / f"{cell.id}.csv").unlink()
+        _run(tmp_path, JOINT, pipeline=pipe)
+        assert pipe.calls > 0 and len(FakeEditor.fits) == before
+
+
+def test_rows_of_cells_written_before_the_multi_option_read_as_separate(tmp_path, fakes):
+    df = _run(tmp_path, {**BASE, "pairs": None, "seeds": [0], "methods": ["fake"]})
+    out = tmp_path / "out"
+    for f in (out / "cells").glob("*.csv"):
+        pd.read_csv(f).drop(columns="multi").to_csv(f, index=False)
+    old = S.collect(out)
+    assert list(old.columns) == list(df.columns) and (old["multi"] == "separate").all()
+
+
+@pytest.mark.slow
+def test_joint_custom_diffusion_on_the_tiny_pipeline(tmp_path):
+    """Real Custom Diffusion: the default entry merges two single-concept artifacts (compose), the joint entry
+    trains one artifact on both concepts; a re-run trains nothing."""
+    from _eval_stubs import tiny_clip
+
+    from editbench.methods.base import Artifact
+    from editbench.testing import tiny_pipeline
+
+    prior = {"num_class_images": 2, "class_inference_steps": 2, "merge_captions": 50}
+    spec = {"model": "tiny", "concepts": ["zebra", "sunny"], "pairs": [["zebra", "sunny"]], "seeds": [0],
+            "max_prompts": 1, "images_per_prompt": 1, "steps": 2,
+            "generation": {"num_inference_steps": 2, "guidance_scale": 2.0},
+            "methods": [{"name": "custom_diffusion", "config": prior},
+                        {"name": "custom_diffusion", "label": "cd-joint", "config": prior, "multi": "joint"}]}
+    pipe, clip = tiny_pipeline(), tiny_clip()
+    df = S.run_suite(S.load_suite(spec), tmp_path, pipeline=pipe, clip=clip, progress=False)
+    pair = df[df.n_concepts == 2].set_index("label")
+    assert set(pair.index) == {"custom_diffusion", "cd-joint"}
+    assert pair.loc["cd-joint", "multi"] == "joint" and pair.loc["custom_diffusion", "multi"] == "separate"
+    joint = list((tmp_path / "artifacts" / "cd-joint" / "zebra+sunny").glob("*.safetensors"))
+    assert len(joint) == 1
+    meta = Artifact.load(joint[0]).metadata
+    assert meta["modifier_tokens"] == ["<zebra>", "<sunny>"] and len(meta["categories"]) == 2
+    assert [c["placeholder"] for c in meta["concept"]] == ["<zebra>", "<sunny>"]
+    assert "composed_from" not in meta
+    assert pair.loc["cd-joint", "train_steps"] == 2 and pair.loc["custom_diffusion", "train_steps"] == 4
+    assert pair.loc["cd-joint", "storage_bytes"] == joint[0].stat().st_size
+    assert "<zebra> heart" in pair.loc["cd-joint", "prompt"]
+    # 2 singles per entry + the joint pair artifact (the merged one is not saved)
+    assert len(list((tmp_path / "artifacts").rglob("*.safetensors"))) == 5
+    mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").rglob("*.safetensors")}
+    again = S.run_suite(S.load_suite(spec), tmp_path, pipeline=pipe, clip=clip, progress=False)
+    pd.testing.assert_frame_equal(df, again)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").rglob("*.safetensors")} == mtimes
 
 
 @pytest.mark.slow

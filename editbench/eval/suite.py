@@ -14,6 +14,7 @@ Output layout (every name coming from a suite file is sanitized; nothing is writ
     out/suite.json                    resolved suite (cells and their specs)
     out/cells/<cell>.csv              rows of one finished cell
     out/artifacts/<method>/<concept>/seed<k>-<hash>.safetensors
+    out/artifacts/<method>/<a>+<b>/seed<k>-<hash>.safetensors   (``multi: joint``: one artifact for the pair)
     out/samples/<cell>/pNN_iNN.png    generated images
     out/results.csv, results.parquet  the long-format table, one row per generated image
 
@@ -65,7 +66,12 @@ RARE_WORDS = ("sks", "olis", "bnha", "hta", "ucd", "pll", "rcn", "waj", "httr", 
 
 _TOP_KEYS = {"name", "description", "model", "device", "dtype", "seeds", "concepts", "pairs", "prompts",
              "pair_prompts", "max_prompts", "images_per_prompt", "steps", "generation", "metrics", "methods"}
-_METHOD_KEYS = {"name", "label", "config", "steps", "settings", "sweep"}
+_METHOD_KEYS = {"name", "label", "config", "steps", "settings", "sweep", "multi"}
+MULTI_MODES = ("separate", "joint")
+"""How a method entry handles a multi-concept cell (``multi:``): ``separate`` (default; ``merge`` is accepted as
+a synonym): one artifact per concept, applied together, or merged with ``compose`` if the method applies only one;
+``joint``: one artifact trained on all the cell's concepts in one ``fit`` (methods with ``max_concepts != 1``)."""
+_MULTI_ALIASES = {"merge": "separate"}
 _METRIC_KEYS = {"clip", "clip_arch", "dino", "dino_arch", "text_scale", "image_scale", "composition"}
 _NAME_OK = re.compile(r"[^A-Za-z0-9._+=-]+")
 
@@ -106,7 +112,8 @@ def parse_shard(shard: str | Sequence[int]) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------ suite
 @dataclass(frozen=True)
 class MethodSpec:
-    """One method entry: registry ``name``, unique ``label``, config overrides, training steps, settings."""
+    """One method entry: registry ``name``, unique ``label``, config overrides, training steps, settings, and
+    ``multi``, how multi-concept cells get their artifact(s) (see :data:`MULTI_MODES`)."""
 
     name: str
     label: str
@@ -114,6 +121,7 @@ class MethodSpec:
     steps: int | None = None
     settings: dict = field(default_factory=dict)
     sweep: dict = field(default_factory=dict)
+    multi: str = "separate"
 
     def points(self) -> list[dict]:
         """Every inference setting: fixed ``settings`` + one point of the ``sweep`` grid (sweep key order)."""
@@ -192,9 +200,11 @@ class Suite:
         out = []
         for m, names, seed in itertools.product(self.methods, units, self.seeds):
             prompts = tuple(self.concept_prompts(names))
+            method = dataclasses.asdict(m)
+            if m.multi == "separate":  # the default leaves the hash as before the option existed: old cells stay
+                del method["multi"]
             for point in m.points():
-                spec = {**common, "method": dataclasses.asdict(m), "concepts": [self.concepts[n].identity()
-                                                                                for n in names],
+                spec = {**common, "method": method, "concepts": [self.concepts[n].identity() for n in names],
                         "seed": seed, "settings": point, "prompts": prompts}
                 out.append(Cell(m, names, seed, point, prompts, _hash(spec)))
         return sorted(out, key=lambda c: (c.group, list(c.method.points()).index(c.settings)))
@@ -205,13 +215,18 @@ class Suite:
 
         for m in self.methods:
             if m.name == BASE_METHOD:
-                if m.config or m.settings or m.sweep:
-                    raise EditbenchError("method 'base' (the unedited model) takes no config, settings or sweep")
+                if m.config or m.settings or m.sweep or m.multi != "separate":
+                    raise EditbenchError("method 'base' (the unedited model) takes no config, settings, sweep or "
+                                         "multi")
                 continue
             editor = registry.get(m.name)(**m.config)
+            if m.multi == "joint" and editor.max_concepts is not None and editor.max_concepts < 2:
+                raise EditbenchError(f"{m.label}: method {m.name!r} trains one concept per fit (max_concepts="
+                                     f"{editor.max_concepts}), so 'multi: joint' is not possible; use 'multi: "
+                                     "separate' (the default)")
             for point in m.points():
                 inference, transform = _split_settings(editor, point)
-                for n in {1} | ({2} if self.pairs else set()):
+                for n in {1} | ({2} if self.pairs and m.multi != "joint" else set()):  # joint: one artifact
                     editor.settings(n, **inference)
                 if transform and _transform_fn(editor) is None:
                     raise EditbenchError(f"{m.label}: unknown inference setting(s) {sorted(transform)}")
@@ -243,9 +258,14 @@ def _method_spec(e: Any) -> MethodSpec:
     steps = e.get("steps")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise EditbenchError(f"method {e['name']!r}: steps must be a positive int, got {steps!r}")
+    multi = e.get("multi", "separate")
+    multi = _MULTI_ALIASES.get(multi, multi) if isinstance(multi, str) else multi
+    if multi not in MULTI_MODES:
+        raise EditbenchError(f"method {e['name']!r}: multi must be one of {list(MULTI_MODES)} (or 'merge', the same "
+                             f"as 'separate'), got {e['multi']!r}")
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in (e.get("config") or {}).items()}
     return MethodSpec(str(e["name"]), safe_name(e.get("label") or e["name"], "method label"), config, steps,
-                      dict(e.get("settings") or {}), {k: list(v) for k, v in sweep.items()})
+                      dict(e.get("settings") or {}), {k: list(v) for k, v in sweep.items()}, multi)
 
 
 def bundled_suites() -> list[str]:
@@ -436,7 +456,10 @@ def _phrase(editor: Any, artifact: Any, concept: Any) -> str:
     one, else the method's known conventions (textual inversion's expanded multi-vector tokens, Custom
     Diffusion's ``"<new1> cat"``, ``"sks cat"`` for methods that reuse a word), else the placeholder."""
     meta = artifact.metadata
-    for cand in (meta.get("phrase"), (meta.get("concept") or {}).get("phrase")):
+    own = meta.get("concept") or {}
+    if isinstance(own, list):  # a jointly trained artifact lists its concepts: take this concept's entry
+        own = next((c for c in own if isinstance(c, dict) and c.get("placeholder") == concept.placeholder), {})
+    for cand in (meta.get("phrase"), own.get("phrase") if isinstance(own, dict) else None):
         if isinstance(cand, str) and cand:
             return cand
     if isinstance(meta.get("tokens"), list) and meta["tokens"] and meta["tokens"][0] == concept.placeholder:
@@ -473,6 +496,8 @@ class _Runner:
                  clip: Any = None, dino: Any = None):
         self.suite, self.out, self.progress = suite, out, progress
         self.device = device or suite.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if str(self.device) == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():  # one GPU per launched process
+            self.device = f"cuda:{os.environ['LOCAL_RANK']}"
         self.dtype = _resolve_dtype(dtype or suite.dtype)
         self._pipe, self._clip, self._dino = pipeline, clip, dino
         self._editors: dict[str, Any] = {}
@@ -536,17 +561,28 @@ class _Runner:
         return ConceptData(placeholder, c.superclass, list(c.images), list(c.masks) if c.masks else None,
                            templates=c.templates)
 
-    def artifact(self, m: MethodSpec, name: str, seed: int) -> tuple[Any, Any]:
-        """(artifact, ConceptData) of (method, concept, seed): loaded if saved, else trained and saved."""
+    def artifact(self, m: MethodSpec, name: str | tuple[str, ...], seed: int) -> tuple[Any, Any]:
+        """(artifact, ConceptData) of (method, concept, seed): loaded if saved, else trained and saved.
+
+        ``name`` a tuple of several concepts: ONE artifact trained jointly on all of them (``multi: joint``),
+        saved under ``artifacts/<label>/<a>+<b>/``; the second item is then the list of their ConceptData."""
         editor = self.editor(m)
-        concept = self.concept_data(editor, name)
+        names = (name,) if isinstance(name, str) else tuple(name)
+        data = [self.concept_data(editor, n) for n in names]
         steps = m.steps or self.suite.steps
-        key = _hash({"method": m.name, "config": dataclasses.asdict(editor.config), "steps": steps, "seed": seed,
-                     "concept": self.suite.concepts[name].identity(), "placeholder": concept.placeholder,
-                     "model": self.suite.model})
-        if (m.label, name, seed, key) in self._artifacts:
-            return self._artifacts[(m.label, name, seed, key)], concept
-        path = _inside(self.out, self.out / "artifacts" / m.label / name / f"seed{seed}-{key}.safetensors")
+        what = {"method": m.name, "config": dataclasses.asdict(editor.config), "steps": steps, "seed": seed,
+                "model": self.suite.model}
+        if len(names) == 1:
+            what.update(concept=self.suite.concepts[names[0]].identity(), placeholder=data[0].placeholder)
+        else:
+            what.update(joint=[self.suite.concepts[n].identity() for n in names],
+                        placeholders=[c.placeholder for c in data])
+        key = _hash(what)
+        concept = data[0] if len(names) == 1 else data
+        folder = "+".join(names)
+        if (m.label, folder, seed, key) in self._artifacts:
+            return self._artifacts[(m.label, folder, seed, key)], concept
+        path = _inside(self.out, self.out / "artifacts" / m.label / folder / f"seed{seed}-{key}.safetensors")
         art = None
         if path.is_file():
             with contextlib.suppress(EditbenchError):
@@ -560,7 +596,7 @@ class _Runner:
                 for f in ckpt.glob("*"):
                     f.unlink()
                 ckpt.rmdir()
-        self._artifacts[(m.label, name, seed, key)] = art
+        self._artifacts[(m.label, folder, seed, key)] = art
         return art, concept
 
     def references(self, encoder: Any, name: str) -> torch.Tensor:
@@ -589,15 +625,18 @@ class _Runner:
             editor = self.editor(m)
             inference, transform = _split_settings(editor, cell.settings)
             n = len(concepts)
+            joint = n > 1 and m.multi == "joint"
             can_compose = type(editor).compose is not Editor.compose
-            if n > 1 and editor.max_artifacts is not None and editor.max_artifacts < n and not can_compose:
+            if n > 1 and not joint and editor.max_artifacts is not None and editor.max_artifacts < n \
+                    and not can_compose:
                 _write_json(self.cell_path(cell, ".skip.json"),
                             {"cell": cell.id, "reason": f"{m.name} applies at most {editor.max_artifacts} artifact(s) "
                              "and has no merge (compose)"})
                 return
             arts, phrases = [], []
-            for name in cell.concepts:
-                art, concept = self.artifact(m, name, cell.seed)
+            # joint: one artifact trained on all the cell's concepts; separate: one artifact per concept
+            for unit in [cell.concepts] if joint else cell.concepts:
+                art, concept = self.artifact(m, unit, cell.seed)
                 st = M.artifact_stats(art)
                 cost["train_time_s"] += st["train_time_s"]
                 cost["train_steps"] += st["train_steps"]
@@ -607,8 +646,8 @@ class _Runner:
                     art = _transform_fn(editor)(art, **transform)
                 cost["storage_bytes"] += art.nbytes
                 arts.append(art)
-                phrases.append(_phrase(editor, art, concept))
-            if n > 1 and editor.max_artifacts is not None and editor.max_artifacts < n:
+                phrases += [_phrase(editor, art, c) for c in (concept if joint else [concept])]
+            if len(arts) > 1 and editor.max_artifacts is not None and editor.max_artifacts < len(arts):
                 kw = {"pipeline": self.pipeline} if "pipeline" in inspect.signature(editor.compose).parameters else {}
                 arts = [editor.compose(arts, **kw)]
                 cost["storage_bytes"] = arts[0].nbytes
@@ -658,7 +697,8 @@ class _Runner:
         hits = M.composition_hits(cos_mat, thresholds) if len(concepts) > 1 else None
         text_scaled = M.to_scale(text_cos, mt["text_scale"])
         base = {"suite": s.name, "cell": cell.id, "method": cell.method.name, "label": cell.method.label,
-                "concepts": "+".join(cell.concepts), "n_concepts": len(concepts), "seed": cell.seed,
+                "multi": cell.method.multi, "concepts": "+".join(cell.concepts), "n_concepts": len(concepts),
+                "seed": cell.seed,
                 "setting": setting_label(cell.settings), "settings": json.dumps(cell.settings, sort_keys=True),
                 **{f"set_{key}": v for key, v in cell.settings.items()},
                 "clip_model": clip.name, "text_scale": mt["text_scale"], "image_scale": mt["image_scale"]}
@@ -693,9 +733,12 @@ def collect(out: str | os.PathLike, cells: Iterable[str] | None = None) -> pd.Da
     if cells is None:
         manifest = out / "suite.json"
         if not manifest.is_file():
-            raise EditbenchError(f"{out} holds no suite.json; run a suite into it first (editbench eval run ...)")
+            raise EditbenchError(f"{out} holds no suite.json; run a suite into it first (editbench bench --suite SUITE --out DIR)")
         cells = json.loads(manifest.read_text())["cells"]
     frames = [pd.read_csv(out / "cells" / f"{c}.csv") for c in cells if (out / "cells" / f"{c}.csv").is_file()]
+    for f in frames:  # cells written before the 'multi' option existed were all trained separately
+        if "multi" not in f.columns and "label" in f.columns:
+            f.insert(int(f.columns.get_loc("label")) + 1, "multi", "separate")
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     _write_csv(out / "results.csv", df)
     try:
