@@ -15,6 +15,7 @@ import json
 import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from editbench.fingerprint import update_with_tensor
@@ -101,3 +102,11 @@ def pipeline_state(pipe) -> str:
     h.update(f"tok:{len(tok)}:{id(getattr(tok, '_tokenizer', None))}".encode())
     h.update(f"emb:{id(pipe.text_encoder.get_input_embeddings())}".encode())
     return h.hexdigest()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def module_figures(request):
+    """Autouse in every module that imports it: prints the figures that module's tests recorded."""
+    before = set(FIGURES.data)
+    yield
+    report(request, before)

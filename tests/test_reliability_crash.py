@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import torch
 from _method_helpers import concept_for, editor
-from _reliability import FIGURES, KILLS_SLOW, report
+from _reliability import FIGURES, KILLS_SLOW, module_figures, report  # noqa: F401 (autouse fixture)
 
 from editbench import methods
 from editbench.errors import EditbenchError, TrainingError
@@ -34,13 +34,6 @@ from editbench.testing import tiny_pipeline
 
 METHODS = methods.available()
 SEED = int(os.environ.get("EDITBENCH_CRASH_SEED", "20251122"))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _figures(request):
-    before = set(FIGURES.data)
-    yield
-    report(request, before)
 
 
 @pytest.fixture(scope="module")

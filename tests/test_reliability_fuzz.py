@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 from _method_helpers import trained
-from _reliability import FIGURES, FUZZ_EXAMPLES, FUZZ_SLOW_EXAMPLES, pipeline_state, report
+from _reliability import FIGURES, FUZZ_EXAMPLES, FUZZ_SLOW_EXAMPLES, module_figures, pipeline_state, report  # noqa: F401 (autouse fixture)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -37,13 +37,6 @@ _HC = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.da
        HealthCheck.filter_too_much]
 FAST = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=_HC)
 SLOW = settings(max_examples=FUZZ_SLOW_EXAMPLES, deadline=None, database=None, suppress_health_check=_HC)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _figures(request):
-    before = set(FIGURES.data)
-    yield
-    report(request, before)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from _method_helpers import load, trained
-from _reliability import FIGURES, pipeline_state, report
+from _reliability import FIGURES, module_figures, pipeline_state, report  # noqa: F401 (autouse fixture)
 
 import editbench
 from editbench import methods
@@ -25,13 +25,6 @@ from editbench.fingerprint import LENGTH
 from editbench.testing import tiny_pipeline
 
 METHODS = methods.available()
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _figures(request):
-    before = set(FIGURES.data)
-    yield
-    report(request, before)
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 
 from editbench.models import clip_tokenizer
 from editbench.toyworld import scenes as R
-from editbench.toyworld.checker import check, heldout_specs
 from editbench.toyworld.benchmark import single_prompts
+from editbench.toyworld.checker import check, heldout_specs
 from editbench.toyworld.personal import EXCLUDED_APPEARANCES, PERSONAL_CONCEPTS
 
 
@@ -165,7 +165,7 @@ def test_committed_weights_load_offline_like_an_sd_folder(monkeypatch):
     a, b, c = _sample(pipe, "a red star", 3), _sample(pipe, "a red star", 3), _sample(pipe, "a red star", 4)
     assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all()
     assert np.array_equal(a, b) and not np.array_equal(a, c)
-    model, preprocess, tokenizer = toyworld.evaluator()
+    model, _, tokenizer = toyworld.evaluator()
     with torch.no_grad():
         f = model.encode_text(tokenizer(["a red star", "a blue circle"]))
     assert f.shape == (2, 64) and torch.isfinite(f).all()
