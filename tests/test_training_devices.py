@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 from _eval_stubs import StubEditor
-from PIL import Image
+from _method_helpers import star_images
 
 from editbench import training
 from editbench.concepts import ConceptData
@@ -29,14 +29,7 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def concept(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("concept")
-    g = torch.Generator().manual_seed(0)
-    paths = []
-    for i in range(3):
-        arr = (torch.rand(24, 24, 3, generator=g) * 255).byte().numpy()
-        paths.append(folder / f"{i}.png")
-        Image.fromarray(arr, "RGB").save(paths[-1])
-    return ConceptData("sks", "dog", paths)
+    return ConceptData("sks", "dog", star_images(tmp_path_factory.mktemp("concept"), n=3, size=24))
 
 
 @pytest.fixture
