@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from _method_helpers import generate
 
 from editbench.models import clip_tokenizer
 from editbench.toyworld import scenes as R
@@ -141,13 +142,6 @@ def test_personal_concepts_and_data_layout(tmp_path):
 
 
 # ------------------------------------------------------------------------------- committed weights, training
-def _sample(pipe, prompt, seed, steps=4):
-    import torch
-
-    g = torch.Generator("cpu").manual_seed(seed)
-    return pipe(prompt, num_inference_steps=steps, guidance_scale=3.0, generator=g, output_type="np").images
-
-
 def test_committed_weights_load_offline_like_an_sd_folder(monkeypatch):
     """``StableDiffusionPipeline.from_pretrained(model_path())`` with the hub switched off, float32 by default;
     sampling is deterministic for a seed; the evaluator is an open_clip model."""
@@ -162,7 +156,7 @@ def test_committed_weights_load_offline_like_an_sd_folder(monkeypatch):
     assert {p.dtype for p in pipe.unet.parameters()} | {p.dtype for p in pipe.text_encoder.parameters()} == {
         torch.float32}
     assert pipe.tokenizer.model_max_length == 77
-    a, b, c = _sample(pipe, "a red star", 3), _sample(pipe, "a red star", 3), _sample(pipe, "a red star", 4)
+    a, b, c = (generate(pipe, "a red star", steps=4, seed=k, guidance_scale=3.0) for k in (3, 3, 4))
     assert a.shape == (1, 32, 32, 3) and np.isfinite(a).all()
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     model, _, tokenizer = toyworld.evaluator()
@@ -191,7 +185,7 @@ def test_world_train_smoke_run_exports_a_loadable_world_and_resumes(tmp_path, mo
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = StableDiffusionPipeline.from_pretrained(out / "model")
     pipe.set_progress_bar_config(disable=True)
-    assert np.isfinite(_sample(pipe, "a red star", 0, steps=2)).all()
+    assert np.isfinite(generate(pipe, "a red star", steps=2)).all()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "_work").glob("*.safetensors")}
     train_world(out, cfg=WorldConfig.smoke(), progress=False)  # resume: every stage is complete
     after = {p.name: p.stat().st_mtime_ns for p in (out / "_work").glob("*.safetensors")}
