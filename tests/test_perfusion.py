@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from editbench import solver
@@ -136,6 +137,28 @@ def test_steep_gates_hit_every_target_and_spare_orthogonal_inputs():
     assert (single - o_star[:1]).abs().max() > 1e-3
 
 
+def test_concept_only_gate_edits_exactly_the_flagged_tokens():
+    cov, w, i_star, o_star, x = _problem(c=2)
+    cinv = torch.linalg.inv(cov)
+    beta, tau = torch.tensor([0.6, 0.7], dtype=torch.float64), torch.tensor([0.1, 0.2], dtype=torch.float64)
+    where = torch.zeros(*x.shape[:-1], 2, dtype=torch.bool)                              # (b, n, c)
+    where[0, 1, 0] = where[1, 3, 1] = where[1, 4, :] = True
+    got = gated_rank1(x, w, cinv, i_star, o_star, beta, tau, where)
+    # per concept: flagged tokens get that concept's term of the reference, the others none of it (exact W x)
+    base = x @ w.T
+    s_of = torch.linalg.inv(i_star @ cinv @ i_star.T) @ i_star @ cinv                    # (c, d)
+    s = x @ s_of.T                                                                       # (b, n, c)
+    term = -(s[..., :, None] * (i_star @ w.T)) + torch.sigmoid((s - beta) / tau)[..., None] * o_star  # (b, n, c, o)
+    expect = base + (term * where[..., None]).sum(-2)
+    torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-10)
+    assert torch.equal(got[0, 0], base[0, 0])                                           # untouched token: bitwise
+    torch.testing.assert_close(got[1, 4], _reference(x, w, cov, i_star, o_star, beta, tau)[1, 4], rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gated_rank1(x, w, cinv, i_star, o_star, beta, tau, torch.ones_like(where)),
+                               _reference(x, w, cov, i_star, o_star, beta, tau), rtol=1e-10, atol=1e-10)
+    with pytest.raises(EditbenchError, match="where must be"):
+        gated_rank1(x, w, cinv, i_star, o_star, beta, tau, where[..., :1])
+
+
 def test_gated_rank1_rejects_bad_shapes_and_dependent_concepts():
     cov, w, i_star, o_star, x = _problem(c=2)
     with pytest.raises(EditbenchError, match="shape mismatch"):
@@ -207,6 +230,40 @@ def test_key_locking_inside_an_ordinary_pipeline_call(pipe, lock):
             site = name.removesuffix(".to_v")
             torch.testing.assert_close(out[1, pos], art.tensors[f"o_v.{site}"], rtol=1e-4, atol=1e-5)
     handle.undo()
+
+
+@pytest.mark.parametrize("source", ["settings", "artifact"])
+def test_concept_only_gate_inside_a_pipeline_call(pipe, source):
+    prompt = "a photo of a <thing> on the grass"
+    (art,) = craft(pipe, [("<thing>", "dog")], prompt)
+    if source == "artifact":
+        art.metadata["config"]["gate_tokens"] = "concept"
+        handle = PerfusionEditor().apply(pipe, art, **STEEP)
+    else:
+        handle = PerfusionEditor().apply(pipe, art, gate_tokens="concept", **STEEP)
+    seen = capture(handle)
+    images(pipe, prompt)                                                                 # CFG batch [uncond, cond]
+    pos = int(token_position(tokenize(pipe, [prompt]), handle.info["token_ids"][0])[0])
+    handle.undo()
+    full = PerfusionEditor().apply(pipe, art, gate_tokens="all", **STEEP)
+    seen_all = capture(full)
+    images(pipe, prompt)
+    full.undo()
+    for name, layer in handle.info["layers"].items():
+        (x, out), (_, out_all) = seen[name], seen_all[name]
+        base = F.linear(x, layer.weight, layer.bias)                                     # (2, n, o)
+        others = torch.ones(x.shape[1], dtype=torch.bool)
+        others[pos] = False
+        torch.testing.assert_close(out[1, others], base[1, others], rtol=0, atol=1e-6)  # every other token: W x
+        torch.testing.assert_close(out[0], base[0], rtol=0, atol=1e-6)                  # unconditional row: W x
+        torch.testing.assert_close(out[1, pos], out_all[1, pos], rtol=1e-5, atol=1e-6)  # concept token: as "all"
+    # the paper's gate does touch later tokens in this encoder (else the test above could not fail)
+    assert any((seen_all[n][1][1, pos + 1:] - F.linear(seen_all[n][0][1, pos + 1:], lay.weight, lay.bias)).abs().max()
+               > 1e-4 for n, lay in handle.info["layers"].items())
+    with pytest.raises(EditbenchError, match="gate_tokens"):
+        PerfusionEditor().apply(pipe, art, gate_tokens="prompt")
+    with pytest.raises(EditbenchError, match="gate_tokens"):
+        PerfusionConfig(gate_tokens="everywhere").validate()
 
 
 def test_two_concepts_in_one_prompt_each_reach_their_own_targets(pipe):

@@ -323,10 +323,11 @@ def test_joint_pair_cell_trains_one_artifact_on_both_concepts(tmp_path, fakes):
         df = _run(tmp_path, JOINT)
         fits = list(FakeEditor.fits)
         out = tmp_path / "out"
-        # separate: one fit per concept (merged with compose); joint: the same singles + ONE fit on the pair
-        assert Counter(f[1] for f in fits) == {"<zebra>": 2, "<sunny>": 2, ("<zebra>", "<sunny>"): 1}
-        joint = sorted((out / "artifacts" / "fj-joint" / "zebra+sunny").glob("seed0-*.safetensors"))
-        assert len(joint) == 1 and not (out / "artifacts" / "fake_joint" / "zebra+sunny").exists()
+        # separate: one fit per concept (merged with compose); joint: ONE fit on the pair, and its single-concept
+        # cells reuse the separate entry's artifacts (same method and config: same files under the method name)
+        assert Counter(f[1] for f in fits) == {"<zebra>": 1, "<sunny>": 1, ("<zebra>", "<sunny>"): 1}
+        joint = sorted((out / "artifacts" / "fake_joint" / "zebra+sunny").glob("seed0-*.safetensors"))
+        assert len(joint) == 1 and not (out / "artifacts" / "fj-joint").exists()
         from editbench.methods.base import Artifact
 
         meta = Artifact.load(joint[0]).metadata
@@ -381,7 +382,7 @@ def test_joint_custom_diffusion_on_the_tiny_pipeline(tmp_path):
     pair = df[df.n_concepts == 2].set_index("label")
     assert set(pair.index) == {"custom_diffusion", "cd-joint"}
     assert pair.loc["cd-joint", "multi"] == "joint" and pair.loc["custom_diffusion", "multi"] == "separate"
-    joint = list((tmp_path / "artifacts" / "cd-joint" / "zebra+sunny").glob("*.safetensors"))
+    joint = list((tmp_path / "artifacts" / "custom_diffusion" / "zebra+sunny").glob("*.safetensors"))
     assert len(joint) == 1
     meta = Artifact.load(joint[0]).metadata
     assert meta["modifier_tokens"] == ["<zebra>", "<sunny>"] and len(meta["categories"]) == 2
@@ -390,8 +391,8 @@ def test_joint_custom_diffusion_on_the_tiny_pipeline(tmp_path):
     assert pair.loc["cd-joint", "train_steps"] == 2 and pair.loc["custom_diffusion", "train_steps"] == 4
     assert pair.loc["cd-joint", "storage_bytes"] == joint[0].stat().st_size
     assert "<zebra> heart" in pair.loc["cd-joint", "prompt"]
-    # 2 singles per entry + the joint pair artifact (the merged one is not saved)
-    assert len(list((tmp_path / "artifacts").rglob("*.safetensors"))) == 5
+    # 2 singles shared by both entries (same config) + the joint pair artifact (the merged one is not saved)
+    assert len(list((tmp_path / "artifacts").rglob("*.safetensors"))) == 3
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").rglob("*.safetensors")}
     again = S.run_suite(S.load_suite(spec), tmp_path, pipeline=pipe, clip=clip, progress=False)
     pd.testing.assert_frame_equal(df, again)

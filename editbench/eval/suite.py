@@ -5,8 +5,10 @@ setting, generate ``images_per_prompt`` images for every prompt, score them. Eac
 atomically to ``cells/<cell id>.csv`` (the done marker; a cell that cannot run, e.g. a multi-concept cell of a
 method without multi-concept support, writes ``cells/<cell id>.skip.json``); ``results.csv`` (and
 ``results.parquet``) are assembled from the cell files of the current suite. Re-running skips finished cells, so a
-killed run loses at most the cell in flight. Trained artifacts live in ``artifacts/`` keyed by a hash of what
-determines them and are reused across inference settings, multi-concept cells and re-runs. ``--shard i/N``
+killed run loses at most the cell in flight. Trained artifacts live in ``artifacts/<method name>/`` keyed by a
+hash of what determines them (method, config, steps, seed, model, concept) and are reused across inference
+settings, multi-concept cells, re-runs and method entries: two entries (labels) of one method with the same
+config train once. ``--shard i/N``
 runs a deterministic slice: the (method, concept(s), seed) groups in sorted order, every N-th from the i-th.
 
 Output layout (every name coming from a suite file is sanitized; nothing is written outside ``out``)::
@@ -565,7 +567,7 @@ class _Runner:
         """(artifact, ConceptData) of (method, concept, seed): loaded if saved, else trained and saved.
 
         ``name`` a tuple of several concepts: ONE artifact trained jointly on all of them (``multi: joint``),
-        saved under ``artifacts/<label>/<a>+<b>/``; the second item is then the list of their ConceptData."""
+        saved under ``artifacts/<method>/<a>+<b>/``; the second item is then the list of their ConceptData."""
         editor = self.editor(m)
         names = (name,) if isinstance(name, str) else tuple(name)
         data = [self.concept_data(editor, n) for n in names]
@@ -580,9 +582,11 @@ class _Runner:
         key = _hash(what)
         concept = data[0] if len(names) == 1 else data
         folder = "+".join(names)
-        if (m.label, folder, seed, key) in self._artifacts:
-            return self._artifacts[(m.label, folder, seed, key)], concept
-        path = _inside(self.out, self.out / "artifacts" / m.label / folder / f"seed{seed}-{key}.safetensors")
+        # keyed by the method's registry name, not the entry's label: entries that differ only in inference
+        # settings (e.g. perfusion and perfusion-global) share their artifacts
+        if (m.name, folder, seed, key) in self._artifacts:
+            return self._artifacts[(m.name, folder, seed, key)], concept
+        path = _inside(self.out, self.out / "artifacts" / m.name / folder / f"seed{seed}-{key}.safetensors")
         art = None
         if path.is_file():
             with contextlib.suppress(EditbenchError):
@@ -596,7 +600,7 @@ class _Runner:
                 for f in ckpt.glob("*"):
                     f.unlink()
                 ckpt.rmdir()
-        self._artifacts[(m.label, folder, seed, key)] = art
+        self._artifacts[(m.name, folder, seed, key)] = art
         return art, concept
 
     def references(self, encoder: Any, name: str) -> torch.Tensor:

@@ -54,6 +54,7 @@ class WorldConfig:
     warmup: int = 150
     ema_decay: float = 0.998
     cond_dropout: float = 0.1
+    object_loss_weight: float = 1.0   # diffusion-loss weight of latent pixels on/next to an object (background: 1)
     evaluator_steps: int = 700
     evaluator_batch: int = 128
     evaluator_lr: float = 1e-3
@@ -160,15 +161,17 @@ def stage_data(cfg: WorldConfig, work: Path, tokenizer, progress=True) -> dict:
     path = work / "data.safetensors"
     if path.exists():
         return read_tensors(path)
-    images, ids = [], []
+    images, ids, masks = [], [], []
     for i in tqdm(range(cfg.n_scenes), desc="render scenes", disable=not progress):
         spec = R.sample_scene(_scene_rng(cfg.seed, i, "base"), split="train", excluded=EXCLUDED_APPEARANCES)
         r = R.render(spec, cfg.image_size)
         images.append(r.image)
         ids.append(r.caption)
+        masks.append(np.clip(np.sum(r.masks, axis=0), 0, 1) > 0.5)
     tok = tokenizer(ids, padding="max_length", max_length=CLIP_MAX_LENGTH, truncation=True,
                     return_tensors="pt").input_ids
-    data = {"images": _to_tensor(images), "input_ids": tok.to(torch.int32)}
+    data = {"images": _to_tensor(images), "input_ids": tok.to(torch.int32),
+            "masks": torch.from_numpy(np.stack(masks)).to(torch.uint8)}          # (N, h, w) union of the objects
     write_tensors(path, data)
     return data
 
@@ -302,6 +305,17 @@ def stage_unet(cfg, work, data, latents, progress=True):
     ])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.unet_steps))
     ids_all = data["input_ids"].long()
+    # Loss weight per latent pixel: object_loss_weight on the objects (mask max-pooled to the latent grid and
+    # dilated by one latent pixel, so edges count), 1 on the background. Shapes differ from each other in few
+    # pixels, a solid background in many: without it the loss is dominated by what the model already draws right.
+    weight_all = None
+    if cfg.object_loss_weight != 1.0:
+        if "masks" not in data:
+            raise TrainingError(f"{work / 'data.safetensors'} has no object masks (written by an older editbench); "
+                                "use a new --work folder")
+        m = data["masks"].float()[:, None]                                                  # (N, 1, h, w)
+        m = F.max_pool2d(F.max_pool2d(m, m.shape[-1] // latents.shape[-1]), 3, 1, 1)        # (N, 1, h/2, w/2)
+        weight_all = 1 + (cfg.object_loss_weight - 1) * m
     empty = clip_tokenizer()([""], padding="max_length", max_length=CLIP_MAX_LENGTH, return_tensors="pt").input_ids
 
     def step_fn(step, gen):
@@ -317,7 +331,11 @@ def stage_unet(cfg, work, data, latents, progress=True):
         target = noise_sched.get_velocity(x0, noise, t)
         h = text(ids).last_hidden_state  # (b, 77, d)
         pred = unet(xt, t, h).sample
-        loss = F.mse_loss(pred, target)
+        if weight_all is None:
+            loss = F.mse_loss(pred, target)
+        else:
+            w = weight_all[idx]                                                             # (b, 1, h, w)
+            loss = ((pred - target) ** 2 * w).mean() / w.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text.parameters()), 1.0)

@@ -10,9 +10,10 @@ from dataclasses import dataclass
 from editbench.errors import EditbenchError
 from editbench.training import TrainConfig
 
-__all__ = ["LOCKS", "PerfusionConfig", "PerfusionSettings"]
+__all__ = ["GATE_TOKENS", "LOCKS", "PerfusionConfig", "PerfusionSettings"]
 
 LOCKS = ("local", "global")
+GATE_TOKENS = ("all", "concept")
 
 
 def _positive(name: str, v: float) -> None:
@@ -31,7 +32,12 @@ class PerfusionConfig(TrainConfig):
     "trained keys": ``o*_K`` of every cross-attention layer becomes a learned float32 parameter (initialised from
     ``W_K i_super`` like ``o*_V``, its own parameter group with learning rate ``lr_keys``), stored in the artifact
     as ``o_k.<layer>``; such artifacts cannot be applied with ``lock="global"``. ``lr_keys`` is unused when
-    ``key_locking`` is True."""
+    ``key_locking`` is True.
+
+    ``gate_tokens``: ``"all"`` (default, the paper) gates every token of the prompt by ``s(x)``; ``"concept"``
+    edits only the positions of the concept's own token (every other token keeps ``W x``). Use it with text
+    encoders that carry the concept direction into all later tokens (measured on the toy world:
+    docs/methods/perfusion.md). Stored in the artifact; :class:`PerfusionSettings` uses it unless overridden."""
 
     steps: int = 200
     batch_size: int = 4
@@ -44,6 +50,7 @@ class PerfusionConfig(TrainConfig):
     cov_ridge: float = 1e-4        # C + cov_ridge * tr(C) / d * I
     key_locking: bool = True       # False: the "trained keys" ablation (o*_K learned and stored per layer)
     lr_keys: float = 0.03          # o*_K of every cross-attention layer, only when key_locking is False
+    gate_tokens: str = "all"       # "all" (paper) or "concept" (edit only the concept token's positions)
 
     @classmethod
     def reference(cls, **overrides) -> PerfusionConfig:
@@ -54,6 +61,8 @@ class PerfusionConfig(TrainConfig):
         super().validate()
         if not isinstance(self.key_locking, bool):
             raise EditbenchError(f"key_locking must be True or False, got {self.key_locking!r}")
+        if self.gate_tokens not in GATE_TOKENS:
+            raise EditbenchError(f"gate_tokens must be one of {GATE_TOKENS}, got {self.gate_tokens!r}")
         for name in ("lr_values", "lr_embedding", "lr_keys", "tau_train", "cov_ridge"):
             _positive(name, getattr(self, name))
         if not (isinstance(self.beta_train, (int, float)) and math.isfinite(self.beta_train)):
@@ -72,11 +81,14 @@ class PerfusionSettings:
     Artifacts trained with ``key_locking=False`` (trained keys) always use their stored ``o*_K``: ``"local"``
     locking does not touch their keys, and ``"global"`` is refused (EditbenchError) if any applied artifact has
     trained keys.
+    ``gate_tokens``: None (default) uses each artifact's training value; ``"all"`` or ``"concept"`` overrides it
+    for every artifact (see :class:`PerfusionConfig`).
     """
 
     beta: float | Sequence[float] = 0.70
     tau: float | Sequence[float] = 0.15
     lock: str = "local"
+    gate_tokens: str | None = None
 
     def per_concept(self, name: str, n: int) -> list[float]:
         v = getattr(self, name)
@@ -97,3 +109,5 @@ class PerfusionSettings:
             _positive("tau", t)
         if self.lock not in LOCKS:
             raise EditbenchError(f"lock must be one of {LOCKS}, got {self.lock!r}")
+        if self.gate_tokens is not None and self.gate_tokens not in GATE_TOKENS:
+            raise EditbenchError(f"gate_tokens must be None or one of {GATE_TOKENS}, got {self.gate_tokens!r}")

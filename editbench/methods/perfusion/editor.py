@@ -31,7 +31,7 @@ from editbench.errors import ArtifactError, EditbenchError, TrainingError
 from editbench.fingerprint import module_tensors, text_encoder_fingerprint
 from editbench.methods import register
 from editbench.methods.base import Artifact, EditHandle, Editor
-from editbench.methods.perfusion.config import PerfusionConfig, PerfusionSettings
+from editbench.methods.perfusion.config import GATE_TOKENS, PerfusionConfig, PerfusionSettings
 from editbench.methods.perfusion.layers import ConceptBank, GatedRank1Linear
 from editbench.methods.tokens import add_tokens, base_tokenizer, single_token_id, token_position
 from editbench.sites import CrossAttentionSite, find_cross_attention_sites
@@ -159,7 +159,8 @@ class PerfusionSession(TrainingSession):
         self.token_id = add_tokens(handle, pipeline, [concept.placeholder], self.embedding)[0]
         self.bank = ConceptBank(_cholesky(pipeline, config.cov_ridge), [self.token_id], [sup_id],
                                 [config.beta_train], [config.tau_train],
-                                trained_keys=[not config.key_locking])
+                                trained_keys=[not config.key_locking],
+                                concept_only=[config.gate_tokens == "concept"])
         self.o_v = {s.name: torch.nn.Parameter(F.linear(i_super.to(s.value.weight), s.value.weight).detach().float())
                     for s in sites}                                                           # site -> (1, o)
         # trained keys (ablation): o*_K learned per layer, initialised from W_K i_super exactly like o*_V
@@ -317,8 +318,12 @@ class PerfusionEditor(Editor):
         emb = pipeline.text_encoder.get_input_embeddings().weight
         rows = torch.stack([a.tensors["embedding"] for a in artifacts]).to(emb)             # (c, d_emb)
         token_ids = add_tokens(handle, pipeline, placeholders, rows)
+        gates = [settings.gate_tokens or a.metadata.get("config", {}).get("gate_tokens", "all") for a in artifacts]
+        if bad := sorted({g for g in gates if g not in GATE_TOKENS}, key=str):
+            raise ArtifactError(f"artifact metadata has config.gate_tokens {bad}; expected one of {GATE_TOKENS}")
         bank = ConceptBank(_cholesky(pipeline, ridges.pop()), token_ids, sup_ids, settings.per_concept("beta", n),
-                           settings.per_concept("tau", n), settings.lock, trained_keys=trained)
+                           settings.per_concept("tau", n), settings.lock, trained_keys=trained,
+                           concept_only=[g == "concept" for g in gates])
         bank.set_i_star(torch.stack([a.tensors["i_star"] for a in artifacts]).to(device))
         o_v = {s.name: torch.stack([a.tensors[f"o_v.{s.name}"] for a in artifacts]).to(s.value.weight)
                for s in sites}                                                               # site -> (c, o)

@@ -7,6 +7,12 @@ For concepts ``c = 1..C`` with input directions ``i*_c`` (rows of ``i_star``, wi
     s(x) = (U^T C^-1 U)^-1 U^T C^-1 x                (c,)   s_c(i*_c') = [c == c']
     h(x) = W (x - U s(x)) + sum_c sigmoid((s_c(x) - beta_c) / tau_c) o*_c
 
+That is the paper's gate, on every token (``gate_tokens="all"``). ``gate_tokens="concept"`` multiplies ``s_c`` (and
+so both the rank-1 removal and the gate) by ``m_c(x)``, 1 at the positions that hold concept c's token and 0
+elsewhere: the edit then touches only the concept word, and every other token gets ``W x`` exactly. This is for
+text encoders that carry the concept direction into every later token (a small causal encoder such as the toy
+world's does: the gate then fires on "on", "a" and every padding token, and the concept takes over the image).
+
 For one concept ``s(x) = x^T C^-1 i* / (i*^T C^-1 i*)``. Everything that does not depend on ``x`` is computed
 once in float64 (``G = (U^T C^-1 U)^-1 U^T C^-1`` and ``W U``); the per-call work is ``x G^T``, a sigmoid and two
 small matmuls in the input dtype. Shape legend: b batch, n tokens, d text width, o output width, c concepts.
@@ -44,14 +50,20 @@ def gate_projection(u: torch.Tensor, cinv_u: torch.Tensor) -> torch.Tensor:
 
 
 def gated_output(x: torch.Tensor, base_out: torch.Tensor, g: torch.Tensor, wu: torch.Tensor,
-                 o_star: torch.Tensor, beta: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+                 o_star: torch.Tensor, beta: torch.Tensor, tau: torch.Tensor,
+                 where: torch.Tensor | None = None) -> torch.Tensor:
     """``h(x) = W x + b - (W U) s(x) + sigmoid((s - beta) / tau) o*`` given ``base_out = W x + b``.
 
     x ``(..., d)``, base_out ``(..., o)``, g ``(c, d)``, wu = ``(W U)^T`` ``(c, o)``, beta/tau ``(c,)``;
     o_star ``(c, o)`` shared by all rows, or ``(b, c, o)`` one per batch row (key-locking, x ``(b, n, d)``).
+    where: optional ``(..., c)`` 0/1 mask of the tokens each concept may edit (``gate_tokens="concept"``);
+    masked-out tokens get ``W x + b`` from that concept.
     """
     s = x @ g.T                                            # (..., c) gate inputs
     gate = torch.sigmoid((s - beta) / tau)                 # (..., c)
+    if where is not None:
+        where = where.to(s.dtype)
+        s, gate = s * where, gate * where
     if o_star.ndim == 2:
         target = gate @ o_star                             # (..., o)
     else:
@@ -60,18 +72,23 @@ def gated_output(x: torch.Tensor, base_out: torch.Tensor, g: torch.Tensor, wu: t
 
 
 def gated_rank1(x: torch.Tensor, weight: torch.Tensor, cov_inv: torch.Tensor, i_star: torch.Tensor,
-                o_star: torch.Tensor, beta: float | torch.Tensor, tau: float | torch.Tensor) -> torch.Tensor:
+                o_star: torch.Tensor, beta: float | torch.Tensor, tau: float | torch.Tensor,
+                where: torch.Tensor | None = None) -> torch.Tensor:
     """Perfusion's gated rank-1 projection ``h(x)`` (module docstring), as a pure function.
 
     Args:
         x: ``(..., d)`` inputs.  weight: ``(o, d)``.  cov_inv: ``(d, d)`` ``C^-1``.
         i_star: ``(c, d)`` (or ``(d,)``) concept input directions.  o_star: ``(c, o)`` (or ``(o,)``) targets.
         beta, tau: scalars or ``(c,)``.
+        where: optional ``(..., c)`` mask of the tokens each concept may edit (None: every token, the paper).
     Returns ``(..., o)`` in ``x``'s dtype (the x-independent parts are computed in float64).
     """
     i_star = i_star[None] if i_star.ndim == 1 else i_star
     o_star = o_star[None] if o_star.ndim == 1 else o_star
     (o, d), c = weight.shape, i_star.shape[0]
+    if where is not None and where.shape != (*x.shape[:-1], c):
+        raise EditbenchError(f"where must be {(*x.shape[:-1], c)} (one flag per token and concept), got "
+                             f"{tuple(where.shape)}")
     if x.shape[-1] != d or cov_inv.shape != (d, d) or i_star.shape != (c, d) or o_star.shape != (c, o):
         raise EditbenchError(f"shape mismatch: x {tuple(x.shape)}, weight {tuple(weight.shape)}, cov_inv "
                              f"{tuple(cov_inv.shape)}, i_star {tuple(i_star.shape)}, o_star {tuple(o_star.shape)}; "
@@ -83,7 +100,7 @@ def gated_rank1(x: torch.Tensor, weight: torch.Tensor, cov_inv: torch.Tensor, i_
     wu = (u @ weight.to(wide).T).to(x.dtype)               # (c, o) = (W U)^T
     beta = torch.as_tensor(beta, dtype=x.dtype, device=x.device).expand(c)
     tau = torch.as_tensor(tau, dtype=x.dtype, device=x.device).expand(c)
-    return gated_output(x, x @ weight.T.to(x.dtype), g, wu, o_star.to(x.dtype), beta, tau)
+    return gated_output(x, x @ weight.T.to(x.dtype), g, wu, o_star.to(x.dtype), beta, tau, where)
 
 
 @dataclass
@@ -94,6 +111,7 @@ class KeyLock:
     x_super: torch.Tensor    # (b, n, d) the same prompt with superclass words (zeros where unmatched)
     i_super: torch.Tensor    # (b, c, d) superclass encoding at each concept's position (zeros where absent)
     present: torch.Tensor    # (b, c) bool: concept c occurs in row b
+    at: torch.Tensor         # (b, n, c) bool: token n of row b is concept c's token
 
 
 class ConceptBank:
@@ -110,6 +128,8 @@ class ConceptBank:
         chol: ``(d, d)`` lower Cholesky factor of the (ridged) text second moment ``C``.
         token_ids, superclass_ids: one per concept.
         beta, tau: one per concept.  lock: ``"local"`` or ``"global"``.
+        concept_only: one bool per concept (default all False): True gates that concept only at its own token's
+            positions (``gate_tokens="concept"``, module docstring), False on every token (the paper).
         trained_keys: one bool per concept (default all False): True for a concept whose key target ``o*_K`` is
             learned (the "trained keys" ablation); its keys are never locked to the superclass, and
             ``lock="global"`` is refused (EditbenchError) if any concept has trained keys.
@@ -119,7 +139,7 @@ class ConceptBank:
 
     def __init__(self, chol: torch.Tensor, token_ids: Sequence[int], superclass_ids: Sequence[int],
                  beta: Sequence[float], tau: Sequence[float], lock: str = "local",
-                 trained_keys: Sequence[bool] | None = None):
+                 trained_keys: Sequence[bool] | None = None, concept_only: Sequence[bool] | None = None):
         self.chol = chol.to(_wide(chol.device))
         self.device = chol.device
         self.token_ids, self.superclass_ids = list(token_ids), list(superclass_ids)
@@ -134,6 +154,11 @@ class ConceptBank:
                                  "contradicts trained keys (key_locking=False artifacts); use lock='local'")
         self.trained_keys = torch.tensor(trained, dtype=torch.bool, device=self.device)   # (c,)
         self.all_keys_trained = all(trained)
+        only = [False] * len(self.token_ids) if concept_only is None else [bool(t) for t in concept_only]
+        if len(only) != len(self.token_ids):
+            raise EditbenchError(f"concept_only needs one bool per concept ({len(self.token_ids)}), got {concept_only!r}")
+        self.concept_only = torch.tensor(only, dtype=torch.bool, device=self.device)     # (c,)
+        self.any_concept_only = any(only)
         self.version = 0
         self.generation = 0          # bumped whenever the key-lock stash changes (see GatedRank1Linear's cache)
         self._busy = False
@@ -220,6 +245,7 @@ class ConceptBank:
         x_super = x.new_zeros(b, n, d)
         i_super = x.new_zeros(b, c, d)
         present = torch.zeros(b, c, dtype=torch.bool, device=x.device)
+        at = torch.zeros(b, n, c, dtype=torch.bool, device=x.device)
         xd = x.detach()
         for row in range(b):
             for ids, out, sup in self._stash.values():
@@ -227,12 +253,13 @@ class ConceptBank:
                     matched[row] = True
                     x_super[row] = sup.to(x.dtype)
                     for j, t in enumerate(self.token_ids):
+                        at[row, :, j] = (ids == t).to(x.device)
                         pos = (ids == t).nonzero()
                         if len(pos):
                             present[row, j] = True
                             i_super[row, j] = x_super[row, int(pos[0])]
                     break
-        lock = KeyLock(matched, x_super, i_super, present) if bool(matched.any()) else None
+        lock = KeyLock(matched, x_super, i_super, present, at) if bool(matched.any()) else None
         self._last = (weakref.ref(x), x._version, lock)
         return lock
 
@@ -307,15 +334,21 @@ class GatedRank1Linear(torch.nn.Module):
         wu = self._wu_for(i_star)                                           # (c, o)
         base_out = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         o_star = self.o_star.to(x.dtype)                                    # (c, o)
+        where, lock = None, None
+        if self.bank.any_concept_only and x.ndim == 3:
+            lock = self.bank.lookup(x)
+            at = lock.at if lock is not None else torch.zeros(*x.shape[:2], self.bank.n_concepts, dtype=torch.bool,
+                                                                 device=x.device)
+            where = at | ~self.bank.concept_only                             # (b, n, c)
         if self.role == "value" or x.ndim != 3 or self.bank.all_keys_trained:
-            return gated_output(x, base_out, g, wu, o_star, beta, tau)
-        lock = self.bank.lookup(x)
+            return gated_output(x, base_out, g, wu, o_star, beta, tau, where)
+        lock = lock if where is not None else self.bank.lookup(x)
         if lock is None:
-            return gated_output(x, base_out, g, wu, o_star, beta, tau)
+            return gated_output(x, base_out, g, wu, o_star, beta, tau, where)
         locked = F.linear(lock.i_super, self.weight.to(x.dtype))            # (b, c, o) = W i_super
         use_lock = lock.present & ~self.bank.trained_keys                   # (b, c) trained keys keep their o*_K
         targets = torch.where(use_lock[..., None], locked, o_star)          # (b, c, o)
-        out = gated_output(x, base_out, g, wu, targets, beta, tau)          # (b, n, o)
+        out = gated_output(x, base_out, g, wu, targets, beta, tau, where)   # (b, n, o)
         if self.bank.lock == "global":
             whole = F.linear(lock.x_super, self.weight.to(x.dtype),
                              None if self.bias is None else self.bias.to(x.dtype))  # (b, n, o) keys of superclass prompt
