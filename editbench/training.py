@@ -389,9 +389,16 @@ class _DataParallel:
         ``grad = None`` (the optimizer skips it, as in the plain loop)."""
         have = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
         have = self.acc.reduce(have, reduction="sum")
+        # one all-reduce per (device, dtype) bucket instead of one per parameter (what DDP's buckets do)
+        buckets: dict[tuple, list[torch.nn.Parameter]] = {}
         for p, h in zip(params, have.tolist()):
             if h:
-                p.grad = self.acc.reduce(p.grad if p.grad is not None else torch.zeros_like(p), reduction="mean")
+                buckets.setdefault((p.device, p.dtype), []).append(p)
+        for group in buckets.values():
+            flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in group])
+            flat = self.acc.reduce(flat, reduction="mean")
+            for p, g in zip(group, flat.split([p.numel() for p in group])):
+                p.grad = g.view_as(p).clone()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -188,3 +188,25 @@ def test_wrong_device_or_distributed_type_is_refused(pipe, concept, clean_env):
     _through(clean_env, acc)
     with pytest.raises(TrainingError, match="DEEPSPEED"):
         _fit(pipe, concept)
+
+
+def test_gradients_are_averaged_in_one_all_reduce_per_dtype_bucket():
+    class Doubling(StubAccelerator):
+        def reduce(self, tensor, reduction="sum"):  # the other process holds 3x this one's gradients: mean = 2x
+            self.calls[f"reduce_{reduction}"] += 1
+            return tensor.clone() * (self.num_processes if reduction == "sum" else 2)
+
+    acc = Doubling()
+    dp = training._DataParallel(acc, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(*shape, generator=g, dtype=dt))
+              for shape, dt in (((3, 4), torch.float32), ((5,), torch.float64), ((2, 2), torch.float32), ((7,), torch.float32))]
+    for p in params[:3]:
+        p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    before = [None if p.grad is None else p.grad.clone() for p in params]
+    dp.reduce_grads(params)
+    for p, b in zip(params[:3], before[:3]):
+        assert p.grad.dtype == p.dtype and p.grad.shape == p.shape
+        torch.testing.assert_close(p.grad, 2 * b, rtol=0, atol=0)
+    assert params[3].grad is None                                        # no process had a gradient: stays None
+    assert acc.calls["reduce_mean"] == 2                                 # one float32 bucket, one float64 bucket

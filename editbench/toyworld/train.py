@@ -47,14 +47,14 @@ class WorldConfig:
     vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
-    unet_steps: int = 2800
+    unet_steps: int = 4200
     unet_batch: int = 64
     unet_lr: float = 6e-4
     text_lr: float = 3e-4
     warmup: int = 150
     ema_decay: float = 0.998
     cond_dropout: float = 0.1
-    object_loss_weight: float = 1.0   # diffusion-loss weight of latent pixels on/next to an object (background: 1)
+    object_loss_weight: float = 5.0   # diffusion-loss weight of latent pixels on/next to an object (background: 1)
     evaluator_steps: int = 700
     evaluator_batch: int = 128
     evaluator_lr: float = 1e-3
