@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from _method_helpers import generate
 
 from editbench.models import clip_tokenizer
@@ -205,3 +206,19 @@ def test_world_training_is_deterministic_for_a_seed(tmp_path):
               "vae/diffusion_pytorch_model.safetensors"):
         ta, tb = read_tensors(tmp_path / "a" / "model" / f), read_tensors(tmp_path / "b" / "model" / f)
         assert ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta), f
+
+
+def test_object_weight_map_marks_objects_and_their_latent_neighbours():
+    from editbench.toyworld.train import object_weight_map
+
+    masks = torch.zeros(2, 8, 8, dtype=torch.uint8)
+    masks[0, 2:4, 2:4] = 1                                  # latent pixel (1, 1) of a 4x4 grid
+    masks[1, 7, 0] = 1                                      # a corner: latent pixel (3, 0)
+    w = object_weight_map(masks, 4, 5.0)
+    assert w.shape == (2, 1, 4, 4)
+    expect0 = torch.ones(4, 4)
+    expect0[0:3, 0:3] = 5.0                                  # (1, 1) and its 8 neighbours
+    expect1 = torch.ones(4, 4)
+    expect1[2:4, 0:2] = 5.0                                  # (3, 0) and its in-grid neighbours
+    assert torch.equal(w[0, 0], expect0) and torch.equal(w[1, 0], expect1)
+    assert torch.equal(object_weight_map(torch.zeros(1, 8, 8), 4, 5.0), torch.ones(1, 1, 4, 4))

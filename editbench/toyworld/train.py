@@ -288,6 +288,14 @@ def stage_decoder(cfg, work, data, vae, latents, scale, progress=True):
     return vae.eval()
 
 
+def object_weight_map(masks: torch.Tensor, latent_size: int, weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights ``(N, 1, s, s)``: ``weight`` where an object covers the latent pixel or one of
+    its 8 neighbours (masks ``(N, h, w)`` max-pooled to the latent grid, then dilated by one pixel), 1 elsewhere."""
+    m = masks.float()[:, None]                                                          # (N, 1, h, w)
+    m = F.max_pool2d(F.max_pool2d(m, m.shape[-1] // latent_size), 3, 1, 1)              # (N, 1, s, s)
+    return 1 + (weight - 1) * m
+
+
 def stage_unet(cfg, work, data, latents, progress=True):
     from diffusers import DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -313,9 +321,7 @@ def stage_unet(cfg, work, data, latents, progress=True):
         if "masks" not in data:
             raise TrainingError(f"{work / 'data.safetensors'} has no object masks (written by an older editbench); "
                                 "use a new --work folder")
-        m = data["masks"].float()[:, None]                                                  # (N, 1, h, w)
-        m = F.max_pool2d(F.max_pool2d(m, m.shape[-1] // latents.shape[-1]), 3, 1, 1)        # (N, 1, h/2, w/2)
-        weight_all = 1 + (cfg.object_loss_weight - 1) * m
+        weight_all = object_weight_map(data["masks"], latents.shape[-1], cfg.object_loss_weight)
     empty = clip_tokenizer()([""], padding="max_length", max_length=CLIP_MAX_LENGTH, return_tensors="pt").input_ids
 
     def step_fn(step, gen):
