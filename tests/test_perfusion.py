@@ -232,11 +232,16 @@ def test_key_locking_inside_an_ordinary_pipeline_call(pipe, lock):
     handle.undo()
 
 
-@pytest.mark.parametrize("source", ["settings", "artifact"])
+@pytest.mark.parametrize("source", ["settings", "artifact", "trained-keys"])
 def test_concept_only_gate_inside_a_pipeline_call(pipe, source):
     prompt = "a photo of a <thing> on the grass"
     (art,) = craft(pipe, [("<thing>", "dog")], prompt)
-    if source == "artifact":
+    if source == "trained-keys":  # no key-locking: the text-encoder hook is still needed for the positions
+        g = torch.Generator().manual_seed(5)
+        art.metadata["config"]["key_locking"] = False
+        art.tensors.update({f"o_k.{s.name}": torch.randn(s.key_features, generator=g)
+                            for s in find_cross_attention_sites(pipe.unet)})
+    if source != "settings":
         art.metadata["config"]["gate_tokens"] = "concept"
         handle = PerfusionEditor().apply(pipe, art, **STEEP)
     else:

@@ -120,8 +120,9 @@ def _key_fallback(site: CrossAttentionSite, i_super: torch.Tensor) -> torch.Tens
 def _install_layers(handle: EditHandle, pipeline: Any, sites: list[CrossAttentionSite], bank: ConceptBank,
                     i_super: torch.Tensor, o_v: dict[str, torch.Tensor],
                     o_k: dict[str, torch.Tensor] | None = None) -> dict[str, GatedRank1Linear]:
-    """Swap every site's K and V projections for gated rank-1 layers; hook the text encoder for key-locking
-    (unless every concept has trained keys: then nothing reads the superclass encodings).
+    """Swap every site's K and V projections for gated rank-1 layers; hook the text encoder for key-locking and
+    for the concept-token gate's positions (skipped only if every concept has trained keys and gates every token:
+    then nothing reads the stash).
 
     i_super ``(c, d)``: superclass template encodings (the locked keys' fallback targets); o_v: site -> ``(c, o)``;
     o_k: site -> ``(c, o)`` key targets (rows of trained-key concepts learned, the others ``W_K i_super``), or
@@ -134,7 +135,7 @@ def _install_layers(handle: EditHandle, pipeline: Any, sites: list[CrossAttentio
         layers[site.value_name] = GatedRank1Linear(site.value, bank, "value", o_v[site.name])
     for path, layer in layers.items():
         handle.swap_module(pipeline.unet, path, layer)
-    if not bank.all_keys_trained:
+    if not bank.all_keys_trained or bank.any_concept_only:
         handle.add_hook(pipeline.text_encoder.register_forward_hook(bank.hook, with_kwargs=True), "key-lock hook")
     handle.info.update(bank=bank, layers=layers)
     return layers
