@@ -334,16 +334,14 @@ class GatedRank1Linear(torch.nn.Module):
         wu = self._wu_for(i_star)                                           # (c, o)
         base_out = F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         o_star = self.o_star.to(x.dtype)                                    # (c, o)
-        where, lock = None, None
-        if self.bank.any_concept_only and x.ndim == 3:
-            lock = self.bank.lookup(x)
-            at = lock.at if lock is not None else torch.zeros(*x.shape[:2], self.bank.n_concepts, dtype=torch.bool,
-                                                                 device=x.device)
-            where = at | ~self.bank.concept_only                             # (b, n, c)
-        if self.role == "value" or x.ndim != 3 or self.bank.all_keys_trained:
-            return gated_output(x, base_out, g, wu, o_star, beta, tau, where)
-        lock = lock if where is not None else self.bank.lookup(x)
-        if lock is None:
+        bank = self.bank
+        locks_keys = self.role == "key" and not bank.all_keys_trained
+        lock = bank.lookup(x) if x.ndim == 3 and (locks_keys or bank.any_concept_only) else None
+        where = None
+        if bank.any_concept_only and x.ndim == 3:
+            at = lock.at if lock is not None else x.new_zeros(*x.shape[:2], bank.n_concepts, dtype=torch.bool)
+            where = at | ~bank.concept_only                                  # (b, n, c)
+        if not locks_keys or lock is None:
             return gated_output(x, base_out, g, wu, o_star, beta, tau, where)
         locked = F.linear(lock.i_super, self.weight.to(x.dtype))            # (b, c, o) = W i_super
         use_lock = lock.present & ~self.bank.trained_keys                   # (b, c) trained keys keep their o*_K
