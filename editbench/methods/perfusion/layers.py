@@ -103,6 +103,14 @@ def gated_rank1(x: torch.Tensor, weight: torch.Tensor, cov_inv: torch.Tensor, i_
     return gated_output(x, x @ weight.T.to(x.dtype), g, wu, o_star.to(x.dtype), beta, tau, where)
 
 
+def _flags(name: str, values: Sequence[bool] | None, n: int) -> list[bool]:
+    """One bool per concept (None: all False); EditbenchError on a wrong count."""
+    flags = [False] * n if values is None else [bool(v) for v in values]
+    if len(flags) != n:
+        raise EditbenchError(f"{name} needs one bool per concept ({n}), got {values!r}")
+    return flags
+
+
 @dataclass
 class KeyLock:
     """Superclass information for the rows of one encoder-hidden-states tensor ``(b, n, d)``."""
@@ -146,17 +154,13 @@ class ConceptBank:
         self.beta = torch.tensor(beta, dtype=torch.float64, device=self.device)   # (c,)
         self.tau = torch.tensor(tau, dtype=torch.float64, device=self.device)     # (c,)
         self.lock = lock
-        trained = [False] * len(self.token_ids) if trained_keys is None else [bool(t) for t in trained_keys]
-        if len(trained) != len(self.token_ids):
-            raise EditbenchError(f"trained_keys needs one bool per concept ({len(self.token_ids)}), got {trained_keys!r}")
+        trained = _flags("trained_keys", trained_keys, len(self.token_ids))
         if lock == "global" and any(trained):
             raise EditbenchError("global key-locking replaces every key with the superclass prompt's keys, which "
                                  "contradicts trained keys (key_locking=False artifacts); use lock='local'")
         self.trained_keys = torch.tensor(trained, dtype=torch.bool, device=self.device)   # (c,)
         self.all_keys_trained = all(trained)
-        only = [False] * len(self.token_ids) if concept_only is None else [bool(t) for t in concept_only]
-        if len(only) != len(self.token_ids):
-            raise EditbenchError(f"concept_only needs one bool per concept ({len(self.token_ids)}), got {concept_only!r}")
+        only = _flags("concept_only", concept_only, len(self.token_ids))
         self.concept_only = torch.tensor(only, dtype=torch.bool, device=self.device)     # (c,)
         self.any_concept_only = any(only)
         self.version = 0
