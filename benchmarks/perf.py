@@ -852,7 +852,7 @@ def measure_suite(suite: str = "toy-quick", timeout: float = 3 * 3600) -> dict:
     t = time.perf_counter()
     proc = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd=str(ROOT))
     secs = time.perf_counter() - t
-    return {"suite": suite, "command": " ".join(cmd[2:]), "seconds": secs, "returncode": proc.returncode,
+    return {"suite": suite, "command": " ".join(cmd[3:]), "seconds": secs, "returncode": proc.returncode,
             "out": str(out), "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""}
 
 

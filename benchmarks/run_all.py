@@ -417,6 +417,16 @@ def caveats(results: dict) -> list[str]:
     if not su or su.get("measured") is False:
         out.append("The `toy-quick` suite wall time is NOT measured: "
                    + (su["why"] if su else "the section was not run") + ".")
+    cpus: dict[str, list[str]] = {}
+    for name in SECTIONS:
+        lscpu = (results.get(name) or {}).get("machine", {}).get("lscpu_head", "")
+        model = next((ln.split(":", 1)[1].strip() for ln in lscpu.splitlines() if ln.startswith("Model name")), "")
+        if model:
+            cpus.setdefault(model, []).append(name)
+    if len(cpus) > 1:  # sections re-run on another machine: ratios hold within a section, not across
+        out.append("Sections were measured on different CPUs: "
+                   + "; ".join(f"{m}: {', '.join(names)}" for m, names in cpus.items())
+                   + ". Compare ratios within a section only.")
     missing = [s for s in SECTIONS if s not in results]
     if missing:
         out.append(f"Sections not run: {', '.join(missing)}.")
