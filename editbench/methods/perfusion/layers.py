@@ -257,8 +257,9 @@ class ConceptBank:
                     matched[row] = True
                     x_super[row] = sup.to(x.dtype)
                     for j, t in enumerate(self.token_ids):
-                        at[row, :, j] = (ids == t).to(x.device)
-                        pos = (ids == t).nonzero()
+                        hit = ids == t                                        # (n,)
+                        at[row, :, j] = hit.to(x.device)
+                        pos = hit.nonzero()
                         if len(pos):
                             present[row, j] = True
                             i_super[row, j] = x_super[row, int(pos[0])]
