@@ -126,11 +126,16 @@ def test_shards_partition_the_cells_exactly():
         parts = [S.shard_cells(cells, (i, n)) for i in range(n)]
         ids = [c.id for p in parts for c in p]
         assert sorted(ids) == sorted(c.id for c in cells)  # disjoint and complete
-        for p in parts:  # a (method, concepts, seed) group never straddles shards
-            groups = {c.group for c in p}
-            assert all(c.group in groups for c in cells if c.group in groups) and len(p) == sum(
-                c.group in groups for c in cells)
+        for p in parts:  # a (concepts, seed) unit, hence every entry sharing its artifacts, never straddles shards
+            units = {c.unit for c in p}
+            assert len(p) == sum(c.unit in units for c in cells)
+        if n == 2:  # the single-concept units (most of the training) are spread evenly
+            singles = [sum(len(c.concepts) == 1 for c in {c.unit: c for c in p}.values()) for p in parts]
+            assert max(singles) - min(singles) <= 1, singles
     assert S.shard_cells(cells, "1/3") == S.shard_cells(cells, (1, 3))
+    order = S.run_order(cells)  # singles first (their artifacts are on disk before any pair needs them)
+    k = [len(c.concepts) for c in order]
+    assert sorted(c.id for c in order) == sorted(c.id for c in cells) and k == sorted(k) and k[-1] == 2
     for bad in ("3/3", "-1/2", "a/b", "2", (0, 0)):
         with pytest.raises(EditbenchError, match="shard"):
             S.parse_shard(bad)

@@ -222,3 +222,15 @@ def test_object_weight_map_marks_objects_and_their_latent_neighbours():
     expect1[2:4, 0:2] = 5.0                                  # (3, 0) and its in-grid neighbours
     assert torch.equal(w[0, 0], expect0) and torch.equal(w[1, 0], expect1)
     assert torch.equal(object_weight_map(torch.zeros(1, 8, 8), 4, 5.0), torch.ones(1, 1, 4, 4))
+
+
+def test_unet_lr_schedule_warms_up_holds_then_decays_linearly():
+    from editbench.toyworld.train import _wsd_lambda
+
+    f = _wsd_lambda(warmup=10, total=100, decay_fraction=0.2, final=0.25)   # decay over steps 80..99
+    assert [f(s) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert all(f(s) == 1.0 for s in range(10, 80))
+    assert [f(s) for s in (80, 89, 99)] == pytest.approx([1 - 0.75 / 20, 1 - 0.75 * 10 / 20, 0.25])
+    assert f(150) == pytest.approx(0.25)                                    # past the end: stays at final
+    g = _wsd_lambda(warmup=10, total=100, decay_fraction=0.0, final=0.25)   # no decay: constant after warm-up
+    assert all(g(s) == 1.0 for s in range(10, 100))

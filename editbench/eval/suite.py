@@ -58,7 +58,8 @@ from editbench.eval.sources import (
 )
 
 __all__ = ["BUNDLED", "Cell", "ConceptSpec", "MethodSpec", "PairSpec", "Suite", "bundled_suites", "collect",
-           "generate", "load_suite", "parse_shard", "run_suite", "safe_name", "shard_cells", "write_report"]
+           "generate", "load_suite", "parse_shard", "run_order", "run_suite", "safe_name", "shard_cells",
+           "write_report"]
 
 BUNDLED = Path(__file__).parent / "suites"
 BASE_METHOD = "base"
@@ -150,6 +151,11 @@ class Cell:
     @property
     def group(self) -> tuple[str, tuple[str, ...], int]:
         return (self.method.label, self.concepts, self.seed)
+
+    @property
+    def unit(self) -> tuple[tuple[str, ...], int]:
+        """(concepts, seed): the cells that can share trained artifacts (every method entry and setting)."""
+        return (self.concepts, self.seed)
 
     @property
     def id(self) -> str:
@@ -405,13 +411,25 @@ def load_suite(suite: str | os.PathLike | dict) -> Suite:
 
 
 def shard_cells(cells: Sequence[Cell], shard: tuple[int, int] | str) -> list[Cell]:
-    """The cells of shard ``i`` of ``N``: groups (method, concept(s), seed) in sorted order, every N-th from i.
+    """The cells of shard ``i`` of ``N``: units (concepts, seed) in sorted order, single concepts first, every
+    N-th from i.
 
-    A group's settings stay together so that each shard trains its artifacts once."""
+    Every method entry and setting of one concept set and seed stays in one shard, so entries that share an
+    artifact (``perfusion`` and ``perfusion-global``, say) never train it twice on two shards; listing the
+    single-concept units first balances them over the shards (they hold most of the training)."""
     i, n = parse_shard(shard)
-    groups = sorted({c.group for c in cells})
-    mine = {g for k, g in enumerate(groups) if k % n == i}
-    return [c for c in cells if c.group in mine]
+    units = sorted({c.unit for c in cells}, key=lambda u: (len(u[0]), u))
+    mine = {u for k, u in enumerate(units) if k % n == i}
+    return [c for c in cells if c.unit in mine]
+
+
+def run_order(cells: Sequence[Cell]) -> list[Cell]:
+    """Single-concept cells first, then multi-concept cells, each in suite order.
+
+    Multi-concept cells of ``separate`` entries apply the single-concept artifacts: once every shard has done its
+    singles, those are on disk (possibly trained by another shard running beside it in the same ``--out``), so
+    concurrent shards rarely train one twice."""
+    return sorted(cells, key=lambda c: len(c.concepts) > 1)
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -782,7 +800,7 @@ def run_suite(suite: str | os.PathLike | Suite, out: str | os.PathLike, *, shard
                                      "methods": [dataclasses.asdict(m) for m in suite.methods]})
     runner = _Runner(suite, out, device=device, dtype=dtype, progress=progress, pipeline=pipeline, clip=clip,
                      dino=dino)
-    todo = [c for c in shard_cells(cells, shard) if not runner.done(c)]
+    todo = run_order([c for c in shard_cells(cells, shard) if not runner.done(c)])
     failed, group = [], None
     for cell in tqdm(todo, desc=f"{suite.name} shard {shard[0]}/{shard[1]}", disable=not progress):
         if cell.group != group:  # keep only the current group's artifacts in memory (DreamBooth's are big)
