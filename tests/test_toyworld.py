@@ -234,3 +234,20 @@ def test_unet_lr_schedule_warms_up_holds_then_decays_linearly():
     assert f(150) == pytest.approx(0.25)                                    # past the end: stays at final
     g = _wsd_lambda(warmup=10, total=100, decay_fraction=0.0, final=0.25)   # no decay: constant after warm-up
     assert all(g(s) == 1.0 for s in range(10, 100))
+
+
+def test_world_train_resumed_after_the_vae_stage_gives_the_same_decoder(tmp_path):
+    """The latent cache keeps the exact (float64) latent scale, so a run resumed after the VAE stage fine-tunes the
+    decoder on bitwise the same inputs as a run in one go (a float32 scale changed every decoder weight)."""
+    from editbench.io import read_tensors
+    from editbench.toyworld.train import WorldConfig, train_world
+
+    cfg = WorldConfig.smoke()
+    train_world(tmp_path / "a", cfg=cfg, progress=False)
+    train_world(tmp_path / "b", cfg=cfg, progress=False)
+    for f in (tmp_path / "b" / "_work").glob("decoder.*"):
+        f.unlink()                                   # as if killed before the decoder stage: it reruns, from the cache
+    train_world(tmp_path / "b", cfg=cfg, progress=False)
+    f = "model/vae/diffusion_pytorch_model.safetensors"
+    ta, tb = read_tensors(tmp_path / "a" / f), read_tensors(tmp_path / "b" / f)
+    assert ta.keys() == tb.keys() and all(ta[k].equal(tb[k]) for k in ta)

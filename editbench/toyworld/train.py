@@ -279,7 +279,7 @@ def stage_vae(cfg, work, data, progress=True):
     latents = torch.cat(chunks)
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
-    write_tensors(lat_path, {"latents": latents * scale, "scale": torch.tensor(scale)})
+    write_tensors(lat_path, {"latents": latents * scale, "scale": torch.tensor(scale, dtype=torch.float64)})  # float64: the exact scale on resume
     return vae, latents * scale, scale
 
 
