@@ -156,7 +156,7 @@ def _unprefixed(tensors: dict, prefix: str) -> dict:
 
 def _wsd_lambda(warmup: int, total: int, decay_fraction: float, final: float):
     """Warm-up, stable (constant), linear decay to ``final`` over the last ``decay_fraction`` of ``total`` steps."""
-    decay_start = total - int(round(decay_fraction * total))
+    decay_start = total - round(decay_fraction * total)
 
     def f(step):
         if step < warmup:
@@ -279,7 +279,8 @@ def stage_vae(cfg, work, data, progress=True):
     latents = torch.cat(chunks)
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
-    write_tensors(lat_path, {"latents": latents * scale, "scale": torch.tensor(scale, dtype=torch.float64)})  # float64: the exact scale on resume
+    # the scale in float64: a resumed run must divide by exactly the same number (the decoder stage does)
+    write_tensors(lat_path, {"latents": latents * scale, "scale": torch.tensor(scale, dtype=torch.float64)})
     return vae, latents * scale, scale
 
 
