@@ -279,9 +279,10 @@ def stage_vae(cfg, work, data, progress=True):
     latents = torch.cat(chunks)
     scale = float(1.0 / latents.std())
     vae.register_to_config(scaling_factor=scale)
+    scaled = latents * scale
     # the scale in float64: a resumed run must divide by exactly the same number (the decoder stage does)
-    write_tensors(lat_path, {"latents": latents * scale, "scale": torch.tensor(scale, dtype=torch.float64)})
-    return vae, latents * scale, scale
+    write_tensors(lat_path, {"latents": scaled, "scale": torch.tensor(scale, dtype=torch.float64)})
+    return vae, scaled, scale
 
 
 def stage_decoder(cfg, work, data, vae, latents, scale, progress=True):
