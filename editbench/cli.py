@@ -1,8 +1,8 @@
 """The ``editbench`` command line.
 
 ``editbench world train|eval|data`` builds and measures the toy world; ``train``, ``generate``, ``compose``,
-``bench``, ``report`` and ``demo`` run methods and suites. A user mistake prints ``editbench: error: ...`` and
-exits with status 2, never a traceback.
+``bench``, ``tune``, ``report`` and ``demo`` run methods and suites. A user mistake prints
+``editbench: error: ...`` and exits with status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -40,18 +40,20 @@ def cmd_world_train(args) -> None:
 def cmd_world_eval(args) -> None:
     from editbench.io import write_json
     from editbench.toyworld import evaluator, load_pipeline
-    from editbench.toyworld.quality import evaluator_report, quality_gate, summary_table
+    from editbench.toyworld.quality import describability, evaluator_report, quality_gate, summary_table
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(args.device, _dtype(args.dtype))
-    df, summary = quality_gate(pipe, n_single=args.n, n_double=args.n // 2, steps=args.steps,
-                               guidance_scale=args.guidance)
+    pipe = load_pipeline(args.device, _dtype(args.dtype), path=args.model)
+    kw = dict(steps=args.steps, guidance_scale=args.guidance)
+    df, summary = quality_gate(pipe, n_single=args.n, n_double=args.n // 2, **kw)
     df.to_csv(out / "quality_gate.csv", index=False)
-    ev = evaluator_report(*evaluator(args.device))
-    write_json(out / "toyworld_eval.json", {"quality_gate": summary, "evaluator": ev})
-    print(summary_table(summary))
-    print(f"gate passed: {summary['passes']}")
+    ddf, described = describability(pipe, images_per_background=args.images_per_background, **kw)
+    ddf.to_csv(out / "describability.csv", index=False)
+    ev = evaluator_report(*evaluator(args.device, path=args.model and Path(args.model).parent / "evaluator"))
+    write_json(out / "toyworld_eval.json", {"quality_gate": summary, "describability": described, "evaluator": ev})
+    print(summary_table(summary, described))
+    print(f"gate passed: {summary['passes']}; describability gate passed: {described['passes']}")
     print(f"evaluator: top-1 retrieval {ev['retrieval_top1']:.3f} (1 of {ev['group_size']}), "
           f"min concept gap {ev['concept_gap_min']:.3f}")
 
@@ -81,6 +83,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=cmd_world_train)
     e = wsub.add_parser("eval", help="quality gate of the base model and the evaluator's report")
     e.add_argument("--out", default="runs/world_eval")
+    e.add_argument("--images-per-background", type=int, default=4,
+                   help="describability gate: images per (concept, unseen background, prompt kind)")
+    e.add_argument("--model", default=None, help="a toy-world pipeline folder (default: the committed one; its "
+                                                 "evaluator is read from the sibling 'evaluator' folder)")
     e.add_argument("--n", type=int, default=200, help="single-object held-out captions (two-object: n/2)")
     e.add_argument("--steps", type=int, default=25)
     e.add_argument("--guidance", type=float, default=4.0)

@@ -121,14 +121,35 @@ def _shard(text: str) -> tuple[int, int]:
 
 def cmd_bench(args) -> None:
     from editbench.cli import _dtype
-    from editbench.eval.report import summary_table
+    from editbench.eval.report import console_table, summary_table
     from editbench.eval.suite import run_suite, write_report
 
     out = Path(args.out)
-    df = run_suite(args.suite, out, shard=_shard(args.shard), device=args.device, dtype=_dtype(args.dtype))
+    suite = args.suite
+    if args.tuned:  # each method's tuned config / settings / steps over its entries (recorded in suite.json)
+        from editbench.eval.tune import apply_tuned
+
+        suite = apply_tuned(suite, args.tuned)
+    df = run_suite(suite, out, shard=_shard(args.shard), device=args.device, dtype=_dtype(args.dtype))
     report = write_report(out)
-    print(summary_table(df).to_string())
+    print(console_table(summary_table(df)))
     print(f"\nresults: {out / 'results.csv'}\nreport:  {report}")
+
+
+def cmd_tune(args) -> None:
+    import optuna
+
+    from editbench.cli import _dtype
+    from editbench.eval.tune import tune
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says what the per-trial logs would
+    r = tune(args.suite, args.method, args.trials, Path(args.out), storage=args.storage, device=args.device,
+             dtype=_dtype(args.dtype))
+    scores = ", ".join(f"{k} {v:.3f}" for k, v in r["values"].items())
+    print(f"{r['method']} on {r['suite']} (validation {', '.join(r['validation'])}): {r['trials_used']} of "
+          f"{r['budget']} trials, chosen trial {r['trial']}: {scores}")
+    print(f"config {r['config']}, settings {r['settings']}, steps {r['steps']}")
+    print(f"tuned settings: {Path(args.out) / 'tuned.json'} (editbench bench --suite SUITE --tuned {args.out})")
 
 
 def cmd_report(args) -> None:
@@ -215,7 +236,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--suite", required=True)
     b.add_argument("--out", required=True)
     b.add_argument("--shard", default="0/1", help="run slice i of N (e.g. 0/4)")
+    b.add_argument("--tuned", action="append", metavar="DIR",
+                   help="a folder written by `editbench tune` (repeatable, one per method): its tuned config, "
+                        "settings and steps replace the defaults of that method's entries")
     b.set_defaults(func=cmd_bench)
+
+    u = sub.add_parser("tune", help="tune one method's hyperparameters on a suite's validation concepts (Optuna)")
+    u.add_argument("--suite", required=True, help="a bundled suite or a YAML file with 'validation:' concepts")
+    u.add_argument("--method", required=True)
+    u.add_argument("--trials", type=int, required=True,
+                   help="the study's total budget of complete trials (re-running resumes up to it)")
+    u.add_argument("--out", required=True, help="output folder: tuned.json, trials.csv, trials/<n>/")
+    u.add_argument("--storage", default=None, help="Optuna database URL (default sqlite:///OUT/study.db); "
+                                                   "processes given the same URL share one study")
+    u.set_defaults(func=cmd_tune)
 
     r = sub.add_parser("report", help="write report.md and plots for a suite output folder")
     r.add_argument("out")

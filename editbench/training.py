@@ -39,7 +39,7 @@ from editbench.fingerprint import update_with_tensor
 if TYPE_CHECKING:
     from editbench.methods.base import Artifact
 
-__all__ = ["ACCELERATE_ENV", "CHECKPOINT_FILE", "ParamGroup", "StepContext", "TrainConfig", "TrainResult",
+__all__ = ["ACCELERATE_ENV", "CHECKPOINT_FILE", "Param", "ParamGroup", "StepContext", "TrainConfig", "TrainResult",
            "TrainingSession", "encode_prompts", "masked_mse", "tokenize", "train", "use_accelerate"]
 
 ACCELERATE_ENV = "EDITBENCH_ACCELERATE"
@@ -47,6 +47,24 @@ ACCELERATE_ENV = "EDITBENCH_ACCELERATE"
 CHECKPOINT_FILE = "checkpoint.safetensors"
 _CKPT_FORMAT = "editbench-checkpoint/1"
 _OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
+
+
+@dataclass(frozen=True)
+class Param:
+    """One hyperparameter of a method's search space (``Config.search_space()``, read by ``editbench tune``).
+
+    ``kind``: ``"log"`` (float, log-uniform in [low, high]: learning rates), ``"float"`` (uniform), ``"int"``
+    (integers in [low, high]) or ``"categorical"`` (one of ``choices``). ``target``: where the value goes:
+    ``"config"`` (a field of the method's Config), ``"settings"`` (an inference setting of ``apply()``) or
+    ``"steps"`` (the training steps; name ``"steps"``). Checked up front by :func:`editbench.eval.tune.check_space`.
+    """
+
+    name: str
+    kind: str
+    low: float | None = None
+    high: float | None = None
+    choices: tuple = ()
+    target: str = "config"
 
 
 @dataclass
@@ -66,6 +84,11 @@ class TrainConfig:
 
     # fields that may change between a checkpoint and its resume (everything else must match)
     RESUMABLE_FIELDS = ("steps", "checkpoint_every")
+
+    @classmethod
+    def search_space(cls) -> list[Param]:
+        """The method's hyperparameters for ``editbench tune`` (methods override; empty: not tunable)."""
+        return []
 
     def validate(self) -> None:
         """Raise EditbenchError for an unusable value; subclasses extend (and call super)."""

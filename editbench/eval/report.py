@@ -23,10 +23,14 @@ import numpy as np
 import pandas as pd
 
 from editbench.errors import EditbenchError
+from editbench.eval.validity import disagreements, rank_agreement
 
-__all__ = ["bootstrap_ci", "composition_table", "summary_table", "write_report"]
+__all__ = ["bootstrap_ci", "composition_table", "console_table", "summary_table", "write_report"]
 
 _CLUSTER = ["concepts", "seed", "prompt_index"]
+# ground-truth scores of toy-world suites (editbench.toyworld.oracle), aggregated like the CLIP scores
+ORACLE_SINGLE = ("identity", "identity_frac", "prompt_fidelity", "background_ok", "count_ok")
+ORACLE_PAIR = ("identity_0", "identity_1", "prompt_fidelity", "count_ok", "composition_oracle")
 
 
 def bootstrap_ci(df: pd.DataFrame, column: str, *, scale: str = "cosine", n_boot: int = 1000, level: float = 0.95,
@@ -80,7 +84,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         cells = g.drop_duplicates("cell")
         r = {"method": label, "setting": setting, "images": len(g)}
         for col, scale in (("text_alignment", text_scale), ("image_alignment", image_scale),
-                           ("dino_image", "cosine")):
+                           ("dino_image", "cosine"), *((c, "cosine") for c in ORACLE_SINGLE)):
             if col in g and g[col].notna().any():
                 m, lo, hi = bootstrap_ci(g, col, scale=scale)
                 r.update({col: m, f"{col}_lo": lo, f"{col}_hi": hi})
@@ -88,6 +92,14 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
                  peak_memory_bytes=cells["peak_memory_bytes"].mean())
         rows.append(r)
     return pd.DataFrame(rows)
+
+
+def console_table(summary: pd.DataFrame) -> str:
+    """The summary's means (no interval columns), for a terminal: CLIP beside the ground-truth scores."""
+    cols = [c for c in ("method", "setting", "images", "text_alignment", "image_alignment", "dino_image",
+                        "identity", "prompt_fidelity", "background_ok", "count_ok", "train_time_s")
+            if c in summary]
+    return summary[cols].to_string(index=False, float_format=lambda v: f"{v:.3f}")
 
 
 def composition_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -98,7 +110,8 @@ def composition_table(df: pd.DataFrame) -> pd.DataFrame:
     for (label, setting), g in _groups(multi):
         r = {"method": label, "setting": setting, "images": len(g)}
         for col, scale in (("text_alignment", text_scale), ("image_alignment_0", image_scale),
-                           ("image_alignment_1", image_scale), ("composition_hit", "cosine")):
+                           ("image_alignment_1", image_scale), ("composition_hit", "cosine"),
+                           *((c, "cosine") for c in ORACLE_PAIR)):
             if col in g and g[col].notna().any():
                 m, lo, hi = bootstrap_ci(g, col, scale=scale)
                 r.update({col: m, f"{col}_lo": lo, f"{col}_hi": hi})
@@ -135,6 +148,22 @@ def _display(t: pd.DataFrame, cols: list[tuple[str, str]]) -> pd.DataFrame:
     return out
 
 
+def _informative(df: pd.DataFrame, cols: list[tuple[str, str]], notes: list[str], kind: str) -> list[tuple[str, str]]:
+    """``cols`` without the scores that take one value in every cell of ``df`` (a constant column cannot rank
+    anything); each dropped score gets a sentence in ``notes``."""
+    keep = []
+    for col, title in cols:
+        if col not in df or df[col].isna().all():
+            continue
+        means = df.groupby("cell")[col].mean().dropna()
+        if len(means) > 1 and means.nunique() == 1:
+            notes.append(f"*{title}* is {means.iloc[0]:.3f} in every one of the {len(means)} {kind} cells: it does "
+                         "not separate the methods here, so it is not tabulated.")
+            continue
+        keep.append((col, title))
+    return keep
+
+
 def _sweep_param(g: pd.DataFrame) -> str | None:
     """The numeric ``set_*`` column that varies within one method's rows (e.g. ``set_beta``), if exactly one."""
     cols = [c for c in g.columns if c.startswith("set_") and pd.api.types.is_numeric_dtype(g[c])
@@ -155,7 +184,14 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[Path]:
     single = df[df["n_concepts"] == 1]
     labels = list(dict.fromkeys(summary["method"]))
     palette = dict(zip(labels, sns.color_palette("tab10", max(len(labels), 1))))
-    if not summary.empty and {"text_alignment", "image_alignment"} <= set(summary):
+    planes = (("text_alignment", "image_alignment", f"text alignment ({_one(df, 'text_scale', 'text scale')})",
+               f"image alignment ({_one(df, 'image_scale', 'image scale')})", "text vs image alignment (95% CI)",
+               "alignment.png"),
+              ("prompt_fidelity", "identity", "prompt fidelity (ground truth)", "identity (ground truth)",
+               "identity vs prompt fidelity (95% CI)", "oracle.png"))
+    for x, y, xlabel, ylabel, title, name in planes:
+        if summary.empty or not {x, y} <= set(summary):
+            continue
         fig, ax = plt.subplots(figsize=(6.5, 5))
         for label in labels:
             s = summary[summary["method"] == label].copy()
@@ -164,21 +200,19 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[Path]:
                 vals = single[single["label"] == label].groupby("setting")[param].first()
                 s["_v"] = s["setting"].map(vals)
                 s = s.sort_values("_v")
-            ax.errorbar(s["text_alignment"], s["image_alignment"],
-                        xerr=[s["text_alignment"] - s["text_alignment_lo"], s["text_alignment_hi"] - s["text_alignment"]],
-                        yerr=[s["image_alignment"] - s["image_alignment_lo"],
-                              s["image_alignment_hi"] - s["image_alignment"]],
+            ax.errorbar(s[x], s[y], xerr=[s[x] - s[f"{x}_lo"], s[f"{x}_hi"] - s[x]],
+                        yerr=[s[y] - s[f"{y}_lo"], s[f"{y}_hi"] - s[y]],
                         fmt="o-" if param else "o", color=palette[label], label=label, capsize=3, alpha=0.9)
             if param:
                 for _, r in s.iterrows():
-                    ax.annotate(f"{param.removeprefix('set_')}={r['_v']:g}", (r["text_alignment"], r["image_alignment"]),
+                    ax.annotate(f"{param.removeprefix('set_')}={r['_v']:g}", (r[x], r[y]),
                                 textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.set_xlabel(f"text alignment ({_one(df, 'text_scale', 'text scale')})")
-        ax.set_ylabel(f"image alignment ({_one(df, 'image_scale', 'image scale')})")
-        ax.set_title("text vs image alignment (95% CI)")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        made.append(folder / "alignment.png")
+        made.append(folder / name)
         fig.savefig(made[-1], dpi=120)
         plt.close(fig)
     cost = single.drop_duplicates("cell")
@@ -239,6 +273,27 @@ def _grid(out: Path, g: pd.DataFrame, path: Path, *, max_rows: int = 12, max_col
     return path
 
 
+def _strip(out: Path, rows: pd.DataFrame, path: Path, *, cell_px: int = 96) -> Path:
+    """A column of images, each with its method, prompt and scores beside it."""
+    from PIL import Image, ImageDraw
+
+    width = cell_px + 420
+    canvas = Image.new("RGB", (width, cell_px * len(rows)), "white")
+    draw = ImageDraw.Draw(canvas)
+    for i, r in enumerate(rows.itertuples()):
+        y = i * cell_px
+        if (out / r.image).is_file():
+            with Image.open(out / r.image) as img:
+                canvas.paste(img.convert("RGB").resize((cell_px, cell_px), Image.Resampling.NEAREST), (0, y))
+        lines = [r.kind, f"{r.label} {r.setting}"[:60], str(r.prompt)[:60], str(r.prompt)[60:120],
+                 f"CLIP image {r.image_alignment:.3f}  identity {r.identity:.0f}  attrs {r.identity_frac:.2f}"]
+        for k, line in enumerate(lines):
+            draw.text((cell_px + 6, y + 4 + 14 * k), line, fill="black")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
 def write_report(out: str | os.PathLike) -> Path:
     """Write ``out/report.md`` (+ plots, grids, summary CSVs) from ``out/results.csv``; returns its path."""
     from editbench.eval.suite import collect, safe_name
@@ -262,14 +317,22 @@ def write_report(out: str | os.PathLike) -> Path:
     grids = [_grid(out, g, out / "grids" / f"{safe_name(label)}.png") for label, g in df.groupby("label", sort=False)]
 
     text_scale, image_scale = _one(df, "text_scale", "text scale"), _one(df, "image_scale", "image scale")
-    shown = _display(summary, [("text_alignment", "text alignment"), ("image_alignment", "image alignment"),
-                               ("dino_image", "DINO image")])
+    single_cols = [("text_alignment", "text alignment"), ("image_alignment", "image alignment"),
+                   ("dino_image", "DINO image"), ("identity", "identity"), ("identity_frac", "identity attrs"),
+                   ("prompt_fidelity", "prompt fidelity"), ("background_ok", "background"), ("count_ok", "count")]
+    pair_cols = [("text_alignment", "text alignment"), ("image_alignment_0", "image alignment A"),
+                 ("image_alignment_1", "image alignment B"), ("composition_hit", "composition (CLIP)"),
+                 ("identity_0", "identity A"), ("identity_1", "identity B"), ("prompt_fidelity", "prompt fidelity"),
+                 ("composition_oracle", "composition (ground truth)")]
+    notes: list[str] = []
+    single_cols = _informative(df[df["n_concepts"] == 1], single_cols, notes, "single-concept")
+    pair_cols = _informative(df[df["n_concepts"] > 1], pair_cols, notes, "multi-concept")
+    shown = _display(summary, single_cols)
     if not summary.empty:
         shown["storage"] = [_bytes(v) for v in summary["storage_bytes"]]
         shown["train time"] = [f"{v:.1f} s" if not math.isnan(v) else "-" for v in summary["train_time_s"]]
         shown["peak memory"] = [_bytes(v) for v in summary["peak_memory_bytes"]]
-    comp_shown = _display(comp, [("text_alignment", "text alignment"), ("image_alignment_0", "image alignment A"),
-                                 ("image_alignment_1", "image alignment B"), ("composition_hit", "composition")])
+    comp_shown = _display(comp, pair_cols)
     skipped = sorted((out / "cells").glob("*.skip.json")) if (out / "cells").is_dir() else []
     failed = sorted((out / "cells").glob("*.error.txt")) if (out / "cells").is_dir() else []
     md = [f"# Results: {meta.get('name', out.name)}", "",
@@ -277,12 +340,44 @@ def write_report(out: str | os.PathLike) -> Path:
           f"**{text_scale}** scale, image alignment on the **{image_scale}** scale (see docs/evaluation.md). "
           f"{df['cell'].nunique()} finished cells, {len(df)} images. Means with 95% cluster-bootstrap intervals "
           "(clusters: concept(s) x seed x prompt)."), "",
+          *([("Tuned with `editbench tune` (equal budget per method): " + "; ".join(  # suite.json of bench --tuned
+              f"{t['method']} trial {t['trial']} of {t['trials_used']} (budget {t['budget']}; validation concepts of "
+              f"{t['suite']}: {', '.join(t['validation'] or [])})" for t in meta["tuned"]) + "."), ""]
+            if meta.get("tuned") else []),
           "## Single concept", "", _md(shown),
           ("Storage is the artifact file per concept; training time is wall time per concept; peak memory is "
           f"`{', '.join(map(str, df['memory_kind'].dropna().unique())) if 'memory_kind' in df else '-'}`."),
           "", "## Multi-concept composition", "",
-          ("Image alignment against each concept separately; *composition* is the fraction of images in which both "
-          "concepts' raw CLIP image alignments reach their calibrated thresholds."), "", _md(comp_shown)]
+          ("Image alignment against each concept separately; *composition (CLIP)* is the fraction of images in "
+          "which both concepts' raw CLIP image alignments reach their calibrated thresholds."), "", _md(comp_shown)]
+    if "identity" in df:
+        md += ["## Ground truth (toy world)", "",
+               ("Read from the pixels against the renderer's ground truth (`editbench.toyworld.oracle`): *identity* is "
+                "the fraction of images whose object for the concept has its category, body color, pattern and "
+                "pattern color (*identity attrs*: the fraction of those four); *prompt fidelity* the fraction of "
+                "what the prompt asks besides the concept (background, stated positions and sizes, other objects' "
+                "category and color); *background* the asked background alone; *count* as many objects as asked; "
+                "*composition (ground truth)* both concepts with their identity, each where asked."), ""]
+        val = rank_agreement(df)
+        if not val.empty:
+            val.to_csv(out / "validity.csv", index=False)
+            vshown = val[["score_a", "score_b", "cells"]].copy()
+            vshown["Spearman"] = [_fmt(m, lo, hi, 2) for m, lo, hi in
+                                  zip(val["spearman"], val["spearman_lo"], val["spearman_hi"])]
+            vshown["Kendall"] = [_fmt(m, lo, hi, 2) for m, lo, hi in
+                                 zip(val["kendall"], val["kendall_lo"], val["kendall_hi"])]
+            md += ["### Do the proxies rank like the ground truth?", "",
+                   ("Rank correlation across the method x setting cells (single concept) of each score's mean, with "
+                    "95% cluster-bootstrap intervals (`validity.csv`)."
+                    + ("" if "dino_image" in df else " No DINO model is configured, so DINO is not compared.")),
+                   "", _md(vshown)]
+        dis = disagreements(df)
+        if not dis.empty:
+            path = _strip(out, dis, out / "grids" / "clip_vs_ground_truth.png")
+            md += [f"Where CLIP image alignment and identity disagree most: ![disagreements]"
+                   f"({path.relative_to(out).as_posix()})", ""]
+    if notes:
+        md += ["## Scores that do not vary", ""] + [f"* {n}" for n in notes] + [""]
     md += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(out).as_posix()})" for p in plots] + [""]
     md += ["## Samples", ""] + [f"* [{p.stem}]({p.relative_to(out).as_posix()})" for p in grids] + [""]
     if skipped:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from editbench.errors import EditbenchError
 
-__all__ = ["ConceptSpec", "PairSpec", "custom_concept", "customconcept101_concepts", "dreambench_concepts",
-           "images_in", "toy_concepts"]
+__all__ = ["TOY_TEST", "TOY_VALIDATION", "ConceptSpec", "PairSpec", "custom_concept", "customconcept101_concepts",
+           "dreambench_concepts", "images_in", "toy_concepts"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -58,6 +58,12 @@ def _masks(folder: Path, n: int) -> tuple[Path, ...] | None:
     m = folder / "masks"
     found = images_in(m) if m.is_dir() else []
     return tuple(found) if len(found) == n else None
+
+
+TOY_VALIDATION = ("sunny", "plus", "chess", "ember")
+"""The toy world's validation concepts: tuning (``validation:`` of a suite, ``editbench tune``) uses only these."""
+TOY_TEST = ("zebra", "target", "polka", "halo")
+"""The toy world's test concepts: the ones to report after tuning (never tuned on)."""
 
 
 def toy_concepts() -> tuple[dict[str, ConceptSpec], list[PairSpec]]:

@@ -68,7 +68,8 @@ RARE_WORDS = ("sks", "olis", "bnha", "hta", "ucd", "pll", "rcn", "waj", "httr", 
 """Single-token rare words used as placeholders by methods that reuse a word (``new_token = False``)."""
 
 _TOP_KEYS = {"name", "description", "model", "device", "dtype", "seeds", "concepts", "pairs", "prompts",
-             "pair_prompts", "max_prompts", "images_per_prompt", "steps", "generation", "metrics", "methods"}
+             "pair_prompts", "max_prompts", "images_per_prompt", "steps", "generation", "metrics", "methods",
+             "validation"}
 _METHOD_KEYS = {"name", "label", "config", "steps", "settings", "sweep", "multi"}
 MULTI_MODES = ("separate", "joint")
 """How a method entry handles a multi-concept cell (``multi:``): ``separate`` (default; ``merge`` is accepted as
@@ -184,6 +185,10 @@ class Suite:
     metrics: dict = field(default_factory=dict)
     device: str | None = None
     dtype: str | None = None
+    validation: dict[str, ConceptSpec] = field(default_factory=dict)
+    """Concepts for tuning (``validation:``, ``editbench tune``); never cells, disjoint from ``concepts``."""
+    tuned: list[dict] = field(default_factory=list)
+    """Provenance of the tuned settings applied to the methods (``bench --tuned``), recorded in suite.json."""
 
     def concept_prompts(self, names: tuple[str, ...]) -> list[tuple[int, str]]:
         if len(names) == 1:
@@ -276,6 +281,47 @@ def _method_spec(e: Any) -> MethodSpec:
                       dict(e.get("settings") or {}), {k: list(v) for k, v in sweep.items()}, multi)
 
 
+def _parse_concepts(entries: Any, base: Path, key: str = "concepts") -> tuple[dict[str, ConceptSpec], list[PairSpec]]:
+    """The concepts of a ``concepts:`` (or ``validation:``) list, keyed by their file-name-safe names, and the
+    sources' own pairs."""
+    concepts: dict[str, ConceptSpec] = {}
+    source_pairs: list[PairSpec] = []
+    toy = None
+    for e in _as_list(entries, key):
+        if isinstance(e, str) or (isinstance(e, dict) and "toyworld" in e):
+            toy = toy or toy_concepts()
+            want = [e] if isinstance(e, str) else e["toyworld"]
+            want = sorted(toy[0]) if want == "all" else _as_list(want, "toyworld")
+            for n in want:
+                if n not in toy[0]:
+                    raise EditbenchError(f"{n!r} is not a toy-world concept; toy concepts: {sorted(toy[0])} (for a "
+                                         "folder on disk use {dreambench: path} or a custom concept mapping)")
+                concepts[n] = toy[0][n]
+            source_pairs += toy[1]
+        elif isinstance(e, dict) and "dreambench" in e:
+            names = e.get("names", "all")
+            concepts.update(dreambench_concepts(base / e["dreambench"], None if names == "all" else _as_list(names, "names")))
+        elif isinstance(e, dict) and "customconcept101" in e:
+            names = e.get("names", "all")
+            found, prs = customconcept101_concepts(base / e["customconcept101"],
+                                           None if names == "all" else _as_list(names, "names"))
+            concepts.update(found)
+            source_pairs += prs
+        elif isinstance(e, dict):
+            c = custom_concept(e, base)
+            concepts[c.name] = c
+        else:
+            raise EditbenchError(f"bad {key} entry {e!r}; use a toy-world name, {{toyworld: all}}, "
+                                 "{dreambench: folder}, {customconcept101: file} or a custom concept mapping")
+    slugs = {}
+    for n in concepts:
+        s = safe_name(n, "concept name")
+        if s in slugs:
+            raise EditbenchError(f"concepts {slugs[s]!r} and {n!r} map to the same folder name {s!r}; rename one")
+        slugs[s] = n
+    return {safe_name(n): dataclasses.replace(c, name=safe_name(n)) for n, c in concepts.items()}, source_pairs
+
+
 def bundled_suites() -> list[str]:
     """Names of the suites shipped in ``editbench/eval/suites``."""
     return sorted(p.stem for p in BUNDLED.glob("*.yaml"))
@@ -328,44 +374,14 @@ def load_suite(suite: str | os.PathLike | dict) -> Suite:
             metrics[key] = str((base / str(metrics[key]).replace("~", str(Path.home()), 1))
                                if not str(metrics[key]).startswith("hf-hub:") else metrics[key])
 
-    concepts: dict[str, ConceptSpec] = {}
-    source_pairs: list[PairSpec] = []
-    toy = None
-    for e in _as_list(raw.get("concepts"), "concepts"):
-        if isinstance(e, str) or (isinstance(e, dict) and "toyworld" in e):
-            toy = toy or toy_concepts()
-            want = [e] if isinstance(e, str) else e["toyworld"]
-            want = sorted(toy[0]) if want == "all" else _as_list(want, "toyworld")
-            for n in want:
-                if n not in toy[0]:
-                    raise EditbenchError(f"{n!r} is not a toy-world concept; toy concepts: {sorted(toy[0])} (for a "
-                                         "folder on disk use {dreambench: path} or a custom concept mapping)")
-                concepts[n] = toy[0][n]
-            source_pairs += toy[1]
-        elif isinstance(e, dict) and "dreambench" in e:
-            names = e.get("names", "all")
-            concepts.update(dreambench_concepts(base / e["dreambench"], None if names == "all" else _as_list(names, "names")))
-        elif isinstance(e, dict) and "customconcept101" in e:
-            names = e.get("names", "all")
-            found, prs = customconcept101_concepts(base / e["customconcept101"],
-                                           None if names == "all" else _as_list(names, "names"))
-            concepts.update(found)
-            source_pairs += prs
-        elif isinstance(e, dict):
-            c = custom_concept(e, base)
-            concepts[c.name] = c
-        else:
-            raise EditbenchError(f"bad concepts entry {e!r}; use a toy-world name, {{toyworld: all}}, "
-                                 "{dreambench: folder}, {customconcept101: file} or a custom concept mapping")
+    concepts, source_pairs = _parse_concepts(raw.get("concepts"), base)
     if not concepts:
         raise EditbenchError("the suite lists no concepts")
-    slugs = {}
-    for n in concepts:
-        s = safe_name(n, "concept name")
-        if s in slugs:
-            raise EditbenchError(f"concepts {slugs[s]!r} and {n!r} map to the same folder name {s!r}; rename one")
-        slugs[s] = n
-    concepts = {safe_name(n): dataclasses.replace(c, name=safe_name(n)) for n, c in concepts.items()}
+    validation = _parse_concepts(raw.get("validation"), base, "validation")[0]
+    overlap = sorted(set(validation) & set(concepts))
+    if overlap:
+        raise EditbenchError(f"concept(s) {overlap} are both test ('concepts:') and validation ('validation:') "
+                             "concepts; tuning on test concepts would leak into the reported scores: keep them apart")
 
     pairs_raw = raw.get("pairs")
     pairs: list[PairSpec] = []
@@ -407,7 +423,7 @@ def load_suite(suite: str | os.PathLike | dict) -> Suite:
     gen = dict(raw.get("generation") or {})
     return Suite(name, path, model, methods, concepts, pairs, list(dict.fromkeys(seeds)),
                  raw.get("prompts", "default"), raw.get("pair_prompts", "default"), mp, ipp, raw.get("steps"), gen,
-                 metrics, raw.get("device"), raw.get("dtype"))
+                 metrics, raw.get("device"), raw.get("dtype"), validation)
 
 
 def shard_cells(cells: Sequence[Cell], shard: tuple[int, int] | str) -> list[Cell]:
@@ -745,6 +761,13 @@ class _Runner:
             if hits is not None:
                 r["composition_hit"] = math.nan if any(math.isnan(t) for t in thresholds) else float(hits[i])
             rows.append(r)
+        if all(c.source == "toyworld" for c in concepts):  # exact scores from the renderer's ground truth
+            from editbench.toyworld import oracle
+
+            personal = [oracle.concept_by_name(c.name) for c in concepts]
+            asked = {p: oracle.asked(templates[p], personal) for p, _ in prompts}
+            for i, (r, img) in enumerate(zip(rows, images)):
+                r.update(oracle.score(img, asked[prompts[i // k][0]]))
         return rows
 
 
@@ -797,7 +820,8 @@ def run_suite(suite: str | os.PathLike | Suite, out: str | os.PathLike, *, shard
     _write_json(out / "suite.json", {"name": suite.name, "model": suite.model, "metrics": suite.metrics,
                                      "images_per_prompt": suite.images_per_prompt,
                                      "cells": [c.id for c in cells],
-                                     "methods": [dataclasses.asdict(m) for m in suite.methods]})
+                                     "methods": [dataclasses.asdict(m) for m in suite.methods],
+                                     **({"tuned": suite.tuned} if suite.tuned else {})})
     runner = _Runner(suite, out, device=device, dtype=dtype, progress=progress, pipeline=pipeline, clip=clip,
                      dino=dino)
     todo = run_order([c for c in shard_cells(cells, shard) if not runner.done(c)])

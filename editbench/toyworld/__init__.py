@@ -41,8 +41,9 @@ def model_path() -> str:
     return str(_require(WEIGHTS / "model"))
 
 
-def load_pipeline(device=None, dtype=None):
-    """The toy world's ``StableDiffusionPipeline`` on ``device`` (default CPU) in ``dtype`` (default float32).
+def load_pipeline(device=None, dtype=None, path=None):
+    """The toy world's ``StableDiffusionPipeline`` on ``device`` (default CPU) in ``dtype`` (default float32);
+    ``path``: another toy-world pipeline folder (e.g. a fresh ``editbench world train --out DIR``'s ``DIR/model``).
 
     The weights are stored in float16 to keep the repository small; they are loaded in float32 unless a
     ``dtype`` is given (float16 is for GPUs).
@@ -50,20 +51,20 @@ def load_pipeline(device=None, dtype=None):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(model_path(), torch_dtype=dtype or torch.float32)
+    pipe = StableDiffusionPipeline.from_pretrained(str(path or model_path()), torch_dtype=dtype or torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or "cpu")
 
 
-def evaluator(device=None):
+def evaluator(device=None, path=None):
     """``(model, preprocess, tokenizer)`` of the toy world's evaluator CLIP, like
-    ``open_clip.create_model_and_transforms`` + ``open_clip.get_tokenizer``."""
+    ``open_clip.create_model_and_transforms`` + ``open_clip.get_tokenizer`` (``path``: another evaluator folder)."""
     import open_clip
 
     from editbench.toyworld.train import EVALUATOR_NAME, register_evaluator_config
 
     register_evaluator_config()
-    weights = _require(WEIGHTS / "evaluator" / "open_clip_model.safetensors")
+    weights = _require(Path(path or WEIGHTS / "evaluator") / "open_clip_model.safetensors")
     model, _, preprocess = open_clip.create_model_and_transforms(EVALUATOR_NAME, pretrained=str(weights),
                                                                  device=device or "cpu")
     model.eval()

@@ -1,22 +1,67 @@
-"""A pixel-level checker of generated toy-world images against the scene they were asked for.
+"""A pixel-level reader of toy-world images, built from the renderer's ground truth (analysis by synthesis).
 
-Built from the renderer's ground truth: every pixel is classified to its nearest palette color, the background
-is the most common color on the image border, an object is the set of pixels of its asked-for colors, and its
-category is the renderer's shape mask that best overlaps it (intersection over union) at its centroid and size.
-``check`` returns one row of booleans per image; ``quality_gate`` aggregates them over many held-out captions.
+``parse(image)`` finds the background and every object, and for each object its category, body color, pattern,
+pattern color, size and position:
+
+1. every pixel is labelled with its nearest palette color; the background is the most common label on the border;
+2. objects are the connected components of non-background pixels (fragments under ``min_area`` are dropped);
+3. shape: the renderer's (category, size) silhouettes are drawn with its own 4x supersampling at a searched
+   centre and compared with the component's soft coverage (how far each pixel is from the background color
+   towards the nearest object color); the best fit gives category, size and centre, the centre gives the
+   position cell;
+4. surface: with that silhouette fixed, every pattern (and none) is drawn over every ordered pair of palette
+   colors, periodic patterns at a few phases; the pair and pattern with the smallest RGB error win.
+
+Why by hand: no library reads this renderer's scenes; the renderer's own mask functions are reused, so the
+reader and the ground truth cannot drift apart. ``check(image, spec)`` is the quality gate's per-image check,
+``match`` pairs asked-for objects with detected ones.
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from scipy import ndimage
+from scipy.optimize import linear_sum_assignment
 
 from editbench.toyworld import scenes as R
 
 _PAL = np.array([R.PALETTE[c] for c in R.COLORS], np.float32)  # (k, 3)
+_SS = 4  # the renderer's supersampling
+# phase offsets (in radius units) tried for the periodic patterns: a generated stripe need not sit exactly where
+# the renderer puts it relative to the centre
+_PHASES = {"stripes": [(0.0, d) for d in (0.0, 0.2, 0.4, 0.6)],
+           "diagonal": [(d, 0.0) for d in (0.0, 0.225, 0.45, 0.675)],
+           "dots": [(du, dv) for du in (0.0, 0.3) for dv in (0.0, 0.3)],
+           "checker": [(du, dv) for du in (0.0, 0.5) for dv in (0.0, 0.5)]}
+_NO_PATTERN_PENALTY = 0.02  # a pattern must explain the pixels better than a plain body by this share of the error
+
+
+@dataclass
+class Detected:
+    """One object found in an image (coordinates normalised to [0, 1], x right, y down)."""
+
+    category: str
+    color: str
+    pattern: str | None
+    pattern_color: str | None
+    size: str
+    position: str
+    center: tuple[float, float]
+    area: int  # pixels of its connected component
+    shape_fit: float  # soft IoU of the fitted silhouette with the component (1 = exact)
+
+    @property
+    def appearance(self) -> tuple:
+        return (self.category, self.color, self.pattern, self.pattern_color)
+
+
+@dataclass
+class Parsed:
+    background: str
+    objects: list[Detected] = field(default_factory=list)
 
 
 def color_labels(img: np.ndarray) -> np.ndarray:
@@ -29,12 +74,42 @@ def _border(lbl: np.ndarray) -> np.ndarray:
     return np.concatenate([lbl[0], lbl[-1], lbl[1:-1, 0], lbl[1:-1, -1]])
 
 
+def _coverage(img: np.ndarray, bg: int) -> np.ndarray:
+    """(h, w) in [0, 1]: each pixel's position on the segment from the background color to the nearest other
+    palette color (an anti-aliased edge pixel half-covered by the object reads 0.5)."""
+    px = img.astype(np.float32)
+    others = np.delete(_PAL, bg, axis=0)                                      # (k-1, 3)
+    near = others[((px[:, :, None] - others) ** 2).sum(-1).argmin(-1)]       # (h, w, 3)
+    b = _PAL[bg]
+    t = ((px - b) * (near - b)).sum(-1) / np.maximum(((near - b) ** 2).sum(-1), 1e-6)
+    return np.clip(t, 0.0, 1.0)
+
+
+def _grid(size: int, y0: int, y1: int, x0: int, x1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Supersample coordinates of the pixel window [y0, y1) x [x0, x1), aligned with the renderer's grid."""
+    n = size * _SS
+    xs = (np.arange(x0 * _SS, x1 * _SS) + 0.5) / n
+    ys = (np.arange(y0 * _SS, y1 * _SS) + 0.5) / n
+    return np.meshgrid(xs, ys)
+
+
+def _pool(m: np.ndarray) -> np.ndarray:
+    h, w = m.shape[0] // _SS, m.shape[1] // _SS
+    return m.reshape(h, _SS, w, _SS).mean(axis=(1, 3))
+
+
+def _window(cx: float, cy: float, rad: float, size: int) -> tuple[int, int, int, int]:
+    r = rad * size + 3
+    return (max(0, int(np.floor(cy * size - r))), min(size, int(np.ceil(cy * size + r))),
+            max(0, int(np.floor(cx * size - r))), min(size, int(np.ceil(cx * size + r))))
+
+
 def _centroid_offsets() -> dict[tuple[str, str], tuple[float, float]]:
-    """Offset of each (category, size) shape's pixel centroid from its nominal centre (normalised units)."""
-    out = {}
+    """Offset of each (category, size) silhouette's area centroid from its nominal centre (normalised units)."""
     n = 256
     g = (np.arange(n) + 0.5) / n
     gx, gy = np.meshgrid(g, g)
+    out = {}
     for cat in R.CATEGORIES:
         for sz, rad in R.SIZES.items():
             m = R._shape_mask(cat, (gx - 0.5) / rad, (gy - 0.5) / rad)
@@ -45,93 +120,167 @@ def _centroid_offsets() -> dict[tuple[str, str], tuple[float, float]]:
 _OFFSETS: dict = {}
 
 
-def _best_category(mask: np.ndarray) -> str:
-    """The category whose shape, drawn at the mask's centroid in each size, overlaps the mask best (IoU)."""
+def _fit_shape(cov: np.ndarray, comp: np.ndarray) -> tuple[str, str, float, float, float]:
+    """Best (category, size, cx, cy, soft IoU) for the component ``comp`` (bool (h, w)) of coverage ``cov``."""
     if not _OFFSETS:
         _OFFSETS.update(_centroid_offsets())
-    h, w = mask.shape
-    ys, xs = np.nonzero(mask)
-    cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
-    gx, gy = np.meshgrid((np.arange(w) + 0.5) / w, (np.arange(h) + 0.5) / h)
-    best, best_iou = None, -1.0
+    size = cov.shape[0]
+    target = np.where(ndimage.binary_dilation(comp, iterations=1), cov, 0.0)   # this object's coverage only
+    wsum = target.sum()
+    ys, xs = np.mgrid[0:size, 0:size]
+    mx, my = ((xs + 0.5) * target).sum() / wsum / size, ((ys + 0.5) * target).sum() / wsum / size
+    step = 0.5 / size
+
+    def iou(cat, rad, px, py, gx, gy, t):
+        m = _pool(R._shape_mask(cat, (gx - px) / rad, (gy - py) / rad).astype(np.float32))
+        return float(np.minimum(m, t).sum() / max(np.maximum(m, t).sum(), 1e-6))
+
+    # every silhouette at the centroid, then a coarse-to-fine search of the centre (3x3 at half a pixel, then at a
+    # quarter pixel) for the three best
+    coarse = []
     for (cat, sz), (ox, oy) in _OFFSETS.items():
         rad = R.SIZES[sz]
-        tmpl = R._shape_mask(cat, (gx - (cx - ox)) / rad, (gy - (cy - oy)) / rad)
-        iou = (tmpl & mask).sum() / max(1, (tmpl | mask).sum())
-        if iou > best_iou:
-            best, best_iou = cat, iou
+        cx, cy = mx - ox, my - oy
+        win = _window(cx, cy, rad, size)
+        gx, gy = _grid(size, *win)
+        t = target[win[0]:win[1], win[2]:win[3]]
+        coarse.append((iou(cat, rad, cx, cy, gx, gy, t), cat, sz, cx, cy, win))
+    best = ("circle", "medium", mx, my, -1.0)
+    for score, cat, sz, cx, cy, win in sorted(coarse, key=lambda c: -c[0])[:3]:
+        rad = R.SIZES[sz]
+        gx, gy = _grid(size, *win)
+        t = target[win[0]:win[1], win[2]:win[3]]
+        for s in (step, step / 2):
+            ox, oy = cx, cy
+            for px, py in [(ox + i * s, oy + j * s) for i in (-1, 0, 1) for j in (-1, 0, 1) if i or j]:
+                sc = iou(cat, rad, px, py, gx, gy, t)
+                if sc > score:
+                    score, cx, cy = sc, px, py
+        if score > best[4]:
+            best = (cat, sz, cx, cy, score)
     return best
 
 
-def _largest_component(mask: np.ndarray) -> np.ndarray:
-    lab, n = ndimage.label(mask)
-    if n <= 1:
-        return mask
-    sizes = ndimage.sum(mask, lab, index=range(1, n + 1))
-    return lab == (1 + int(np.argmax(sizes)))
+def _fit_surface(img: np.ndarray, bg: int, comp: np.ndarray, cat: str, sz: str, cx: float, cy: float,
+                 others: np.ndarray) -> tuple[str, str | None, str | None]:
+    """Body color, pattern and pattern color of the fitted silhouette (``others``: pixels of other objects)."""
+    size = img.shape[0]
+    rad = R.SIZES[sz]
+    y0, y1, x0, x1 = _window(cx, cy, rad, size)
+    gx, gy = _grid(size, y0, y1, x0, x1)
+    u, v = (gx - cx) / rad, (gy - cy) / rad
+    body = R._shape_mask(cat, u, v)
+    bcov = _pool(body.astype(np.float32))                                      # (h', w')
+    keep = ~others[y0:y1, x0:x1] & ((bcov > 0) | ndimage.binary_dilation(comp, iterations=1)[y0:y1, x0:x1])
+    obs = img[y0:y1, x0:x1].astype(np.float32)[keep]                           # (p, 3)
+    bcov = bcov[keep]                                                          # (p,)
+    bgc = _PAL[bg]
+    cols = [i for i in range(len(R.COLORS)) if i != bg]
+    # no pattern: body color c -> prediction bg*(1-B) + c*B
+    pred = bgc * (1 - bcov[None, :, None]) + _PAL[cols][:, None, :] * bcov[None, :, None]   # (k, p, 3)
+    err = ((pred - obs[None]) ** 2).sum((1, 2))
+    i = int(err.argmin())
+    best_err, best = float(err[i]) * (1 - _NO_PATTERN_PENALTY), (R.COLORS[cols[i]], None, None)
+    pairs = [(a, b) for a in cols for b in cols if a != b]
+    ca = _PAL[[a for a, _ in pairs]][:, None, :]                               # (q, 1, 3)
+    cb = _PAL[[b for _, b in pairs]][:, None, :]
+    for pattern in R.PATTERNS:
+        for du, dv in _PHASES.get(pattern, [(0.0, 0.0)]):
+            pm = body & R._pattern_mask(pattern, u + du, v + dv, body)
+            pcov = _pool(pm.astype(np.float32))[keep][None, :, None]           # (1, p, 1)
+            b_only = bcov[None, :, None] - pcov
+            pred = bgc * (1 - bcov[None, :, None]) + ca * b_only + cb * pcov     # (q, p, 3)
+            err = ((pred - obs[None]) ** 2).sum((1, 2))
+            j = int(err.argmin())
+            if err[j] < best_err:
+                a, b = pairs[j]
+                best_err, best = float(err[j]), (R.COLORS[a], pattern, R.COLORS[b])
+    return best
 
 
-def _cell(mask: np.ndarray) -> str:
-    ys, xs = np.nonzero(mask)
-    h, w = mask.shape
-    cx, cy = (xs.mean() + 0.5) / w, (ys.mean() + 0.5) / h
+def _cell(cx: float, cy: float) -> str:
     for phrase, (x0, y0, x1, y1) in R.POSITIONS.items():
         if x0 <= cx < x1 and y0 <= cy < y1:
             return phrase
     return "center"
 
 
+def parse(image, *, min_area: int | None = None) -> Parsed:
+    """Read an image of the toy world: background color and every object's attributes (see the module doc)."""
+    img = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
+    size = img.shape[0]
+    if min_area is None:  # a third of the smallest silhouette (a small star, ~30 px at 32 px)
+        min_area = max(4, int(0.3 * 1.05 * (R.SIZES["small"] * size) ** 2))
+    lbl = color_labels(img)
+    bg = int(np.bincount(_border(lbl), minlength=len(R.COLORS)).argmax())
+    cov = _coverage(img, bg)
+    fg = cov > 0.5
+    lab, n = ndimage.label(fg, structure=np.ones((3, 3)))
+    comps = [lab == i for i in range(1, n + 1)]
+    comps = [c for c in comps if c.sum() >= min_area]
+    out = Parsed(R.COLORS[bg])
+    for k, comp in enumerate(comps):
+        others = np.zeros_like(comp)
+        for j, c in enumerate(comps):
+            if j != k:
+                others |= ndimage.binary_dilation(c, iterations=1)
+        others &= ~comp
+        cat, sz, cx, cy, fit = _fit_shape(cov, comp)
+        color, pattern, pcolor = _fit_surface(img, bg, comp, cat, sz, cx, cy, others)
+        out.objects.append(Detected(cat, color, pattern, pcolor, sz, _cell(cx, cy), (float(cx), float(cy)),
+                                    int(comp.sum()), fit))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- matching
+IDENTITY = ("category", "color", "pattern", "pattern_color")
+
+
+def match(asked: list, found: list[Detected]) -> list[int | None]:
+    """For each asked-for object (anything with the identity attributes and a ``position``, None where not
+    asked) the index of the detected object standing for it, or None: a minimum-cost assignment on the number of
+    wrong identity attributes plus the distance to the asked position's cell."""
+    if not asked or not found:
+        return [None] * len(asked)
+    cost = np.zeros((len(asked), len(found)))
+    for i, a in enumerate(asked):
+        for j, d in enumerate(found):
+            cost[i, j] = sum(getattr(a, k) != getattr(d, k) for k in IDENTITY)
+            if getattr(a, "position", None) is not None:
+                x0, y0, x1, y1 = R.POSITIONS[a.position]
+                cost[i, j] += np.hypot(d.center[0] - (x0 + x1) / 2, d.center[1] - (y0 + y1) / 2)
+    rows, cols = linear_sum_assignment(cost)
+    out: list[int | None] = [None] * len(asked)
+    for r, c in zip(rows, cols):
+        out[r] = int(c)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- quality gate
 @dataclass
 class Check:
     background: bool
     color: bool
     category: bool
     position: bool
-    all_present: bool  # every asked-for object has at least 35% of its expected area in its color
+    all_present: bool  # every asked-for object was found with its body color
+    count: bool = True  # exactly as many objects as asked
 
 
 def check(image, spec: R.SceneSpec) -> Check:
-    img = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
-    size = img.shape[0]
-    lbl = color_labels(img)
-    bg = int(np.bincount(_border(lbl), minlength=len(R.COLORS)).argmax())
-    bg_ok = R.COLORS[bg] == spec.background
-    present = []
-    first = spec.objects[0]
-    for obj in spec.objects:
-        colors = [R.COLORS.index(obj.color)] + ([R.COLORS.index(obj.pattern_color)] if obj.pattern else [])
-        m = np.isin(lbl, colors) & (lbl != bg)
-        expected = (R.SIZES[obj.size] * size) ** 2 * 2.0  # ~ area of a shape of that radius
-        present.append(m.sum() >= 0.35 * expected)
-    # the first object: its body color, category and position
-    obj_mask = lbl != bg
-    if len(spec.objects) > 1:  # keep only the first object's colors
-        colors = [R.COLORS.index(first.color)] + ([R.COLORS.index(first.pattern_color)] if first.pattern else [])
-        obj_mask &= np.isin(lbl, colors)
-    if obj_mask.sum() < 4:
-        return Check(bg_ok, False, False, False, all(present))
-    counts = np.bincount(lbl[obj_mask], minlength=len(R.COLORS))
-    order = np.argsort(counts)[::-1]
-    top = [R.COLORS[i] for i in order[: 2 if first.pattern else 1]]
-    # shape mask: pixels nearer to the object's dominant color(s) than to the background (keeps thin,
-    # anti-aliased parts such as a small cross's arms)
-    # coverage of each pixel by the object: its position on the segment from the nearest rival color
-    # (background, other objects) to the nearest of the object's colors; > 0.5 means mostly covered
-    px = img.astype(np.float32)
-    rivals = np.stack([_PAL[bg]] + [np.array(R.PALETTE[o.color], np.float32) for o in spec.objects[1:]])
-    mine = np.stack([np.array(R.PALETTE[c], np.float32) for c in top])
-    a = mine[((px[:, :, None] - mine) ** 2).sum(-1).argmin(-1)]  # (h, w, 3)
-    b = rivals[((px[:, :, None] - rivals) ** 2).sum(-1).argmin(-1)]
-    alpha = ((px - b) * (a - b)).sum(-1) / np.maximum(((a - b) ** 2).sum(-1), 1e-6)
-    shape = _largest_component(alpha > 0.5)  # stray anti-aliased pixels of other edges are dropped
-    if shape.sum() < 4:
-        return Check(bg_ok, first.color in top, False, False, all(present))
+    """The quality gate's check of one image against the scene it was asked for (the first object's color,
+    category and position; every object's presence; the object count)."""
+    p = parse(image)
+    idx = match(list(spec.objects), p.objects)
+    present = [i is not None and p.objects[i].color == o.color for o, i in zip(spec.objects, idx)]
+    first = p.objects[idx[0]] if idx[0] is not None else None
     return Check(
-        background=bg_ok,
-        color=first.color in top,
-        category=_best_category(shape) == first.category,
-        position=_cell(shape) == first.position,
+        background=p.background == spec.background,
+        color=first is not None and first.color == spec.objects[0].color,
+        category=first is not None and first.category == spec.objects[0].category,
+        position=first is not None and first.position == spec.objects[0].position,
         all_present=all(present),
+        count=len(p.objects) == len(spec.objects),
     )
 
 

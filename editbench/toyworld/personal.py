@@ -1,7 +1,9 @@
 """The toy world's personal concepts: objects of a known category with an appearance the base model never saw.
 
-Four use patterns that exist only in the evaluator's training data (``HIDDEN_PATTERNS``); four use public
-patterns in a color combination that base training excludes. Their reference images deliberately cover few
+Each is an exact (category, body color, pattern, pattern color) that base training excludes, while every part of
+it (the category, the colors, the pattern, the category with that pattern) is in base training: the base model
+can draw the concept when it is described in words, as Stable Diffusion can, but its superclass word alone does
+not give it. Their reference images deliberately cover few
 backgrounds, positions and sizes, so that overfitting shows up as lost text alignment on prompts asking for
 others: the trade-off the papers measure.
 """

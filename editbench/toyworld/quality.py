@@ -1,4 +1,13 @@
-"""Measure the toy world: the base model's quality gate and the evaluator CLIP's retrieval and concept gap."""
+"""Measure the toy world: the base model's quality gate, its describability gate, and the evaluator CLIP's
+retrieval and concept gap.
+
+* quality gate: held-out captions (category, color, background, position, both objects present, and exactly one
+  object for single-object captions), read by :mod:`editbench.toyworld.checker`;
+* describability gate: each personal concept's full verbal description ("a white heart with black diagonal
+  stripes on a blue background") on backgrounds its references never show must draw the concept's exact
+  appearance (category, body color, pattern, pattern color), as Stable Diffusion can draw the parts of almost any
+  concept; the superclass prompt ("a heart on a blue background") must not.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +21,9 @@ from editbench.toyworld import scenes as R
 from editbench.toyworld.checker import check, heldout_specs
 from editbench.toyworld.personal import PERSONAL_CONCEPTS
 
-GATE = {"category": 0.85, "color": 0.85, "background": 0.90, "position": 0.75, "both_present": 0.60}
+GATE = {"category": 0.85, "color": 0.85, "background": 0.90, "position": 0.75, "both_present": 0.60,
+        "one_object": 0.90}
+DESCRIBE_GATE = {"described": 0.60, "superclass_max": 0.10}  # mean over the eight concepts; superclass: at most
 
 
 @torch.no_grad()
@@ -40,12 +51,55 @@ def quality_gate(pipe, *, n_single: int = 200, n_double: int = 100, seed: int = 
             c = check(img, spec)
             rows.append({"prompt": spec.caption(), "objects": len(spec.objects), "background": c.background,
                          "color": c.color, "category": c.category, "position": c.position,
-                         "all_present": c.all_present})
+                         "all_present": c.all_present, "count": c.count})
     df = pd.DataFrame(rows)
     single, double = df[df.objects == 1], df[df.objects == 2]
     summary = {k: float(single[k].mean()) for k in ("category", "color", "background", "position")}
     summary["both_present"] = float(double["all_present"].mean()) if len(double) else float("nan")
+    summary["one_object"] = float(single["count"].mean())
     summary["passes"] = all(summary[k] >= v for k, v in GATE.items())
+    return df, summary
+
+
+def unseen_backgrounds(c) -> list[str]:
+    """Backgrounds a concept's references never show, and that are none of its colors."""
+    return [b for b in R.COLORS if b not in c.backgrounds and b not in (c.color, c.pattern_color)]
+
+
+def describability(pipe, *, images_per_background: int = 4, seed: int = 0, progress=True,
+                   **sample_kwargs) -> tuple[pd.DataFrame, dict]:
+    """Prompt the base model with every personal concept's full description and with its superclass word, on
+    every background its references never show; read each image's object with the pattern-aware checker.
+
+    Returns the per-image table and the summary: per concept the fraction of images with all four identity
+    attributes right (``described``) and the same for the superclass prompt (``superclass``)."""
+    from editbench.toyworld.oracle import asked, describe_concept, score
+
+    rows, prompts, what = [], [], []
+    for c in PERSONAL_CONCEPTS:
+        for bg in unseen_backgrounds(c):
+            for kind, text in (("described", describe_concept(c, background=bg)),
+                               ("superclass", f"a {c.category} on a {bg} background")):
+                for _ in range(images_per_background):
+                    prompts.append(text)
+                    rows.append({"concept": c.name, "kind": kind, "background": bg, "prompt": text})
+                    what.append(asked(f"a {{}} on a {bg} background", [c]))
+    images = generate(pipe, prompts, seed=seed, progress=progress, **sample_kwargs)
+    for r, img, w in zip(rows, images, what):
+        sc = score(img, w)
+        r.update(identity=sc["identity"], identity_frac=sc["identity_frac"], background_ok=sc["background_ok"],
+                 one_object=sc["count_ok"])
+    df = pd.DataFrame(rows)
+    per = df.pivot_table(index="concept", columns="kind", values="identity", aggfunc="mean")
+    summary = {"per_concept": {n: {"described": float(per.loc[n, "described"]),
+                                   "superclass": float(per.loc[n, "superclass"])} for n in per.index},
+               "described": float(df[df.kind == "described"]["identity"].mean()),
+               "described_min": float(per["described"].min()),
+               "superclass": float(df[df.kind == "superclass"]["identity"].mean()),
+               "superclass_max": float(per["superclass"].max()),
+               "one_object": float(df["one_object"].mean())}
+    summary["passes"] = (summary["described"] >= DESCRIBE_GATE["described"]
+                         and summary["superclass_max"] <= DESCRIBE_GATE["superclass_max"])
     return df, summary
 
 
@@ -80,10 +134,18 @@ def evaluator_report(model, preprocess, tokenizer, *, n: int = 500, seed: int = 
             "concept_gap_min": min(gaps.values())}
 
 
-def summary_table(summary: dict) -> str:
+def summary_table(summary: dict, described: dict | None = None) -> str:
     lines = ["| attribute | measured | gate |", "| --- | --- | --- |"]
     for k, v in GATE.items():
         lines.append(f"| {k} | {summary[k]:.3f} | >= {v:.2f} |")
+    if described:
+        lines.append(f"| described concepts (mean of 8; min {described['described_min']:.3f}) | "
+                     f"{described['described']:.3f} | >= {DESCRIBE_GATE['described']:.2f} |")
+        lines.append(f"| superclass prompt reproduces the concept (max of 8) | {described['superclass_max']:.3f} | "
+                     f"<= {DESCRIBE_GATE['superclass_max']:.2f} |")
+        lines += ["", "| concept | described | superclass |", "| --- | --- | --- |"]
+        lines += [f"| {n} | {v['described']:.3f} | {v['superclass']:.3f} |"
+                  for n, v in described["per_concept"].items()]
     return "\n".join(lines)
 
 

@@ -46,11 +46,10 @@ POSITIONS: dict[str, tuple[float, float, float, float]] = {
 _ANCHOR = {"left": 0.27, "center": 0.5, "right": 0.73}
 _POS_PHRASE = {"center": "in the center", "left": "on the left", "right": "on the right"}
 
-SIZES: dict[str, float] = {"small": 0.15, "medium": 0.20, "large": 0.26}  # radius as a fraction of the side
+SIZES: dict[str, float] = {"small": 0.17, "medium": 0.22, "large": 0.28}  # radius as a fraction of the side
 
-# Patterns the base model is trained on, and patterns only the evaluator CLIP sees (personal concepts use them).
-PATTERNS = ("stripes", "dots", "checker", "two-tone")
-HIDDEN_PATTERNS = ("diagonal", "border", "bullseye", "center dot")
+# The second-color patterns; base training draws all of them, never in a personal concept's exact appearance.
+PATTERNS = ("stripes", "dots", "checker", "two-tone", "diagonal", "border", "bullseye", "center dot")
 _PATTERN_PHRASE = {
     "stripes": "with {c} stripes",
     "dots": "with {c} dots",
@@ -274,15 +273,13 @@ def sample_object(rng: random.Random, *, position: str | None = None, size: str 
 
 
 def sample_scene(rng: random.Random, *, split: str = "train", two_object_prob: float = 0.25,
-                 pattern_prob: float = 0.3, hidden_patterns: bool = False, excluded=frozenset()) -> SceneSpec:
+                 pattern_prob: float = 0.3, patterns=PATTERNS, excluded=frozenset()) -> SceneSpec:
     """A random scene from the grammar.
 
     ``split="train"`` never yields a held-out (category, color, background) triple, ``"heldout"`` only yields
     those (for single objects), ``"any"`` ignores the split. ``excluded`` is a set of appearance tuples
-    ``(category, color, pattern, pattern_color)`` that must never be drawn (the personal concepts'), and
-    ``hidden_patterns`` allows the evaluator-only patterns.
+    ``(category, color, pattern, pattern_color)`` that must never be drawn (the personal concepts').
     """
-    patterns = PATTERNS + HIDDEN_PATTERNS if hidden_patterns else PATTERNS
     while True:
         background = rng.choice(COLORS)
         if rng.random() < two_object_prob:

@@ -9,7 +9,7 @@ Stages, each checkpointed (atomic safetensors + JSON, no pickle) and resumable:
 4. ``decoder``   fine-tune the VAE decoder alone on the cached latents (sharper edges and patterns; the latent
                  space the UNet learned is unchanged because the encoder is frozen);
 5. ``evaluator`` train the open_clip evaluator contrastively, on scenes that include the appearances the base
-                 model never sees (hidden patterns and the personal concepts);
+                 model never sees (the personal concepts' exact appearances);
 6. ``export``    write the diffusers pipeline folder (``model/``) and the evaluator (``evaluator/``).
 
 Why the loop is hand-written rather than diffusers' example scripts: those are CLI scripts, not importable
@@ -45,6 +45,7 @@ class WorldConfig:
     seed: int = 0
     image_size: int = 32
     n_scenes: int = 30000
+    pattern_prob: float = 0.5  # share of base-training objects with a second-color pattern (eight patterns)
     vae_steps: int = 800
     vae_batch: int = 32
     vae_lr: float = 1e-3
@@ -182,8 +183,7 @@ def stage_data(cfg: WorldConfig, work: Path, tokenizer, progress=True) -> dict:
         return read_tensors(path)
     images, ids, masks = [], [], []
     for i in tqdm(range(cfg.n_scenes), desc="render scenes", disable=not progress):
-        spec = R.sample_scene(_scene_rng(cfg.seed, i, "base"), split="train", excluded=EXCLUDED_APPEARANCES)
-        r = R.render(spec, cfg.image_size)
+        r = base_scene(cfg, i)
         images.append(r.image)
         ids.append(r.caption)
         masks.append(np.clip(np.sum(r.masks, axis=0), 0, 1) > 0.5)
@@ -372,8 +372,16 @@ def stage_unet(cfg, work, data, latents, progress=True):
     return ema_unet.eval(), ema_text.eval(), noise_sched
 
 
+def base_scene(cfg: WorldConfig, i: int) -> R.Rendered:
+    """Base-model training scene ``i``: every pattern, never a personal concept's exact appearance nor a held-out
+    (category, color, background) triple."""
+    spec = R.sample_scene(_scene_rng(cfg.seed, i, "base"), split="train", pattern_prob=cfg.pattern_prob,
+                          excluded=EXCLUDED_APPEARANCES)
+    return R.render(spec, cfg.image_size)
+
+
 def evaluator_scene(cfg: WorldConfig, i: int) -> R.Rendered:
-    """Evaluator training scenes: everything, hidden patterns and the personal concepts' appearances included."""
+    """Evaluator training scenes: everything, the personal concepts' appearances included."""
     rng = _scene_rng(cfg.seed, i, "evaluator")
     if rng.random() < 0.15:  # a personal concept's appearance, anywhere, described in words
         c = rng.choice(PERSONAL_CONCEPTS)
@@ -382,7 +390,7 @@ def evaluator_scene(cfg: WorldConfig, i: int) -> R.Rendered:
         bg = rng.choice([k for k in R.COLORS if k not in (c.color,)])
         spec = R.SceneSpec((obj,), bg)
     else:
-        spec = R.fully_specified(R.sample_scene(rng, split="any", pattern_prob=0.5, hidden_patterns=True))
+        spec = R.fully_specified(R.sample_scene(rng, split="any", pattern_prob=0.5))
     return R.render(spec, cfg.image_size)
 
 

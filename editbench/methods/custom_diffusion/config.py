@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from editbench.errors import EditbenchError
 from editbench.methods.prior import PriorConfigMixin
-from editbench.training import TrainConfig
+from editbench.training import Param, TrainConfig
 
 __all__ = ["CustomDiffusionConfig"]
 
@@ -52,6 +52,13 @@ class CustomDiffusionConfig(PriorConfigMixin, TrainConfig):
         200 regularization images, prior loss weight 1.0."""
         return cls(**{"steps": 250, "batch_size": 8, "lr": 8e-5, "num_class_images": 200,
                       "class_inference_steps": 50, "class_guidance_scale": 6.0, **overrides})
+
+    @classmethod
+    def search_space(cls) -> list[Param]:
+        """``editbench tune``'s space: the learning rate (log-uniform, /10 to x10 of the default), the prior loss
+        weight and the training steps."""
+        return [Param("lr", "log", 4e-5, 4e-3), Param("prior_loss_weight", "float", 0.1, 1.5),
+                Param("steps", "int", 40, 300, target="steps")]
 
     def validate(self) -> None:
         super().validate()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from editbench.errors import EditbenchError
 from editbench.methods.prior import PriorConfigMixin
-from editbench.training import TrainConfig
+from editbench.training import Param, TrainConfig
 
 __all__ = ["DEFAULT_IDENTIFIER", "DreamBoothConfig"]
 
@@ -41,6 +41,13 @@ class DreamBoothConfig(PriorConfigMixin, TrainConfig):
         lr 5e-6, 200 class images (50 sampling steps, guidance 7.5), prior loss weight 1.0."""
         return cls(**{"steps": 800, "batch_size": 1, "lr": 5e-6, "num_class_images": 200,
                       "class_inference_steps": 50, "class_guidance_scale": 7.5, **overrides})
+
+    @classmethod
+    def search_space(cls) -> list[Param]:
+        """``editbench tune``'s space: the learning rate (log-uniform, /10 to x10 of the default), the prior loss
+        weight and the training steps."""
+        return [Param("lr", "log", 5e-6, 5e-4), Param("prior_loss_weight", "float", 0.1, 1.5),
+                Param("steps", "int", 40, 300, target="steps")]
 
     def validate(self) -> None:
         super().validate()

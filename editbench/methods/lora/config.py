@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from editbench.errors import EditbenchError
 from editbench.methods.prior import PriorConfigMixin
-from editbench.training import TrainConfig
+from editbench.training import Param, TrainConfig
 
 __all__ = ["LoRAConfig", "LoRASettings"]
 
@@ -45,6 +45,13 @@ class LoRAConfig(PriorConfigMixin, TrainConfig):
         """diffusers' ``train_dreambooth_lora.py`` README recipe (512 px): 500 steps, batch 1, lr 1e-4, rank 4,
         alpha 4, no prior preservation."""
         return cls(**{"steps": 500, "batch_size": 1, "lr": 1e-4, **overrides})
+
+    @classmethod
+    def search_space(cls) -> list[Param]:
+        """``editbench tune``'s space: the learning rate (log-uniform, /10 to x10 of the default), the adapter rank
+        and the training steps."""
+        return [Param("lr", "log", 1e-4, 1e-2), Param("rank", "categorical", choices=(2, 4, 8, 16)),
+                Param("steps", "int", 40, 300, target="steps")]
 
     def validate(self) -> None:
         super().validate()

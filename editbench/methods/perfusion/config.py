@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from editbench.errors import EditbenchError
-from editbench.training import TrainConfig
+from editbench.training import Param, TrainConfig
 
 __all__ = ["GATE_TOKENS", "LOCKS", "PerfusionConfig", "PerfusionSettings"]
 
@@ -56,6 +56,15 @@ class PerfusionConfig(TrainConfig):
     def reference(cls, **overrides) -> PerfusionConfig:
         """The paper's / reference implementation's settings: 400 steps, batch 16 as 4 x 4 accumulation."""
         return cls(**{"steps": 400, "batch_size": 4, "grad_accum": 4, **overrides})
+
+    @classmethod
+    def search_space(cls) -> list[Param]:
+        """``editbench tune``'s space: both learning rates (log-uniform, /10 to x10 of the defaults), the training
+        gate bias, the inference gate bias and temperature, and the training steps."""
+        return [Param("lr_values", "log", 3e-3, 0.3), Param("lr_embedding", "log", 6e-4, 0.06),
+                Param("beta_train", "float", 0.5, 0.9), Param("beta", "float", 0.4, 0.9, target="settings"),
+                Param("tau", "float", 0.05, 0.3, target="settings"),
+                Param("steps", "int", 40, 300, target="steps")]
 
     def validate(self) -> None:
         super().validate()

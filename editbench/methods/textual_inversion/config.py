@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from editbench.errors import EditbenchError
-from editbench.training import TrainConfig
+from editbench.training import Param, TrainConfig
 
 __all__ = ["TextualInversionConfig"]
 
@@ -36,6 +36,12 @@ class TextualInversionConfig(TrainConfig):
         """diffusers' ``textual_inversion.py`` README recipe at 512 px: 3000 steps, batch 1 x 4 accumulation,
         lr 5e-4 scaled by the batch (2e-3), AdamW weight decay 1e-2, one vector."""
         return cls(**{"steps": 3000, "batch_size": 1, "grad_accum": 4, "lr": 2e-3, **overrides})
+
+    @classmethod
+    def search_space(cls) -> list[Param]:
+        """``editbench tune``'s space: the learning rate (log-uniform, /10 to x10 of the default) and the training
+        steps."""
+        return [Param("lr", "log", 2e-4, 2e-2), Param("steps", "int", 40, 300, target="steps")]
 
     def validate(self) -> None:
         super().validate()
