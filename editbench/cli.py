@@ -45,7 +45,7 @@ def cmd_world_eval(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     pipe = load_pipeline(args.device, _dtype(args.dtype), path=args.model)
-    kw = dict(steps=args.steps, guidance_scale=args.guidance)
+    kw = {"steps": args.steps, "guidance_scale": args.guidance}
     df, summary = quality_gate(pipe, n_single=args.n, n_double=args.n // 2, **kw)
     df.to_csv(out / "quality_gate.csv", index=False)
     ddf, described = describability(pipe, images_per_background=args.images_per_background, **kw)

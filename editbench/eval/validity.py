@@ -48,12 +48,11 @@ def rank_agreement(df: pd.DataFrame, *, n_boot: int = 500, seed: int = 0) -> pd.
                 boot[a, b][0].append(stats.spearmanr(ok[a], ok[b]).statistic)
                 boot[a, b][1].append(stats.kendalltau(ok[a], ok[b]).statistic)
     rows = []
-    for a, b in boot:
+    for (a, b), (sp, kd) in boot.items():
         ok = means[[a, b]].dropna()
         valid = len(ok) >= 3 and ok[a].nunique() > 1 and ok[b].nunique() > 1
         rho = stats.spearmanr(ok[a], ok[b]).statistic if valid else math.nan
         tau = stats.kendalltau(ok[a], ok[b]).statistic if valid else math.nan
-        sp, kd = boot[a, b]
         q = (lambda v, p: float(np.quantile(v, p)) if len(v) > 10 else math.nan)
         rows.append({"score_a": SCORES[a], "score_b": SCORES[b], "cells": len(ok), "spearman": rho,
                      "spearman_lo": q(sp, 0.025), "spearman_hi": q(sp, 0.975), "kendall": tau,

@@ -29,7 +29,7 @@ from scipy.optimize import linear_sum_assignment
 from editbench.toyworld import scenes as R
 
 _PAL = np.array([R.PALETTE[c] for c in R.COLORS], np.float32)  # (k, 3)
-_SS = 4  # the renderer's supersampling
+_SS = R._SS  # the renderer's supersampling
 # phase offsets (in radius units) tried for the periodic patterns: a generated stripe need not sit exactly where
 # the renderer puts it relative to the centre
 _PHASES = {"stripes": [(0.0, d) for d in (0.0, 0.2, 0.4, 0.6)],
@@ -144,12 +144,10 @@ def _fit_shape(cov: np.ndarray, comp: np.ndarray) -> tuple[str, str, float, floa
         win = _window(cx, cy, rad, size)
         gx, gy = _grid(size, *win)
         t = target[win[0]:win[1], win[2]:win[3]]
-        coarse.append((iou(cat, rad, cx, cy, gx, gy, t), cat, sz, cx, cy, win))
+        coarse.append((iou(cat, rad, cx, cy, gx, gy, t), cat, sz, cx, cy, gx, gy, t))
     best = ("circle", "medium", mx, my, -1.0)
-    for score, cat, sz, cx, cy, win in sorted(coarse, key=lambda c: -c[0])[:3]:
+    for score, cat, sz, cx, cy, gx, gy, t in sorted(coarse, key=lambda c: -c[0])[:3]:
         rad = R.SIZES[sz]
-        gx, gy = _grid(size, *win)
-        t = target[win[0]:win[1], win[2]:win[3]]
         for s in (step, step / 2):
             ox, oy = cx, cy
             for px, py in [(ox + i * s, oy + j * s) for i in (-1, 0, 1) for j in (-1, 0, 1) if i or j]:

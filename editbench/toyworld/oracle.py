@@ -27,7 +27,7 @@ from editbench.toyworld import scenes as R
 from editbench.toyworld.checker import IDENTITY, Parsed, match, parse
 from editbench.toyworld.personal import PERSONAL_CONCEPTS, PersonalConcept
 
-__all__ = ["AskedObject", "Asked", "asked", "score", "score_parsed", "concept_by_name", "describe_concept"]
+__all__ = ["Asked", "AskedObject", "asked", "concept_by_name", "describe_concept", "score", "score_parsed"]
 
 
 @dataclass(frozen=True)

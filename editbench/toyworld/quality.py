@@ -78,12 +78,13 @@ def describability(pipe, *, images_per_background: int = 4, seed: int = 0, progr
     rows, prompts, what = [], [], []
     for c in PERSONAL_CONCEPTS:
         for bg in unseen_backgrounds(c):
+            target = asked(f"a {{}} on a {bg} background", [c])  # both prompts are scored against the concept
             for kind, text in (("described", describe_concept(c, background=bg)),
                                ("superclass", f"a {c.category} on a {bg} background")):
                 for _ in range(images_per_background):
                     prompts.append(text)
                     rows.append({"concept": c.name, "kind": kind, "background": bg, "prompt": text})
-                    what.append(asked(f"a {{}} on a {bg} background", [c]))
+                    what.append(target)
     images = generate(pipe, prompts, seed=seed, progress=progress, **sample_kwargs)
     for r, img, w in zip(rows, images, what):
         sc = score(img, w)
