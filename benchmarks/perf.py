@@ -217,10 +217,11 @@ def random_concept(placeholder: str, superclass: str = "star", *, size: int = 32
 
 
 def placeholder_for(method: str, i: int = 0) -> str:
+    """The ``i``-th benchmark placeholder of the kind ``method`` trains (a new token or a rare word)."""
     from editbench import methods
+    from editbench.methods.tokens import RARE_WORDS
 
-    rare = ("sks", "olis", "bnha", "hta", "ucd", "pll")
-    return f"<bench-{i}>" if methods.get(method).new_token else rare[i]
+    return f"<bench-{i}>" if methods.get(method).new_token else RARE_WORDS[i]
 
 
 def text_encoder(width: int, layers: int = 2, *, full_clip: bool = False, seed: int = 0):
@@ -298,44 +299,18 @@ def config_overrides(method: str, **wanted: Any) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_artifact(method: str, pipe, concept, *, fingerprints: dict | None = None, **config: Any):
-    """The artifact ``Editor.fit`` would save, built by the method's own training session (``prepare_training``
-    then ``session.artifact``) without running optimizer steps, plus the metadata ``fit`` adds.
-
-    Tensor shapes and metadata keys are exactly those of a trained artifact; only the values differ, and file
-    sizes do not depend on values. DreamBooth's session is built directly around the pipeline's UNet (its
-    ``prepare_training`` would first deep-copy the UNet in float32, which a geometry-only SDXL run cannot hold).
-    """
+    """The artifact ``Editor.fit`` would save, built by ``Editor.shaped_artifact`` (the method's own training
+    session, no optimizer step): tensor shapes and metadata entries are exactly those of a trained artifact, only
+    the values differ, and file sizes do not depend on values. ``fingerprints`` caches base fingerprints across
+    methods that read the same weights."""
     from editbench import methods
-    from editbench.methods.base import EditHandle
-    from editbench.training import TrainResult
 
     editor = methods.get(method)(**config_overrides(method, **config))
-    editor.check_pipeline(pipe)
-    concept.check_tokens(pipe.tokenizer, new_placeholder=editor.new_token)
     key = "default" if type(editor).affected_tensors is methods.Editor.affected_tensors else method
     fingerprints = {} if fingerprints is None else fingerprints
     if key not in fingerprints:
         fingerprints[key] = editor.fingerprint(pipe)
-    result = TrainResult(steps=0, losses=[], wall_time_s=0.0, wall_time_total_s=0.0, peak_memory_bytes=0,
-                         memory_kind="none", device="cpu")
-    with EditHandle(pipe, "benchmark artifact") as handle, torch.no_grad():
-        if method == "dreambooth":
-            from editbench.methods.dreambooth.editor import _Session
-
-            dtype = next(pipe.unet.parameters()).dtype
-            session = _Session(pipe, None, {"unet": pipe.unet}, {"unet": dtype}, editor.config)
-        else:
-            session = editor.prepare_training(pipe, concept, handle, editor.config)
-        if method == "perfusion":  # i* is the EMA of the concept token's encoding: one encode sets it
-            with torch.enable_grad():
-                session.encode([concept.templates[0].format(session.phrase_for(concept))])
-        art = session.artifact(result)
-    cfg = json.loads(json.dumps(dataclasses.asdict(editor.config)))  # JSON types, exactly as Editor.fit stores it
-    art.metadata.update(base_fingerprint=fingerprints[key], config=cfg, seed=0,
-                        training=result.summary(),
-                        concept={"placeholder": concept.placeholder, "superclass": concept.superclass,
-                                 "images": len(concept)})
-    return art
+    return editor.shaped_artifact(pipe, concept, base_fingerprint=fingerprints[key])
 
 
 def safetensors_size(art, dtype: torch.dtype | None) -> int:

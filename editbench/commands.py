@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from editbench.errors import EditbenchError
@@ -62,10 +63,14 @@ def cmd_train(args) -> None:
     from editbench import methods
 
     editor = methods.get(args.method)(**_kv(args.set))
-    art = editor.fit(_pipeline(args), _concept(args), steps=args.steps, seed=args.seed,
-                     checkpoint_dir=args.checkpoint_dir)
+    pipe = _pipeline(args)
+    concept = _concept(args)
+    if args.concept:  # a toy concept gets the placeholder kind the method trains (a new token or a rare word)
+        concept = dataclasses.replace(concept, placeholder=editor.placeholder(pipe.tokenizer, concept.placeholder))
+    art = editor.fit(pipe, concept, steps=args.steps, seed=args.seed, checkpoint_dir=args.checkpoint_dir)
     path = art.save(args.out)
     print(f"{args.method} artifact written to {path} ({art.nbytes:,} bytes)")
+    print(f"prompt phrase: {editor.phrase(art)!r} (e.g. \"a photo of {editor.phrase(art)}\")")
 
 
 def _editor_for(paths: list[str]):
@@ -104,7 +109,9 @@ def cmd_generate(args) -> None:
 
 def cmd_compose(args) -> None:
     editor, arts = _editor_for(args.artifact)
-    merged = editor.compose(arts)
+    if not editor.can_compose():
+        editor.compose(arts)  # raises the method's "no merge" error before a pipeline is loaded
+    merged = editor.compose(arts, _pipeline(args))
     path = merged.save(args.out)
     print(f"composed {len(arts)} {editor.name} artifacts into {path} ({merged.nbytes:,} bytes)")
 
@@ -230,6 +237,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c = sub.add_parser("compose", help="merge several artifacts of one method (where it has a merge)")
     c.add_argument("--artifact", action="append", required=True)
     c.add_argument("--out", required=True)
+    model_args(c)
     c.set_defaults(func=cmd_compose)
 
     b = sub.add_parser("bench", help="run a benchmark suite (bundled name or YAML file)")

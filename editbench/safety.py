@@ -4,7 +4,7 @@
   finite numbers, bounded strings and the documented types (``method`` an identifier, ``shapes`` lists of small
   non-negative ints that match the stored tensors, ``dtypes`` from a short list, ``base_fingerprint`` a short
   token, concept words without whitespace, ...). :func:`check_artifact_for` adds the checks that need the
-  method: its ``config`` has the method's fields with values of the right types and passes ``Config.validate()``.
+  method: its own entries (``Editor.metadata_schema``, built from the predicates here), its ``config`` has the method's fields with values of the right types and passes ``Config.validate()``.
   Every problem is an :class:`~editbench.errors.ArtifactError`, raised before anything is modified.
 * :func:`load_weights`: safetensors only; a pickle (``torch.save``: ``.bin``, ``.pt``, ``.pth``, ``.ckpt``) is
   refused unless the caller passes ``allow_pickle=True``, and is then read with ``torch.load(weights_only=True)``.
@@ -32,8 +32,9 @@ import torch
 
 from editbench.errors import ArtifactError, EditbenchError
 
-__all__ = ["ALLOWED_DTYPES", "MAX_HEADER_BYTES", "MAX_IMAGE_PIXELS", "check_artifact_for", "check_metadata",
-           "is_pickle", "load_weights", "open_image", "parse_metadata", "safe_join"]
+__all__ = ["ALLOWED_DTYPES", "MAX_DIM", "MAX_HEADER_BYTES", "MAX_IMAGE_PIXELS", "check_artifact_for",
+           "check_metadata", "identifier", "is_int", "is_number", "is_pickle", "load_weights", "open_image",
+           "parse_metadata", "safe_join", "token", "word", "words"]
 
 # ------------------------------------------------------------------------------------------------ limits
 MAX_HEADER_BYTES = 16 * 2**20
@@ -139,25 +140,37 @@ def _check_json(x: Any, where: Any, path: str, depth: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ schema
-def _is_int(x: Any) -> bool:
+def identifier(x: Any) -> bool:
+    """A Python identifier of at most 64 characters."""
+    return isinstance(x, str) and bool(_IDENT.match(x))
+
+
+def token(x: Any) -> bool:
+    """A short token: at most 64 letters, digits and ``._:+!-``."""
+    return isinstance(x, str) and bool(_TOKEN.match(x))
+
+
+def is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x: Any) -> bool:
+def is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _word(x: Any) -> bool:
+def word(x: Any) -> bool:
+    """A non-empty string of at most 256 characters without whitespace or control characters."""
     return isinstance(x, str) and 0 < len(x) <= MAX_WORD and bool(_WORD.match(x))
 
 
-def _words(x: Any) -> bool:
-    return isinstance(x, list) and 0 < len(x) <= 4096 and all(_word(w) for w in x)
+def words(x: Any) -> bool:
+    """A non-empty list of :func:`word` s."""
+    return isinstance(x, list) and 0 < len(x) <= 4096 and all(word(w) for w in x)
 
 
 def _concept_entry(x: Any) -> bool:
-    return (isinstance(x, dict) and _word(x.get("placeholder")) and _word(x.get("superclass"))
-            and (x.get("images") is None or (_is_int(x["images"]) and 0 <= x["images"] <= 10**7))
+    return (isinstance(x, dict) and word(x.get("placeholder")) and word(x.get("superclass"))
+            and (x.get("images") is None or (is_int(x["images"]) and 0 <= x["images"] <= 10**7))
             and all(isinstance(v, (str, int, float, bool)) or v is None for v in x.values()))
 
 
@@ -165,51 +178,32 @@ def _concept(x: Any) -> bool:
     return _concept_entry(x) or (isinstance(x, list) and 0 < len(x) <= 4096 and all(_concept_entry(c) for c in x))
 
 
-def _lora(x: Any) -> bool:
-    return (isinstance(x, dict) and _is_int(x.get("r")) and 1 <= x["r"] <= 65536
-            and _is_number(x.get("lora_alpha")) and x["lora_alpha"] > 0
-            and _words(x.get("target_modules"))
-            and (isinstance(x.get("init_lora_weights"), bool)
-                 or (isinstance(x.get("init_lora_weights"), str) and bool(_TOKEN.match(x["init_lora_weights"])))))
+def _one_phrase(x: Any) -> bool:
+    return isinstance(x, str) and 0 < len(x) <= MAX_STRING and bool(x.split()) and "\n" not in x
 
 
-def _compression(x: Any) -> bool:
-    return x is None or (isinstance(x, dict) and
-                         (x.get("rank") is None or (_is_int(x["rank"]) and 1 <= x["rank"] <= MAX_DIM)) and
-                         (x.get("energy") is None or (_is_number(x["energy"]) and 0 < x["energy"] <= 1)))
-
-
-def _components(x: Any) -> bool:
-    return isinstance(x, list) and 0 < len(x) <= 16 and all(isinstance(c, str) and _IDENT.match(c) for c in x)
+def _phrase(x: Any) -> bool:
+    return _one_phrase(x) or (isinstance(x, list) and 0 < len(x) <= 4096 and all(_one_phrase(p) for p in x))
 
 
 _SCHEMA: dict[str, tuple[Any, str]] = {
     # common entries (editbench.methods.base)
-    "method": (lambda x: isinstance(x, str) and bool(_IDENT.match(x)), "an identifier of at most 64 characters"),
-    "library_version": (lambda x: isinstance(x, str) and bool(_TOKEN.match(x)), "a version string"),
-    "base_fingerprint": (lambda x: x is None or (isinstance(x, str) and bool(_TOKEN.match(x))),
+    "method": (identifier, "an identifier of at most 64 characters"),
+    "library_version": (token, "a version string"),
+    "base_fingerprint": (lambda x: x is None or token(x),
                          "a fingerprint (hex digits) or null"),
     "checksum": (lambda x: isinstance(x, str) and bool(_HEX16.match(x)), "16 hex digits"),
     "config": (lambda x: isinstance(x, dict), "an object"),
-    "seed": (_is_int, "an integer"),
+    "seed": (is_int, "an integer"),
     "training": (lambda x: isinstance(x, dict), "an object"),
     "concept": (_concept, "{placeholder, superclass[, images]} (or a list of them) with one-word strings"),
-    # method entries (documented in docs/methods/<name>.md)
-    "tokens": (_words, "a non-empty list of words without whitespace"),
-    "placeholder": (_word, "a word without whitespace"),
-    "modifier_tokens": (_words, "a non-empty list of words without whitespace"),
-    "categories": (_words, "a non-empty list of words without whitespace"),
-    "lora": (_lora, "{r: int 1..65536, lora_alpha: number > 0, target_modules: [words], init_lora_weights}"),
-    "components": (_components, "a list of component names"),
-    "compression": (_compression, "null or {rank: int >= 1 | null, energy: number in (0, 1] | null}"),
-    "beta_train": (_is_number, "a finite number"),
-    "tau_train": (_is_number, "a finite number"),
-    "unet_config": (lambda x: isinstance(x, dict), "an object"),
-    "text_encoder_config": (lambda x: isinstance(x, dict), "an object"),
+    "phrase": (_phrase, "the words to type in a prompt (a string, or a list of them, one per concept)"),
+    # a method's own entries: its Editor.metadata_schema (checked by check_artifact_for)
 }
 
 
-def check_metadata(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: Any = "artifact") -> None:
+def check_metadata(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], where: Any = "artifact",
+                   schema: Mapping[str, tuple[Any, str]] | None = None) -> None:
     """ArtifactError unless ``meta`` (a parsed artifact header) follows the schema and describes ``tensors``.
 
     Checks the documented entries' types and ranges (see the module docstring), tensor names (bounded, no control
@@ -219,7 +213,7 @@ def check_metadata(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
     if not isinstance(meta, Mapping):
         raise _fail(where, "the metadata is not a JSON object")
     _check_json(dict(meta), where, "metadata", 0)
-    for key, (ok, what) in _SCHEMA.items():
+    for key, (ok, what) in {**_SCHEMA, **(schema or {})}.items():
         if key in meta and not ok(meta[key]):
             raise _fail(where, f"metadata {key!r} must be {what}, got {_short(meta[key])}")
     for key in ("method", "checksum"):
@@ -236,7 +230,7 @@ def check_metadata(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor],
             raise _fail(where, f"bad tensor name {_short(name)}")
         shape, dtype = shapes[name], dtypes[name]
         if (not isinstance(shape, list) or len(shape) > MAX_NDIM
-                or not all(_is_int(s) and 0 <= s <= MAX_DIM for s in shape)):
+                or not all(is_int(s) and 0 <= s <= MAX_DIM for s in shape)):
             raise _fail(where, f"shape of {name!r} must be a list of at most {MAX_NDIM} ints in [0, {MAX_DIM}], "
                                f"got {_short(shape)}")
         if dtype not in ALLOWED_DTYPES:
@@ -258,9 +252,9 @@ def _field_ok(default: Any, value: Any) -> bool:
     if isinstance(default, bool):
         return isinstance(value, bool)
     if isinstance(default, int):
-        return _is_int(value)
+        return is_int(value)
     if isinstance(default, float):
-        return _is_number(value)
+        return is_number(value)
     if isinstance(default, str):
         return isinstance(value, str)
     if isinstance(default, (tuple, list)):
@@ -273,7 +267,7 @@ def _field_ok(default: Any, value: Any) -> bool:
 def check_artifact_for(editor: Any, artifact: Any) -> None:
     """ArtifactError unless ``artifact``'s metadata follows the schema for ``editor``'s method.
 
-    On top of :func:`check_metadata`: ``config`` (if present) holds only fields of the method's ``Config``, each
+    On top of :func:`check_metadata`: the method's own entries (``editor.metadata_schema``), ``config`` (if present) holds only fields of the method's ``Config``, each
     of the right type, and the resulting config passes ``Config.validate()``."""
     where = artifact.path or "artifact"
     meta = artifact.metadata
@@ -282,7 +276,7 @@ def check_artifact_for(editor: Any, artifact: Any) -> None:
     check_metadata({**meta, "method": artifact.method,
                     "shapes": {k: list(v.shape) for k, v in artifact.tensors.items()},
                     "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in artifact.tensors.items()},
-                    "checksum": "0" * 16}, artifact.tensors, where)
+                    "checksum": "0" * 16}, artifact.tensors, where, editor.metadata_schema)
     config = meta.get("config")
     if config is None:
         return

@@ -163,8 +163,9 @@ class FakeEditor(Editor):
     def fit(self, pipeline, concept, *, steps=None, seed=0, progress=True, checkpoint_dir=None):
         FakeEditor.fits.append((self.name, concept.placeholder, seed))
         value = (seed + 1) * 0.01 + len(concept.placeholder) * 0.001
+        phrase = concept.placeholder if self.new_token else f"{concept.placeholder} {concept.superclass}"
         return Artifact(self.name, {"delta": torch.tensor([value])},
-                        {"base_fingerprint": "fake", "training": {"wall_time_s": 1.5, "peak_memory_bytes": 1000,
+                        {"base_fingerprint": "fake", "phrase": phrase, "training": {"wall_time_s": 1.5, "peak_memory_bytes": 1000,
                                                                   "memory_kind": "fake", "steps": steps or 1}})
 
     def fingerprint(self, pipeline):

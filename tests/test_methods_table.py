@@ -98,8 +98,7 @@ def test_training_lowers_the_concept_loss(name):
     pipe, concept = tiny_pipeline(), concept_for(name)
     ed = editor(name, batch_size=4, num_class_images=4, class_inference_steps=10)
     art = ed.fit(pipe, concept, steps=60, progress=False)
-    phrase = concept.placeholder if name in ("textual_inversion", "perfusion") else \
-        f"{concept.placeholder} {concept.superclass}"
+    phrase = ed.phrase(art)
     before = denoising_loss(pipe, concept, phrase)
     with ed.apply(pipe, art):
         after = denoising_loss(pipe, concept, phrase)

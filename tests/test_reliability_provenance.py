@@ -227,18 +227,20 @@ def test_malicious_pickle_runs_nothing_even_when_opted_in(tmp_path):
 
 def test_artifact_metadata_is_validated_against_the_schema(tmp_path):
     """Direct checks of the schema on a real artifact (the fuzz tests sample the same space)."""
+    from editbench import methods
     from editbench.safety import check_metadata, parse_metadata
 
     path = trained("textual_inversion")
     meta = json.loads(__import__("safetensors").safe_open(str(path), "pt").metadata()["editbench"])
     tensors = load("textual_inversion", path).tensors
-    check_metadata(meta, tensors)
+    schema = methods.get("textual_inversion").metadata_schema  # the method's own entries ("tokens")
+    check_metadata(meta, tensors, schema=schema)
     bad = {"shapes": {"embeddings": [1, 2**40]}, "dtypes": {"embeddings": "object"}, "seed": 2**70,
            "library_version": "1.0; rm -rf /", "base_fingerprint": "x" * 100, "checksum": "xyz",
            "tokens": ["../../x y"], "concept": {"placeholder": "", "superclass": "star"}, "method": "Not An Id!"}
     for key, value in bad.items():
         with pytest.raises(ArtifactError):
-            check_metadata({**meta, key: value}, tensors)
+            check_metadata({**meta, key: value}, tensors, schema=schema)
     for text in ("[" * 10_000, '{"a": NaN}', '{"a": Infinity}', "x" * (17 * 2**20), "[1]"):
         with pytest.raises(ArtifactError):
             parse_metadata(text)

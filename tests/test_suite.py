@@ -16,6 +16,7 @@ import yaml
 from _eval_stubs import FakeClip, FakeEditor, FakePipeline, FakeRareWordEditor, registered
 
 from editbench.errors import EditbenchError
+from editbench.methods.tokens import RARE_WORDS
 from editbench.eval import suite as S
 
 BASE = {"name": "t", "model": "tiny", "concepts": ["zebra", "sunny", "target"], "pairs": [["zebra", "sunny"]],
@@ -70,13 +71,13 @@ def test_run_writes_one_row_per_image_and_reuses_artifacts(tmp_path, fakes):
     skips = list((out / "cells").glob("*.skip.json"))
     assert len(skips) == 2 and "compose" in json.loads(skips[0].read_text())["reason"]
     # the rare-word method got single-token placeholders, the new-token method <name>
-    assert {p for m, p, _ in FakeEditor.fits if m == "fake_single"} <= set(S.RARE_WORDS)
+    assert {p for m, p, _ in FakeEditor.fits if m == "fake_single"} <= set(RARE_WORDS)
     assert {p for m, p, _ in FakeEditor.fits if m == "fake"} == {"<zebra>", "<sunny>", "<target>"}
     # the phrase reached the prompt; text alignment uses the superclass prompt
     fake = df[(df["label"] == "fake") & (df["n_concepts"] == 1)]
     assert fake["prompt"].str.contains("<").all() and not fake["eval_prompt"].str.contains("<").any()
     assert (df.loc[df.label == "fake_single", "prompt"].str.split().apply(set)
-            .apply(lambda w: bool(w & set(S.RARE_WORDS)))).all()
+            .apply(lambda w: bool(w & set(RARE_WORDS)))).all()
     # settings change the images (the edit is applied) and are undone afterwards
     a = fake[fake.setting == "scale=0.5"]["image_cosine"].to_numpy()
     b = fake[fake.setting == "scale=1.0"]["image_cosine"].to_numpy()
@@ -290,6 +291,7 @@ class FakeJointEditor(FakeEditor):
         FakeEditor.fits.pop()
         info = [{"placeholder": c.placeholder, "superclass": c.superclass} for c in concepts]
         art.metadata["concept"] = info if many else info[0]
+        art.metadata["phrase"] = [c.placeholder for c in concepts] if many else concept.placeholder
         return art
 
     def compose(self, artifacts, pipeline=None):
@@ -444,7 +446,7 @@ def test_all_builtin_methods_on_the_tiny_pipeline(tmp_path):
         "perfusion": 2, "custom_diffusion": 2, "textual_inversion": 1, "dreambooth": 1, "lora": 2}
     prompts = dict(zip(single["label"] + single["concepts"], single["prompt"]))
     assert "<zebra> heart" in prompts["custom_diffusionzebra"] and "<zebra>" in prompts["perfusionzebra"]
-    assert any(f"{w} heart" in prompts["dreamboothzebra"] for w in S.RARE_WORDS)
+    assert any(f"{w} heart" in prompts["dreamboothzebra"] for w in RARE_WORDS)
     cd = single[single.label == "custom_diffusion"].groupby("setting")["storage_bytes"].first()
     assert cd["rank=1"] < cd["rank=2"]                              # compression changes the stored size
     assert len(list((tmp_path / "artifacts").rglob("*.safetensors"))) == 5 * 2

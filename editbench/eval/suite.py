@@ -28,8 +28,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import importlib
-import inspect
 import itertools
 import json
 import math
@@ -64,8 +62,6 @@ __all__ = ["BUNDLED", "Cell", "ConceptSpec", "MethodSpec", "PairSpec", "Suite", 
 BUNDLED = Path(__file__).parent / "suites"
 BASE_METHOD = "base"
 """Pseudo-method: the unedited model prompted with the superclass word (a reference point; nothing trained)."""
-RARE_WORDS = ("sks", "olis", "bnha", "hta", "ucd", "pll", "rcn", "waj", "httr", "shld", "omd", "adl", "nlwx", "ucn")
-"""Single-token rare words used as placeholders by methods that reuse a word (``new_token = False``)."""
 
 _TOP_KEYS = {"name", "description", "model", "device", "dtype", "seeds", "concepts", "pairs", "prompts",
              "pair_prompts", "max_prompts", "images_per_prompt", "steps", "generation", "metrics", "methods",
@@ -241,8 +237,9 @@ class Suite:
                 inference, transform = _split_settings(editor, point)
                 for n in {1} | ({2} if self.pairs and m.multi != "joint" else set()):  # joint: one artifact
                     editor.settings(n, **inference)
-                if transform and _transform_fn(editor) is None:
-                    raise EditbenchError(f"{m.label}: unknown inference setting(s) {sorted(transform)}")
+                unknown = set(transform) - set(editor.transform_settings)
+                if unknown:
+                    raise EditbenchError(f"{m.label}: unknown inference setting(s) {sorted(unknown)}")
 
 
 def _as_list(v: Any, what: str) -> list:
@@ -475,37 +472,10 @@ def generate(pipeline: Any, prompts: Sequence[tuple[int, str]], *, images_per_pr
 
 # ------------------------------------------------------------------------------------------------ running
 def _split_settings(editor: Any, settings: dict) -> tuple[dict, dict]:
-    """``settings`` split into the editor's ``Settings`` fields and artifact-transform keywords (e.g. ``rank``)."""
+    """``settings`` split into the editor's ``Settings`` fields and the rest (its ``transform_settings``, e.g.
+    Custom Diffusion's ``rank``, checked by :meth:`Suite.validate`)."""
     names = {f.name for f in dataclasses.fields(editor.Settings)}
     return {k: v for k, v in settings.items() if k in names}, {k: v for k, v in settings.items() if k not in names}
-
-
-def _transform_fn(editor: Any):
-    """The method package's ``compress(artifact, **kw)`` (Custom Diffusion's SVD compression), if any."""
-    pkg = importlib.import_module(type(editor).__module__.rsplit(".", 1)[0])
-    fn = getattr(pkg, "compress", None)
-    return fn if callable(fn) else None
-
-
-def _phrase(editor: Any, artifact: Any, concept: Any) -> str:
-    """What replaces ``{}`` in a prompt for this concept: the artifact's own ``phrase`` metadata if it records
-    one, else the method's known conventions (textual inversion's expanded multi-vector tokens, Custom
-    Diffusion's ``"<new1> cat"``, ``"sks cat"`` for methods that reuse a word), else the placeholder."""
-    meta = artifact.metadata
-    own = meta.get("concept") or {}
-    if isinstance(own, list):  # a jointly trained artifact lists its concepts: take this concept's entry
-        own = next((c for c in own if isinstance(c, dict) and c.get("placeholder") == concept.placeholder), {})
-    for cand in (meta.get("phrase"), own.get("phrase") if isinstance(own, dict) else None):
-        if isinstance(cand, str) and cand:
-            return cand
-    if isinstance(meta.get("tokens"), list) and meta["tokens"] and meta["tokens"][0] == concept.placeholder:
-        return " ".join(meta["tokens"])
-    mods = meta.get("modifier_tokens")
-    if isinstance(mods, list) and concept.placeholder in mods:
-        return f"{concept.placeholder} {concept.superclass}"
-    if not getattr(editor, "new_token", True):
-        return f"{concept.placeholder} {concept.superclass}"
-    return concept.placeholder
 
 
 def _write_csv(path: Path, df: pd.DataFrame) -> None:
@@ -589,11 +559,8 @@ class _Runner:
         from editbench.concepts import ConceptData
 
         c = self.suite.concepts[name]
-        placeholder = c.placeholder
-        if not getattr(editor, "new_token", True):
-            tok = self.pipeline.tokenizer
-            words = [w for w in RARE_WORDS if len(tok(w, add_special_tokens=False).input_ids) == 1]
-            placeholder = words[sorted(self.suite.concepts).index(name) % len(words)]
+        tokenizer = None if editor.new_token else self.pipeline.tokenizer  # the pipeline loads only if needed
+        placeholder = editor.placeholder(tokenizer, c.placeholder, sorted(self.suite.concepts).index(name))
         return ConceptData(placeholder, c.superclass, list(c.images), list(c.masks) if c.masks else None,
                            templates=c.templates)
 
@@ -655,8 +622,6 @@ class _Runner:
         cost: dict[str, Any] = {"storage_bytes": 0, "train_time_s": 0.0, "peak_memory_bytes": 0,
                                 "memory_kind": None, "train_steps": 0}
         handle = None
-        from editbench.methods.base import Editor
-
         if m.name == BASE_METHOD:
             phrases = [c.superclass for c in concepts]
         else:
@@ -664,9 +629,8 @@ class _Runner:
             inference, transform = _split_settings(editor, cell.settings)
             n = len(concepts)
             joint = n > 1 and m.multi == "joint"
-            can_compose = type(editor).compose is not Editor.compose
             if n > 1 and not joint and editor.max_artifacts is not None and editor.max_artifacts < n \
-                    and not can_compose:
+                    and not editor.can_compose():
                 _write_json(self.cell_path(cell, ".skip.json"),
                             {"cell": cell.id, "reason": f"{m.name} applies at most {editor.max_artifacts} artifact(s) "
                              "and has no merge (compose)"})
@@ -681,13 +645,12 @@ class _Runner:
                 cost["peak_memory_bytes"] = max(cost["peak_memory_bytes"], st["peak_memory_bytes"])
                 cost["memory_kind"] = st["memory_kind"]
                 if transform:
-                    art = _transform_fn(editor)(art, **transform)
+                    art = editor.transform(art, **transform)
                 cost["storage_bytes"] += art.nbytes
                 arts.append(art)
-                phrases += [_phrase(editor, art, c) for c in (concept if joint else [concept])]
+                phrases += [editor.phrase(art, c.placeholder) for c in (concept if joint else [concept])]
             if len(arts) > 1 and editor.max_artifacts is not None and editor.max_artifacts < len(arts):
-                kw = {"pipeline": self.pipeline} if "pipeline" in inspect.signature(editor.compose).parameters else {}
-                arts = [editor.compose(arts, **kw)]
+                arts = [editor.compose(arts, self.pipeline)]
                 cost["storage_bytes"] = arts[0].nbytes
             handle = editor.apply(self.pipeline, arts, **inference)
         t0 = time.perf_counter()

@@ -15,6 +15,7 @@ is a JSON object with at least::
     config            the method's Config as a dict
     shapes, dtypes    {tensor name: list of ints / dtype name}
     checksum          SHA-256 (16 hex) over every tensor's name, dtype, shape and bytes
+    phrase            what a user types in a prompt for the concept (a list, one per concept, if several)
     ... method-specific entries (concept words, training summary, ...)
 
 Files are written atomically (temporary file, fsync, ``os.replace``) and never pickled.
@@ -37,6 +38,7 @@ from editbench._io import read_safetensors, write_safetensors
 from editbench.concepts import ConceptData
 from editbench.errors import ArtifactError, EditbenchError
 from editbench.fingerprint import fingerprint, module_tensors, update_with_tensor
+from editbench.methods.tokens import rare_word
 from editbench.safety import check_artifact_for, check_metadata, parse_metadata
 from editbench.training import TrainConfig, TrainingSession, train
 
@@ -214,6 +216,26 @@ class NoSettings:
     """Inference settings of a method that has none."""
 
 
+def artifact_phrases(artifact: Artifact) -> list[str]:
+    """The artifact's ``metadata["phrase"]`` as a list (one phrase per concept); ArtifactError if it has none."""
+    p = artifact.metadata.get("phrase")
+    phrases = [p] if isinstance(p, str) else p
+    if not isinstance(phrases, list) or not phrases or not all(isinstance(x, str) and x.split() for x in phrases):
+        raise ArtifactError(f"artifact {artifact.path or ''} records no 'phrase' (the words to type in a prompt); "
+                            "re-create it with this editbench")
+    return phrases
+
+
+def _finish(artifact: Artifact, concepts: Sequence[ConceptData], phrases: list[str], base_fp: str, cfg: dict,
+            seed: int, result: Any) -> Artifact:
+    """``artifact`` with the metadata every trained artifact carries (see :meth:`Editor.fit`)."""
+    info = [{"placeholder": c.placeholder, "superclass": c.superclass, "images": len(c)} for c in concepts]
+    artifact.metadata.update(base_fingerprint=base_fp, config=cfg, seed=seed, training=result.summary(),
+                             concept=info[0] if len(info) == 1 else info,
+                             phrase=phrases[0] if len(phrases) == 1 else phrases)
+    return artifact
+
+
 def _as_list(x: Any) -> list:
     if isinstance(x, (Artifact, str, os.PathLike)):
         return [x]
@@ -234,6 +256,10 @@ class Editor:
     new_token: ClassVar[bool] = True          # the placeholder becomes a new token (False: reuse a rare word)
     max_artifacts: ClassVar[int | None] = 1   # how many artifacts one apply() takes (None: any number)
     max_concepts: ClassVar[int | None] = 1    # how many concepts one fit() trains jointly (None: any number)
+    metadata_schema: ClassVar[Mapping[str, tuple[Callable[[Any], bool], str]]] = {}
+    """The method's own metadata entries: ``{key: (check, what it must be)}``, read by the safety checks."""
+    transform_settings: ClassVar[tuple[str, ...]] = ()
+    """Suite settings that :meth:`transform` the artifact before ``apply`` (e.g. Custom Diffusion's ``rank``)."""
 
     def __init__(self, config: TrainConfig | None = None, **overrides: Any):
         if config is not None and not isinstance(config, self.Config):
@@ -294,10 +320,55 @@ class Editor:
             result = train(pipeline, subject, session, config, seed=seed, progress=progress,
                            checkpoint_dir=checkpoint_dir, signature=signature, desc=f"{self.name} training")
             artifact = session.artifact(result)
-        info = [{"placeholder": c.placeholder, "superclass": c.superclass, "images": len(c)} for c in concepts]
-        artifact.metadata.update(base_fingerprint=base_fp, config=cfg, seed=seed, training=result.summary(),
-                                 concept=info[0] if len(info) == 1 else info)
-        return artifact
+            phrases = [session.phrase_for(c) for c in concepts]
+        return _finish(artifact, concepts, phrases, base_fp, cfg, seed, result)
+
+    def shaped_artifact(self, pipeline: Any, concept: ConceptData, *, base_fingerprint: str | None = None
+                        ) -> Artifact:
+        """An artifact with the tensor shapes and metadata entries of a trained one, built by the method's own
+        session (:meth:`shaped_session`) without any optimizer step (storage benchmarks: sizes do not depend on
+        values). ``base_fingerprint``: :meth:`fingerprint` of ``pipeline`` if already known."""
+        from editbench.training import TrainResult
+
+        self.check_pipeline(pipeline)
+        concept.check_tokens(pipeline.tokenizer, new_placeholder=self.new_token)
+        result = TrainResult(steps=0, losses=[], wall_time_s=0.0, wall_time_total_s=0.0, peak_memory_bytes=0,
+                             memory_kind="none", device="cpu")
+        with EditHandle(pipeline, f"{self.name} shaped artifact") as handle, torch.no_grad():
+            session = self.shaped_session(pipeline, concept, handle)
+            phrase = session.phrase_for(concept)
+            with torch.enable_grad():  # sessions that track encodings (Perfusion's i*) see one prompt
+                session.encode([concept.templates[0].format(phrase)])
+            artifact = session.artifact(result)
+        cfg = json.loads(json.dumps(dataclasses.asdict(self.config)))
+        return _finish(artifact, [concept], [phrase], base_fingerprint or self.fingerprint(pipeline), cfg, 0, result)
+
+    def shaped_session(self, pipeline: Any, concept: ConceptData, handle: EditHandle) -> TrainingSession:
+        """Method hook: the session :meth:`shaped_artifact` reads. Default: :meth:`prepare_training`; override
+        where that cannot run on a large model (DreamBooth's float32 UNet copy)."""
+        return self.prepare_training(pipeline, concept, handle, self.config)
+
+    def placeholder(self, tokenizer: Any, wanted: str, index: int = 0) -> str:
+        """The placeholder this method trains for a concept that asks for ``wanted``: ``wanted`` itself for a
+        method that adds a new token; else the ``index``-th (cyclically) of the :data:`~editbench.methods.tokens.
+        RARE_WORDS` that are one token for ``tokenizer``."""
+        if self.new_token:
+            return wanted
+        return rare_word(tokenizer, index)
+
+    def phrase(self, artifact: Artifact, placeholder: str | None = None) -> str:
+        """What a user types in a prompt for the artifact's concept (its ``metadata["phrase"]``, e.g.
+        ``"<zebra> heart"``, ``"sks heart"``); for an artifact of several concepts, the one of ``placeholder``."""
+        phrases = artifact_phrases(artifact)
+        if len(phrases) == 1:
+            return phrases[0]
+        if placeholder is None:
+            raise EditbenchError(f"the artifact holds {len(phrases)} concepts ({phrases}); name the placeholder "
+                                 "whose phrase you want")
+        for p in phrases:
+            if p.split()[0] == placeholder:
+                return p
+        raise ArtifactError(f"the artifact has no concept with placeholder {placeholder!r}; its phrases: {phrases}")
 
     def apply(self, pipeline: Any, artifacts: Artifact | str | os.PathLike | Iterable, *,
               allow_fingerprint_mismatch: bool = False, **inference_settings: Any) -> EditHandle:
@@ -333,11 +404,22 @@ class Editor:
             raise
         return handle
 
-    def compose(self, artifacts: Iterable[Artifact]) -> Artifact:
-        """Merge several artifacts into one. The base class has no merge and raises EditbenchError."""
+    def compose(self, artifacts: Iterable[Artifact], pipeline: Any = None) -> Artifact:
+        """Merge several artifacts into one (method hook, only for methods with a merge); ``pipeline`` is the
+        base model the artifacts were trained on. The base class has no merge and raises EditbenchError."""
         raise EditbenchError(f"{self.name} has no merge of separately trained artifacts"
                              + ("; apply them together instead: apply(pipeline, [a, b])"
                                 if self.max_artifacts != 1 else ""))
+
+    @classmethod
+    def can_compose(cls) -> bool:
+        """Whether the method has a merge (overrides :meth:`compose`)."""
+        return cls.compose is not Editor.compose
+
+    def transform(self, artifact: Artifact, **settings: Any) -> Artifact:
+        """Method hook: a transformed copy of ``artifact`` for the :attr:`transform_settings` (e.g. compression).
+        The base class has none and raises EditbenchError."""
+        raise EditbenchError(f"{self.name} has no artifact transform (settings {sorted(settings)})")
 
     def load(self, path: str | os.PathLike) -> Artifact:
         """Read and check an artifact of this method (ArtifactError on any problem)."""

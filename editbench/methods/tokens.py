@@ -21,8 +21,11 @@ import torch.nn.functional as F
 from editbench.concepts import vocabulary_id
 from editbench.errors import ConceptDataError, EditbenchError
 
-__all__ = ["ExtendedEmbedding", "add_tokens", "base_tokenizer", "initial_rows", "single_token_id",
-           "token_position"]
+__all__ = ["RARE_WORDS", "ExtendedEmbedding", "add_tokens", "base_tokenizer", "initial_rows", "rare_word",
+           "single_token_id", "token_position"]
+
+RARE_WORDS = ("sks", "olis", "bnha", "hta", "ucd", "pll", "rcn", "waj", "httr", "shld", "omd", "adl", "nlwx", "ucn")
+"""Rare words used as placeholders by methods that reuse a word (``Editor.new_token = False``)."""
 
 
 class ExtendedEmbedding(torch.nn.Module):
@@ -75,6 +78,15 @@ def single_token_id(tokenizer: Any, word: str) -> int:
     if len(ids) != 1:
         raise ConceptDataError(f"{word!r} is {len(ids)} tokens for this tokenizer; a single-token word is needed")
     return int(ids[0])
+
+
+def rare_word(tokenizer: Any, index: int = 0) -> str:
+    """The ``index``-th (cyclically) of the :data:`RARE_WORDS` that are one token for ``tokenizer``."""
+    words = [w for w in RARE_WORDS if len(tokenizer(w, add_special_tokens=False).input_ids) == 1]
+    if not words:
+        raise ConceptDataError(f"none of the rare words {RARE_WORDS} is one token for this tokenizer; pass a "
+                               "single-token placeholder")
+    return words[index % len(words)]
 
 
 def token_position(ids: torch.Tensor, token_id: int) -> torch.Tensor:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -23,12 +23,13 @@ from torch import nn
 from editbench.concepts import ConceptData
 from editbench.errors import ArtifactError, EditbenchError
 from editbench.methods import register
-from editbench.methods.base import Artifact, EditHandle, Editor
+from editbench.methods.base import Artifact, EditHandle, Editor, artifact_phrases
 from editbench.methods.custom_diffusion.config import CustomDiffusionConfig
 from editbench.methods.custom_diffusion.layers import KVLinear, low_rank, resize_augment
 from editbench.methods.custom_diffusion.merge import MergeResult, concept_keys, merge_projections
 from editbench.methods.prior import ClassPromptSession, PriorPreservation, make_prior
 from editbench.methods.tokens import add_tokens, base_tokenizer, initial_rows
+from editbench.safety import MAX_DIM, is_int, is_number, words
 from editbench.sites import find_cross_attention_sites
 from editbench.training import ParamGroup, TrainingSession, TrainResult
 
@@ -72,6 +73,12 @@ def compress(artifact: Artifact, *, rank: int | None = None, energy: float | Non
         tensors.update(_delta_tensors(name, d, rank, energy))
     meta = dict(artifact.metadata, compression={"rank": rank, "energy": energy})
     return Artifact(artifact.method, tensors, meta)
+
+
+def _compression(x: Any) -> bool:
+    return x is None or (isinstance(x, dict) and
+                         (x.get("rank") is None or (is_int(x["rank"]) and 1 <= x["rank"] <= MAX_DIM)) and
+                         (x.get("energy") is None or (is_number(x["energy"]) and 0 < x["energy"] <= 1)))
 
 
 class _Session(ClassPromptSession):
@@ -125,6 +132,16 @@ class CustomDiffusionEditor(Editor):
     new_token = True
     max_artifacts = 1
     max_concepts = None
+    metadata_schema: ClassVar[dict] = {
+        "modifier_tokens": (words, "a non-empty list of words without whitespace"),
+        "categories": (words, "a non-empty list of words without whitespace"),
+        "compression": (_compression, "null or {rank: int >= 1 | null, energy: number in (0, 1] | null}"),
+    }
+    transform_settings = ("rank", "energy")
+
+    def transform(self, artifact: Artifact, **settings: Any) -> Artifact:
+        """:func:`compress` the artifact (settings ``rank`` and/or ``energy``)."""
+        return compress(artifact, **settings)
 
     def prepare_training(self, pipeline: Any, concept: ConceptData | Sequence[ConceptData], handle: EditHandle,
                          config: CustomDiffusionConfig) -> TrainingSession:
@@ -253,8 +270,10 @@ class CustomDiffusionEditor(Editor):
             tensors.update(_delta_tensors(name, (w - proj[name].weight.double()).float(), n, None))
         meta = {"modifier_tokens": [t for a in arts for t in a.metadata["modifier_tokens"]],
                 "categories": [c for a in arts for c in a.metadata["categories"]],
+                "phrase": [p for a in arts for p in artifact_phrases(a)],
                 "compression": {"rank": n, "energy": None, "exact": True},
-                "base_fingerprint": self.fingerprint(pipeline), "config": json.loads(json.dumps(dataclasses.asdict(self.config))),
+                "base_fingerprint": self.fingerprint(pipeline),
+                "config": json.loads(json.dumps(dataclasses.asdict(self.config))),
                 "composed_from": [{"concepts": a.metadata["modifier_tokens"], "checksum": a.metadata.get("checksum"),
                                    "path": str(a.path) if a.path else None} for a in arts],
                 "merge": {"keys": n, "captions": "default_captions" if cov is None else "given",

@@ -12,7 +12,7 @@ import copy
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,6 +22,7 @@ from editbench.methods import register
 from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.dreambooth.config import DreamBoothConfig
 from editbench.methods.prior import ClassPromptSession, make_prior
+from editbench.safety import identifier
 from editbench.training import ParamGroup, TrainingSession, TrainResult
 
 __all__ = ["COMPONENTS", "DreamBoothEditor", "export_diffusers"]
@@ -62,6 +63,19 @@ class DreamBoothEditor(Editor):
     Config = DreamBoothConfig
     new_token = False
     max_artifacts = 1
+    metadata_schema: ClassVar[dict] = {
+        "components": (lambda x: isinstance(x, list) and 0 < len(x) <= 16 and all(identifier(c) for c in x),
+                       "a list of component names"),
+        "unet_config": (lambda x: isinstance(x, dict), "an object"),
+        "text_encoder_config": (lambda x: isinstance(x, dict), "an object"),
+    }
+
+    def shaped_session(self, pipeline: Any, concept: ConceptData, handle: EditHandle) -> TrainingSession:
+        """The session around the pipeline's own modules, in their dtypes (no float32 copy)."""
+        names = ["unet"] + (["text_encoder"] if self.config.train_text_encoder else [])
+        modules = {name: getattr(pipeline, name) for name in names}
+        return _Session(pipeline, None, modules, {n: next(m.parameters()).dtype for n, m in modules.items()},
+                        self.config)
 
     def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,
                          config: DreamBoothConfig) -> TrainingSession:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -21,6 +21,7 @@ from editbench.methods import register
 from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.lora.config import LoRAConfig, LoRASettings
 from editbench.methods.prior import ClassPromptSession, make_prior
+from editbench.safety import is_int, is_number, token, words
 from editbench.training import ParamGroup, TrainingSession, TrainResult
 
 __all__ = ["DIFFUSERS_WEIGHT_NAME", "LoRAEditor", "export_diffusers", "peft_config"]
@@ -35,6 +36,13 @@ def peft_config(meta: dict) -> Any:
 
     return LoraConfig(r=int(meta["r"]), lora_alpha=float(meta["lora_alpha"]),
                       target_modules=list(meta["target_modules"]), init_lora_weights=meta["init_lora_weights"])
+
+
+def _lora_entry(x: Any) -> bool:
+    return (isinstance(x, dict) and is_int(x.get("r")) and 1 <= x["r"] <= 65536
+            and is_number(x.get("lora_alpha")) and x["lora_alpha"] > 0
+            and words(x.get("target_modules"))
+            and (isinstance(x.get("init_lora_weights"), bool) or token(x.get("init_lora_weights"))))
 
 
 def _inject(handle: EditHandle, unet: Any, configs: list[tuple[str, Any]]) -> None:
@@ -95,6 +103,9 @@ class LoRAEditor(Editor):
     Settings = LoRASettings
     new_token = False
     max_artifacts = None
+    metadata_schema: ClassVar[dict] = {
+        "lora": (_lora_entry, "{r: int 1..65536, lora_alpha: number > 0, target_modules: [words], init_lora_weights}"),
+    }
 
     def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,
                          config: LoRAConfig) -> TrainingSession:

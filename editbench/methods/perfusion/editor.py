@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,7 @@ from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.perfusion.config import GATE_TOKENS, PerfusionConfig, PerfusionSettings
 from editbench.methods.perfusion.layers import ConceptBank, GatedRank1Linear
 from editbench.methods.tokens import add_tokens, base_tokenizer, single_token_id, token_position
+from editbench.safety import is_number
 from editbench.sites import CrossAttentionSite, find_cross_attention_sites
 from editbench.training import ParamGroup, TrainingSession, TrainResult, tokenize
 
@@ -236,6 +237,7 @@ class PerfusionEditor(Editor):
     Config = PerfusionConfig
     Settings = PerfusionSettings
     max_artifacts = None
+    metadata_schema: ClassVar[dict] = {"beta_train": (is_number, "a finite number"), "tau_train": (is_number, "a finite number")}
 
     def affected_tensors(self, pipeline: Any) -> dict[str, torch.Tensor]:
         tensors = module_tensors(pipeline.text_encoder, "text_encoder.")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -19,6 +19,7 @@ from editbench.methods import register
 from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.textual_inversion.config import TextualInversionConfig
 from editbench.methods.tokens import add_tokens, initial_rows
+from editbench.safety import word, words
 from editbench.training import ParamGroup, TrainingSession, TrainResult, encode_prompts
 
 __all__ = ["DIFFUSERS_WEIGHT_NAME", "TextualInversionEditor", "export_diffusers", "vector_tokens"]
@@ -55,6 +56,8 @@ class TextualInversionEditor(Editor):
     Config = TextualInversionConfig
     new_token = True
     max_artifacts = None
+    metadata_schema: ClassVar[dict] = {"tokens": (words, "a non-empty list of words without whitespace"),
+                       "placeholder": (word, "a word without whitespace")}
 
     def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,
                          config: TextualInversionConfig) -> TrainingSession:
