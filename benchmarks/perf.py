@@ -607,7 +607,7 @@ def merge_problem(n_concepts: int, geometry: str = "sd15", rows_per_concept: int
     from diffusers import UNet2DConditionModel
 
     from editbench.sites import find_cross_attention_sites
-    from editbench.solver import SecondMoment
+    from editbench.moments import SecondMoment
     from editbench.testing import unet_config
 
     with torch.device("meta"):
@@ -707,11 +707,11 @@ class _PadTo77:
 
 def measure_covariance(encoder: str = "clip-l", n_captions: int = 640, batch_size: int = 64,
                        variant: str = "after", save_to: str | None = None) -> dict:
-    """Tokens per second of :func:`editbench.solver.estimate_text_covariance` and its peak RSS above the loaded
+    """Tokens per second of :func:`editbench.text_covariance.estimate_text_covariance` and its peak RSS above the loaded
     encoder, for ``n_captions`` captions (the default corpus, cycled). ``encoder``: ``clip-l`` (SD 1.x's text
     tower shape: 12 layers, width 768, random weights) or ``toy`` (the toy world's / tiny pipeline's encoder)."""
     from editbench.models import clip_tokenizer
-    from editbench.solver import default_captions, estimate_text_covariance
+    from editbench.text_covariance import default_captions, estimate_text_covariance
 
     if encoder == "clip-l":
         model, label = text_encoder(768, full_clip=True), "CLIP ViT-L/14 text shape (12 x 768), random weights"
@@ -747,10 +747,10 @@ def _update_with_tensor_copying(digest: Any, name: str, tensor: torch.Tensor) ->
 
 
 def _write_safetensors_cloning(path, tensors, metadata):
-    """``editbench._io.write_safetensors`` before the fix: cloned every tensor before writing."""
+    """``editbench.storage.write_safetensors`` before the fix: cloned every tensor before writing."""
     from safetensors.torch import save_file
 
-    from editbench._io import atomic_target
+    from editbench.storage import atomic_target
 
     flat = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     with atomic_target(path) as tmp:

@@ -43,7 +43,7 @@ def run(section: str, args: argparse.Namespace) -> dict:
                "compare": [perf.in_subprocess("covariance", encoder="clip-l", n_captions=256, variant=v,
                                               save_to=str(perf.WORK / f"cov-{v}.safetensors"))
                            for v in ("before", "after", "after", "before")]}
-        from editbench.solver import SecondMoment
+        from editbench.moments import SecondMoment
 
         ref = SecondMoment.load(perf.WORK / "cov-before.safetensors").matrix()
         new = SecondMoment.load(perf.WORK / "cov-after.safetensors").matrix()
@@ -389,7 +389,7 @@ def fixes_block(results: dict) -> str:
         same = len({r["file_sha256"] for r in sv}) == 1
         b, a, q = _pair(sv, "peak_rss_delta")
         rows.append([("`write_safetensors` copies only tensors that share memory instead of every tensor "
-                     f"(`_io.py`; files {'identical' if same else 'DIFFER'})"),
+                     f"(`storage.py`; files {'identical' if same else 'DIFFER'})"),
                      (f"saving a DreamBooth artifact, SD 1.5 ({sv[0]['file_bytes'] / 1e9:.2f} GB): peak memory "
                      "above the artifact"), mb(b), mb(a), f"{a / max(b, 1):.2f}"])
         b, a, q = _pair(sv, "seconds")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import perf
 
 from editbench.models import clip_tokenizer
-from editbench.solver import default_captions, estimate_text_covariance
+from editbench.text_covariance import default_captions, estimate_text_covariance
 
 
 def test_covariance_throughput(benchmark):

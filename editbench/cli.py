@@ -14,18 +14,6 @@ from pathlib import Path
 from editbench.errors import EditbenchError
 
 
-def _dtype(name: str | None):
-    if name is None:
-        return None
-    import torch
-
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise EditbenchError(f"unknown --dtype {name!r}; choose one of {sorted(table)}")
-    return table[name]
-
-
 # ------------------------------------------------------------------------------------------------ world
 def cmd_world_train(args) -> None:
     from editbench.toyworld import WEIGHTS
@@ -38,13 +26,13 @@ def cmd_world_train(args) -> None:
 
 
 def cmd_world_eval(args) -> None:
-    from editbench.io import write_json
+    from editbench.storage import parse_dtype, write_json
     from editbench.toyworld import evaluator, load_pipeline
     from editbench.toyworld.quality import describability, evaluator_report, quality_gate, summary_table
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(args.device, _dtype(args.dtype), path=args.model)
+    pipe = load_pipeline(args.device, parse_dtype(args.dtype), path=args.model)
     kw = {"steps": args.steps, "guidance_scale": args.guidance}
     df, summary = quality_gate(pipe, n_single=args.n, n_double=args.n // 2, **kw)
     df.to_csv(out / "quality_gate.csv", index=False)

@@ -26,15 +26,15 @@ def _pipeline(args):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from editbench.cli import _dtype
+    from editbench.storage import parse_dtype
 
     if args.model is None:
         from editbench.toyworld import load_pipeline
 
-        return load_pipeline(args.device, _dtype(args.dtype))
+        return load_pipeline(args.device, parse_dtype(args.dtype))
     if not Path(args.model, "model_index.json").exists():
         raise EditbenchError(f"--model {args.model!r} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=_dtype(args.dtype) or torch.float32,
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=parse_dtype(args.dtype) or torch.float32,
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device or "cpu")
@@ -116,20 +116,10 @@ def cmd_compose(args) -> None:
     print(f"composed {len(arts)} {editor.name} artifacts into {path} ({merged.nbytes:,} bytes)")
 
 
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise EditbenchError(f"--shard expects i/N such as 0/4, got {text!r}") from None
-    if not 0 <= i < n:
-        raise EditbenchError(f"--shard {text}: need 0 <= i < N")
-    return i, n
-
-
 def cmd_bench(args) -> None:
-    from editbench.cli import _dtype
     from editbench.eval.report import console_table, summary_table
     from editbench.eval.suite import run_suite, write_report
+    from editbench.storage import parse_dtype
 
     out = Path(args.out)
     suite = args.suite
@@ -137,7 +127,7 @@ def cmd_bench(args) -> None:
         from editbench.eval.tune import apply_tuned
 
         suite = apply_tuned(suite, args.tuned)
-    df = run_suite(suite, out, shard=_shard(args.shard), device=args.device, dtype=_dtype(args.dtype))
+    df = run_suite(suite, out, shard=args.shard, device=args.device, dtype=parse_dtype(args.dtype))
     report = write_report(out)
     print(console_table(summary_table(df)))
     print(f"\nresults: {out / 'results.csv'}\nreport:  {report}")
@@ -146,12 +136,12 @@ def cmd_bench(args) -> None:
 def cmd_tune(args) -> None:
     import optuna
 
-    from editbench.cli import _dtype
     from editbench.eval.tune import tune
+    from editbench.storage import parse_dtype
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says what the per-trial logs would
     r = tune(args.suite, args.method, args.trials, Path(args.out), storage=args.storage, device=args.device,
-             dtype=_dtype(args.dtype))
+             dtype=parse_dtype(args.dtype))
     scores = ", ".join(f"{k} {v:.3f}" for k, v in r["values"].items())
     print(f"{r['method']} on {r['suite']} (validation {', '.join(r['validation'])}): {r['trials_used']} of "
           f"{r['budget']} trials, chosen trial {r['trial']}: {scores}")
@@ -167,15 +157,14 @@ def cmd_report(args) -> None:
 
 def cmd_demo(args) -> None:
     """Perfusion on one toy concept: train, then sample the concept in new contexts, beside the base model."""
-    from editbench import methods
-    from editbench.toyworld import concept_data, load_pipeline
-
     import torch
     from PIL import Image
 
-    from editbench.cli import _dtype
+    from editbench import methods
+    from editbench.storage import parse_dtype
+    from editbench.toyworld import concept_data, load_pipeline
 
-    pipe = load_pipeline(args.device, _dtype(args.dtype))
+    pipe = load_pipeline(args.device, parse_dtype(args.dtype))
     concept = concept_data(args.concept)
     editor = methods.get("perfusion")()
     art = editor.fit(pipe, concept, steps=args.steps, seed=0)

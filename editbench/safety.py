@@ -330,7 +330,7 @@ def load_weights(path: str | os.PathLike, what: str = "weights", *, allow_pickle
     safetensors files are read as data. Pickle files (``torch.save``: ``.bin``, ``.pt``, ``.pth``, ``.ckpt``)
     are refused with an ArtifactError unless ``allow_pickle=True``; then they are read with
     ``torch.load(weights_only=True)``, which refuses arbitrary Python objects. Never ``pickle.load``."""
-    from editbench._io import read_safetensors
+    from editbench.storage import read_safetensors
 
     path = Path(path)
     if not path.is_file():

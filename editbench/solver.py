@@ -21,30 +21,21 @@ Shape legend used in comments: n keys, d input width (text width), o output widt
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 from scipy.linalg import LinAlgError, cho_solve, cholesky, lapack, solve_triangular, svd
 
-from editbench.errors import ArtifactError, EditbenchError
+from editbench.errors import EditbenchError
 
 __all__ = [
     "MAX_KEY_CONDITION",
     "MIN_RCOND",
-    "PADDING_POLICY",
-    "SecondMoment",
     "Whitener",
     "closed_form_edit",
     "closed_form_edit_many",
-    "default_captions",
-    "estimate_text_covariance",
     "rank_one_edit",
     "regularize",
 ]
@@ -56,11 +47,6 @@ MAX_KEY_CONDITION = 1e6
 MIN_RCOND = 1e-12
 """Smallest accepted reciprocal condition number (LAPACK ``pocon`` estimate) of ``C`` and ``K^T K + lam C``."""
 
-PADDING_POLICY = "start token dropped, end token kept, padding dropped"
-"""Which token vectors :func:`estimate_text_covariance` accumulates (Custom Diffusion's choice)."""
-
-_FORMAT = "editbench.SecondMoment"
-_FORMAT_VERSION = "1"
 _EPS = np.finfo(np.float64).eps
 
 
@@ -384,267 +370,3 @@ def regularize(cov: torch.Tensor, eps: float) -> torch.Tensor:
         raise EditbenchError(f"ridge must be a finite number >= 0, got {eps}")
     d = cov.shape[0]
     return cov + (eps * torch.trace(cov) / d) * torch.eye(d, dtype=cov.dtype, device=cov.device)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Second moment of context vectors
-# --------------------------------------------------------------------------------------------------------------
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the complete new one, never a torn one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable (POSIX); not possible everywhere
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
-
-
-class SecondMoment:
-    """Streaming accumulator of the uncentered second moment ``E[x x^T]`` of ``dim``-vectors, in float64.
-
-    Memory is one ``(dim, dim)`` float64 sum whatever the number of vectors. ``metadata`` is a free-form,
-    JSON-serialisable dict saved with the moment (text encoder, corpus, padding policy, ...).
-    """
-
-    def __init__(self, dim: int, *, metadata: dict | None = None, device: torch.device | str | None = None):
-        if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-            raise EditbenchError(f"dim must be a positive int, got {dim!r}")
-        self.dim = int(dim)
-        self.metadata: dict = dict(metadata or {})
-        self._sum = torch.zeros(self.dim, self.dim, dtype=torch.float64, device=device or "cpu")  # (d, d)
-        self._count = 0
-
-    def __repr__(self) -> str:
-        return f"SecondMoment(dim={self.dim}, count={self._count}, metadata={self.metadata})"
-
-    @property
-    def count(self) -> int:
-        """Number of vectors accumulated."""
-        return self._count
-
-    @property
-    def device(self) -> torch.device:
-        return self._sum.device
-
-    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> SecondMoment:
-        """Add the vectors ``x`` of shape ``(..., dim)``; ``mask`` (bool, shape ``x.shape[:-1]``) keeps the True ones.
-
-        Use the mask to exclude padding tokens. Accumulates in float64 on this moment's device. Returns ``self``.
-        """
-        if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.dim:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise EditbenchError(f"update expects a tensor of shape (..., {self.dim}), got {shape}")
-        flat = x.detach().reshape(-1, self.dim)  # (m, d)
-        if mask is not None:
-            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != x.shape[:-1]:
-                got = (tuple(mask.shape), mask.dtype) if isinstance(mask, torch.Tensor) else type(mask).__name__
-                raise EditbenchError(f"mask must be a bool tensor of shape {tuple(x.shape[:-1])} (x without its "
-                                     f"last dim), got {got}; e.g. attention_mask.bool()")
-            flat = flat[mask.reshape(-1).to(flat.device)]
-        flat = flat.to(self._sum.device, torch.float64)
-        if not torch.isfinite(flat).all():
-            raise EditbenchError("update got NaN or Inf vectors; check the encoder (float16 overflow?) or mask them out")
-        self._sum.addmm_(flat.T, flat)  # (d, d) += X^T X
-        self._count += flat.shape[0]
-        return self
-
-    def merge(self, other: SecondMoment) -> SecondMoment:
-        """Add the vectors accumulated by ``other`` (e.g. another corpus shard) to ``self``; returns ``self``.
-
-        Refuses moments of another width, text encoder or padding policy; other metadata of ``self`` is kept.
-        """
-        if not isinstance(other, SecondMoment) or other.dim != self.dim:
-            got = other.dim if isinstance(other, SecondMoment) else type(other).__name__
-            raise EditbenchError(f"can only merge a SecondMoment of dim {self.dim}, got {got}")
-        for key in ("text_encoder", "padding_policy"):
-            a, b = self.metadata.get(key), other.metadata.get(key)
-            if a is not None and b is not None and a != b:
-                raise EditbenchError(f"cannot merge moments with different {key} ({a!r} vs {b!r}): they describe "
-                                     "different vectors; estimate both with the same setup")
-        self._sum += other._sum.to(self._sum.device)
-        self._count += other._count
-        return self
-
-    def matrix(self, ridge: float = 0.0) -> torch.Tensor:
-        """The ``(dim, dim)`` float64 second moment ``sum / count``, plus ``ridge * tr(C) / dim * I``."""
-        if self._count == 0:
-            raise EditbenchError("the second moment has no vectors yet; call update() with data first")
-        c = (self._sum + self._sum.T) / (2 * self._count)
-        return regularize(c, ridge) if ridge else c
-
-    def whitener(self, ridge: float = 0.0) -> Whitener:
-        """``Whitener(self.matrix(ridge))``: ``C`` factored once, to pass as ``cov`` to many edits."""
-        return Whitener(self.matrix(ridge))
-
-    def inverse_apply(self, x: torch.Tensor, *, ridge: float = 0.0) -> torch.Tensor:
-        """``C^-1 x`` for every vector of ``x`` ``(..., dim)`` via a Cholesky solve; float64 on ``x``'s device.
-
-        ``C = matrix(ridge)``. Each call factorises ``C`` (O(dim^3)): cache results you reuse (e.g. Perfusion's
-        ``C^-1 i*``).
-        """
-        if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[-1] != self.dim:
-            raise EditbenchError(f"inverse_apply expects a tensor of shape (..., {self.dim})")
-        c = _f64("C", self.matrix(ridge), 2)
-        low = _cholesky(c, "the second moment C", "pass ridge (e.g. ridge=1e-4) or accumulate more vectors")
-        xs = _f64("x", x.reshape(-1, self.dim), 2)                      # (m, d)
-        y = cho_solve((low, True), xs.T, check_finite=False).T          # (m, d) rows C^-1 x
-        return torch.from_numpy(np.ascontiguousarray(y)).reshape(x.shape).to(x.device)
-
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the moment to ``path`` as safetensors (float64 sum + count, dim, metadata), atomically."""
-        from safetensors.torch import save
-
-        try:
-            info = json.dumps(self.metadata, sort_keys=True)
-        except TypeError as err:
-            raise EditbenchError(f"metadata must be JSON-serialisable to be saved: {err}") from None
-        header = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "count": str(self._count),
-                  "dim": str(self.dim), "metadata": info}
-        path = Path(path)
-        _atomic_write(path, save({"sum": self._sum.detach().cpu().contiguous()}, metadata=header))
-        return path
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, device: torch.device | str | None = None) -> SecondMoment:
-        """Read a moment written by :meth:`save`. Missing, corrupt or foreign files raise :class:`ArtifactError`."""
-        from safetensors import SafetensorError, safe_open
-
-        path = Path(path)
-        if not path.is_file():
-            raise ArtifactError(f"no second-moment file at {path}; estimate one with estimate_text_covariance() "
-                                "and save() it, or fix the path")
-        fix = "delete it and re-create it with SecondMoment.save()"
-        try:
-            with safe_open(str(path), framework="pt") as fh:
-                header, names = fh.metadata() or {}, set(fh.keys())
-                total = fh.get_tensor("sum") if names == {"sum"} else None
-        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-            raise ArtifactError(f"{path} is not a readable safetensors file ({err}); {fix}") from None
-        if header.get("format") != _FORMAT or total is None:
-            raise ArtifactError(f"{path} is not an editbench SecondMoment file (format {header.get('format')!r}, "
-                                f"tensors {sorted(names)}); pass a file written by SecondMoment.save()")
-        if header.get("format_version") != _FORMAT_VERSION:
-            raise ArtifactError(f"{path} has SecondMoment format version {header.get('format_version')!r}, this "
-                                f"editbench reads {_FORMAT_VERSION!r}; re-create it with this version")
-        try:
-            dim, count, meta = int(header["dim"]), int(header["count"]), json.loads(header["metadata"])
-        except (KeyError, ValueError) as err:
-            raise ArtifactError(f"{path} has a damaged header ({err!r}); {fix}") from None
-        if (total.shape != (dim, dim) or total.dtype != torch.float64 or count < 0 or not isinstance(meta, dict)
-                or not torch.isfinite(total).all()):
-            raise ArtifactError(f"{path} is inconsistent (sum {tuple(total.shape)} {total.dtype}, dim {dim}, "
-                                f"count {count}); {fix}")
-        moment = cls(dim, metadata=meta, device=device)
-        moment._sum.copy_(total)
-        moment._count = count
-        return moment
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Text-encoder covariance and the caption corpus
-# --------------------------------------------------------------------------------------------------------------
-
-def default_captions() -> list[str]:
-    """The generic caption corpus shipped with editbench (``editbench/data/captions.txt``, one per line).
-
-    Generated from templates by ``editbench/data/make_captions.py``: objects, animals, people, colors, materials,
-    scenes and styles; no concept or placeholder words.
-    """
-    from importlib.resources import files
-
-    text = files("editbench").joinpath("data", "captions.txt").read_text(encoding="utf-8")
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def _batches(captions: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for caption in captions:
-        if not isinstance(caption, str):
-            raise EditbenchError(f"captions must be strings, got {type(caption).__name__}: {caption!r}")
-        batch.append(caption)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-def estimate_text_covariance(text_encoder: torch.nn.Module, tokenizer: Any, captions: Iterable[str], *,
-                             batch_size: int = 64, progress: bool = True, keep_start_token: bool = False,
-                             corpus: str | None = None) -> SecondMoment:
-    """Second moment ``C`` of the token vectors a text encoder hands to cross-attention, over ``captions``.
-
-    Each batch is tokenized (truncated to 77, padded to its longest caption), encoded under ``torch.no_grad``
-    with ``text_encoder(input_ids, attention_mask=...).last_hidden_state`` on the encoder's device and dtype, and
-    accumulated in float64, streaming (memory independent of the corpus size). Token policy (stored in the
-    metadata as ``padding_policy``): the start token is dropped (it is the same vector in every caption of a
-    causal encoder and would dominate ``C``; pass ``keep_start_token=True`` to keep it), the end token is kept
-    and padding is dropped, as in Custom Diffusion. The encoder's train/eval mode is restored afterwards.
-
-    ``corpus`` is a label stored in the metadata, with ``n_captions`` and
-    ``corpus_sha256 = sha256(("\\n".join(captions) + "\\n").encode())`` (callers use it to validate caches).
-    """
-    if isinstance(captions, (str, bytes)):
-        raise EditbenchError("captions must be an iterable of strings, not a single string; wrap it in a list")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise EditbenchError(f"batch_size must be a positive int, got {batch_size!r}")
-    dim = getattr(getattr(text_encoder, "config", None), "hidden_size", None)
-    if not isinstance(text_encoder, torch.nn.Module) or not isinstance(dim, int):
-        raise EditbenchError("text_encoder must be a transformers text model with config.hidden_size "
-                             "(e.g. CLIPTextModel)")
-    from tqdm.auto import tqdm
-
-    from editbench.models import CLIP_MAX_LENGTH
-
-    device = next(text_encoder.parameters()).device
-    bos = getattr(tokenizer, "bos_token_id", None)
-    policy = PADDING_POLICY if not keep_start_token else "start token kept, end token kept, padding dropped"
-    moment = SecondMoment(dim, device="cpu" if device.type == "mps" else device, metadata={
-        "text_encoder": f"{type(text_encoder).__name__}:{getattr(text_encoder.config, '_name_or_path', '') or '?'}"
-                        f":hidden{dim}",
-        "tokenizer": f"{type(tokenizer).__name__}:max_length{CLIP_MAX_LENGTH}",
-        "output": "last_hidden_state",
-        "padding_policy": policy,
-        "corpus": corpus or "unnamed",
-    })
-    digest, n_captions = hashlib.sha256(), 0
-    was_training = text_encoder.training
-    text_encoder.eval()
-    try:
-        with torch.no_grad(), tqdm(total=len(captions) if hasattr(captions, "__len__") else None,
-                                   disable=not progress, desc="text covariance", unit="caption") as bar:
-            for batch in _batches(captions, batch_size):
-                # padded to the batch's longest caption, not to 77: the kept tokens' vectors do not depend on the
-                # padding (causal encoder, attention mask passed), and computing 77 positions for ~10 real tokens
-                # made the estimate several times slower
-                tok = tokenizer(batch, padding="longest", max_length=CLIP_MAX_LENGTH, truncation=True,
-                                return_tensors="pt")
-                ids, att = tok["input_ids"].to(device), tok["attention_mask"].to(device)  # (b, t)
-                hidden = text_encoder(ids, attention_mask=att).last_hidden_state          # (b, t, d)
-                keep = att.bool()                                                         # (b, t) no padding
-                if not keep_start_token and bos is not None:
-                    keep[:, 0] &= ids[:, 0] != bos
-                moment.update(hidden, keep)
-                digest.update("\n".join(batch).encode() + b"\n")
-                n_captions += len(batch)
-                bar.update(len(batch))
-    finally:
-        text_encoder.train(was_training)
-    if n_captions == 0:
-        raise EditbenchError("captions is empty; pass a caption corpus, e.g. default_captions()")
-    moment.metadata.update(n_captions=n_captions, corpus_sha256=digest.hexdigest())
-    return moment

@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from typing_extensions import Self
 
-from editbench._io import read_safetensors, write_safetensors
 from editbench.concepts import ConceptData, model_resolution
 from editbench.errors import EditbenchError, TrainingError
 from editbench.fingerprint import update_with_tensor
+from editbench.storage import read_safetensors, tensor_checksum, write_safetensors
 
 if TYPE_CHECKING:
     from editbench.methods.base import Artifact
@@ -447,10 +447,7 @@ def _save_checkpoint(path: Path, *, groups: list[ParamGroup], optimizer: torch.o
 
 
 def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(b"editbench-checkpoint-checksum|")
-    for name in sorted(tensors):
-        update_with_tensor(h, name, tensors[name])
-    return h.hexdigest()[:16]
+    return tensor_checksum(tensors, b"editbench-checkpoint-checksum|")
 
 
 def _kept(ckpt: Path | None) -> str:

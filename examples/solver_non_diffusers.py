@@ -21,7 +21,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from editbench.sites import find_cross_attention_sites
-from editbench.solver import SecondMoment, closed_form_edit
+from editbench.moments import SecondMoment
+from editbench.solver import closed_form_edit
 
 VOCAB, CTX_DIM, MODEL_DIM, HEADS, MAX_LEN = 512, 64, 32, 4, 12
 PAD = 0

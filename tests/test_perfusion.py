@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from editbench import solver
+from editbench import text_covariance as corpus
 from editbench.concepts import ConceptData
 from editbench.errors import ArtifactError, ConceptDataError, EditbenchError
 from editbench.methods import get
@@ -26,9 +26,9 @@ from editbench.methods.perfusion import (
     gated_rank1,
     text_covariance,
 )
-from editbench.methods.perfusion.editor import cache_root
 from editbench.methods.tokens import add_tokens, single_token_id, token_position
 from editbench.sites import find_cross_attention_sites
+from editbench.storage import cache_root
 from editbench.testing import tiny_pipeline, unet_config
 from editbench.training import encode_prompts, tokenize
 
@@ -37,10 +37,10 @@ STEEP = {"beta": 0.5, "tau": 1e-3}  # gates saturate: sigmoid(+-500)
 
 @pytest.fixture(scope="module", autouse=True)
 def small_corpus(tmp_path_factory):
-    captions = solver.default_captions()[:400]
+    captions = corpus.default_captions()[:400]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("EDITBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(solver, "default_captions", lambda: list(captions))
+        mp.setattr(corpus, "default_captions", lambda: list(captions))
         yield
 
 

@@ -103,7 +103,7 @@ def _header_step(path: Path) -> int:
 
 def checkpoint_step(folder: Path) -> int:
     """Step of the checkpoint in ``folder`` (0 if none); also proves it is fully readable."""
-    from editbench._io import read_safetensors
+    from editbench.storage import read_safetensors
 
     path = folder / "checkpoint.safetensors"
     if not path.exists():
@@ -302,10 +302,15 @@ def test_kill_suite_many_times(tmp_path):
 # ------------------------------------------------------------------------------------------------ torn writes
 def _writers(tmp: Path):
     """(label, path, write(version) -> None, read(path) -> comparable) for every atomic writer of the package."""
-    from editbench import io as eio
-    from editbench._io import read_safetensors, write_safetensors
-    from editbench.eval import suite as S
-    from editbench.solver import SecondMoment
+    from editbench.moments import SecondMoment
+    from editbench.storage import (
+        read_json,
+        read_safetensors,
+        read_tensors,
+        write_csv,
+        write_json,
+        write_safetensors,
+    )
 
     def artifact(v):
         Artifact("textual_inversion", {"embeddings": torch.full((2, 8), float(v))}, {"v": v}).save(tmp / "a.safetensors")
@@ -317,18 +322,18 @@ def _writers(tmp: Path):
 
     return [
         ("Artifact.save", tmp / "a.safetensors", artifact, lambda p: Artifact.load(p).metadata["v"]),
-        ("_io.write_safetensors", tmp / "w.safetensors",
+        ("storage.write_safetensors", tmp / "w.safetensors",
          lambda v: write_safetensors(tmp / "w.safetensors", {"x": torch.full((3,), float(v))}, {"v": str(v)}),
          lambda p: read_safetensors(p, "x")[1]["v"]),
-        ("io.write_json", tmp / "j.json", lambda v: eio.write_json(tmp / "j.json", {"v": v}),
-         lambda p: eio.read_json(p)["v"]),
-        ("io.write_tensors", tmp / "t.safetensors",
-         lambda v: eio.write_tensors(tmp / "t.safetensors", {"x": torch.full((3,), float(v))}),
-         lambda p: float(eio.read_tensors(p)["x"][0])),
-        ("suite._write_csv", tmp / "c.csv", lambda v: S._write_csv(tmp / "c.csv", pd.DataFrame({"v": [v] * 3})),
+        ("storage.write_json", tmp / "j.json", lambda v: write_json(tmp / "j.json", {"v": v}),
+         lambda p: read_json(p)["v"]),
+        ("storage.write_safetensors (no metadata)", tmp / "t.safetensors",
+         lambda v: write_safetensors(tmp / "t.safetensors", {"x": torch.full((3,), float(v))}),
+         lambda p: float(read_tensors(p)["x"][0])),
+        ("storage.write_csv", tmp / "c.csv", lambda v: write_csv(tmp / "c.csv", pd.DataFrame({"v": [v] * 3})),
          lambda p: int(pd.read_csv(p)["v"].iloc[0])),
-        ("suite._write_json", tmp / "s.json", lambda v: S._write_json(tmp / "s.json", {"v": v}),
-         lambda p: json.loads(p.read_text())["v"]),
+        ("storage.write_json (default=str)", tmp / "s.json",
+         lambda v: write_json(tmp / "s.json", {"v": v}, default=str), lambda p: json.loads(p.read_text())["v"]),
         ("SecondMoment.save", tmp / "m.safetensors", moment, lambda p: SecondMoment.load(p).metadata["v"]),
     ]
 

@@ -335,7 +335,7 @@ def checkpoint(pipe, tmp_path_factory):
     header."""
     from _method_helpers import concept_for, editor
 
-    from editbench._io import read_safetensors
+    from editbench.storage import read_safetensors
 
     folder = tmp_path_factory.mktemp("ckpt")
     editor("perfusion", checkpoint_every=1).fit(pipe, concept_for("perfusion"), steps=2, seed=0, progress=False,

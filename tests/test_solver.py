@@ -17,15 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from editbench.errors import ArtifactError, EditbenchError
-from editbench.solver import (
-    PADDING_POLICY,
-    SecondMoment,
-    closed_form_edit,
-    default_captions,
-    estimate_text_covariance,
-    rank_one_edit,
-    regularize,
-)
+from editbench.moments import SecondMoment
+from editbench.solver import closed_form_edit, rank_one_edit, regularize
+from editbench.text_covariance import PADDING_POLICY, default_captions, estimate_text_covariance
 
 ROOT = Path(__file__).resolve().parents[1]
 T = torch.as_tensor

@@ -11,14 +11,8 @@ import pytest
 import torch
 
 from editbench.errors import EditbenchError
-from editbench.solver import (
-    SecondMoment,
-    Whitener,
-    closed_form_edit,
-    closed_form_edit_many,
-    rank_one_edit,
-    regularize,
-)
+from editbench.moments import SecondMoment
+from editbench.solver import Whitener, closed_form_edit, closed_form_edit_many, rank_one_edit, regularize
 
 TOL = {"rtol": 1e-12, "atol": 1e-12}
 

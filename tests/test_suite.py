@@ -16,8 +16,8 @@ import yaml
 from _eval_stubs import FakeClip, FakeEditor, FakePipeline, FakeRareWordEditor, registered
 
 from editbench.errors import EditbenchError
-from editbench.methods.tokens import RARE_WORDS
 from editbench.eval import suite as S
+from editbench.methods.tokens import RARE_WORDS
 
 BASE = {"name": "t", "model": "tiny", "concepts": ["zebra", "sunny", "target"], "pairs": [["zebra", "sunny"]],
         "seeds": [0, 1], "max_prompts": 2, "images_per_prompt": 2, "steps": 3,

@@ -43,7 +43,6 @@ from typing import Any
 import pandas as pd
 import torch
 
-from editbench._io import atomic_target
 from editbench.errors import EditbenchError, TrainingError
 from editbench.eval import metrics as M
 from editbench.eval.sources import (
@@ -54,6 +53,7 @@ from editbench.eval.sources import (
     dreambench_concepts,
     toy_concepts,
 )
+from editbench.storage import atomic_target
 
 __all__ = ["BUNDLED", "Cell", "ConceptSpec", "MethodSpec", "PairSpec", "Suite", "bundled_suites", "collect",
            "generate", "load_suite", "parse_shard", "run_order", "run_suite", "safe_name", "shard_cells",

@@ -39,10 +39,9 @@ from typing import Any
 
 import pandas as pd
 
-from editbench._io import atomic_target
 from editbench.errors import EditbenchError
 from editbench.eval.suite import BASE_METHOD, MethodSpec, Suite, _Runner, load_suite, run_suite, safe_name
-from editbench.io import read_json, write_json
+from editbench.storage import atomic_target, read_json, write_json
 from editbench.training import Param
 
 __all__ = ["CLIP_OBJECTIVES", "FLOORS", "GROUND_TRUTH", "RULE", "apply_tuned", "check_space", "choose",

@@ -24,7 +24,6 @@ Files are written atomically (temporary file, fsync, ``os.replace``) and never p
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -34,12 +33,12 @@ from typing import Any, ClassVar
 import torch
 from typing_extensions import Self
 
-from editbench._io import read_safetensors, write_safetensors
 from editbench.concepts import ConceptData
 from editbench.errors import ArtifactError, EditbenchError
-from editbench.fingerprint import fingerprint, module_tensors, update_with_tensor
+from editbench.fingerprint import fingerprint, module_tensors
 from editbench.methods.tokens import rare_word
 from editbench.safety import check_artifact_for, check_metadata, parse_metadata
+from editbench.storage import dtype_name, read_safetensors, tensor_checksum, write_safetensors
 from editbench.training import TrainConfig, TrainingSession, train
 
 __all__ = ["ARTIFACT_FORMAT", "Artifact", "EditHandle", "Editor", "NoSettings"]
@@ -50,14 +49,7 @@ _RESERVED = ("format", "method", "library_version", "shapes", "dtypes", "checksu
 
 
 def _checksum(tensors: Mapping[str, torch.Tensor]) -> str:
-    h = hashlib.sha256(b"editbench-artifact-checksum|")
-    for name in sorted(tensors):
-        update_with_tensor(h, name, tensors[name])
-    return h.hexdigest()[:16]
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
+    return tensor_checksum(tensors, b"editbench-artifact-checksum|")
 
 
 class Artifact:
@@ -93,7 +85,7 @@ class Artifact:
         meta = {k: v for k, v in self.metadata.items() if k not in _RESERVED}
         meta.update(format=ARTIFACT_FORMAT, method=self.method, library_version=__version__,
                     shapes={k: list(v.shape) for k, v in sorted(tensors.items())},
-                    dtypes={k: _dtype_name(v.dtype) for k, v in sorted(tensors.items())},
+                    dtypes={k: dtype_name(v.dtype) for k, v in sorted(tensors.items())},
                     checksum=_checksum(tensors))
         try:
             text = json.dumps(meta, sort_keys=True)

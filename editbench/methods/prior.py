@@ -21,10 +21,10 @@ from typing import Any
 
 import torch
 
-from editbench._io import atomic_target
 from editbench.concepts import ConceptData, model_resolution
 from editbench.errors import EditbenchError
 from editbench.fingerprint import fingerprint, module_tensors
+from editbench.storage import atomic_target, cache_root
 from editbench.training import StepContext, TrainingSession, encode_prompts
 
 __all__ = ["ClassPromptSession", "PriorConfigMixin", "PriorPreservation", "class_images", "default_cache_dir",
@@ -34,9 +34,8 @@ _MANIFEST = "manifest.json"
 
 
 def default_cache_dir() -> Path:
-    """``$EDITBENCH_CACHE/class_images`` or ``~/.cache/editbench/class_images``."""
-    root = os.environ.get("EDITBENCH_CACHE")
-    return (Path(root) if root else Path.home() / ".cache" / "editbench") / "class_images"
+    """``<cache_root>/class_images`` (:func:`editbench.storage.cache_root`)."""
+    return cache_root() / "class_images"
 
 
 @dataclass

@@ -158,7 +158,7 @@ def plot_training_log(log_path, out_png) -> None:
     import pandas as pd
     import seaborn as sns
 
-    from editbench.io import read_json
+    from editbench.storage import read_json
 
     log = read_json(log_path)
     rows = [{"stage": stage, "step": s, "loss": loss}

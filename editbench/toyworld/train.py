@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from editbench.errors import TrainingError
-from editbench.io import (load_optimizer_state, load_rng_state, optimizer_state, read_json, read_tensors,
-                          rng_state, write_json, write_tensors)
+from editbench.storage import (load_optimizer_state, load_rng_state, optimizer_state, read_json, read_tensors,
+                               rng_state, write_json, write_safetensors as write_tensors)
 from editbench.models import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer, write_clip_tokenizer_files
 from editbench.toyworld import scenes as R
 from editbench.toyworld.personal import EXCLUDED_APPEARANCES, PERSONAL_CONCEPTS

@@ -27,7 +27,7 @@ class CustomDiffusionConfig(PriorConfigMixin, TrainConfig):
     ``svd_rank`` / ``svd_energy`` store each K/V delta as a truncated SVD (rank, or the smallest rank keeping
     that fraction of the singular-value sum; the paper's compression uses 0.6). ``merge_ridge`` is the ridge
     ``eps`` of ``C + eps tr(C)/d I`` in :meth:`CustomDiffusionEditor.compose`, whose ``C`` comes from the first
-    ``merge_captions`` captions of :func:`editbench.solver.default_captions` (1000 captions, ~9k token vectors:
+    ``merge_captions`` captions of :func:`editbench.text_covariance.default_captions` (1000 captions, ~9k token vectors:
     over 10 d for SD 1.x's d = 768; the reference uses 200).
     """
 

@@ -218,9 +218,9 @@ class CustomDiffusionEditor(Editor):
         """The float64 merged K/V weights of ``artifacts`` for ``pipeline`` (see :mod:`.merge`).
 
         ``cov``: the ``(d, d)`` text second moment; default: estimated from the pipeline's text encoder over
-        :func:`editbench.solver.default_captions` (plus ``config.merge_ridge``).
+        :func:`editbench.text_covariance.default_captions` (plus ``config.merge_ridge``).
         """
-        from editbench.solver import default_captions, estimate_text_covariance
+        from editbench.text_covariance import default_captions, estimate_text_covariance
 
         arts = list(artifacts)
         if len(arts) < 1:

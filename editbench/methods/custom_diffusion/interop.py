@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 
-from editbench._io import write_safetensors
 from editbench.errors import ArtifactError
 from editbench.methods.base import Artifact, EditHandle
 from editbench.methods.custom_diffusion.editor import EMBEDDINGS, CustomDiffusionEditor, deltas, projections
 from editbench.methods.tokens import add_tokens
 from editbench.safety import load_weights, safe_join
+from editbench.storage import write_safetensors
 
 __all__ = ["WEIGHT_NAME", "export_diffusers", "load_diffusers"]
 

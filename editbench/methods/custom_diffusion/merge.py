@@ -8,7 +8,7 @@ For every K/V projection ``W0`` and concepts ``i`` with fine-tuned ``W_i``::
 (from the modifier token through the end token: the start token and the concept-independent ``"photo of a"``
 prefix are dropped, as in the reference ``[:, 1:]`` / ``[:, 4:]`` slicing; padding dropped). Duplicate key rows
 are removed keeping the first, as the reference does. ``C = C_reg^T C_reg`` is the text second moment over
-:func:`editbench.solver.default_captions` (start token dropped, end token kept, padding dropped).
+:func:`editbench.text_covariance.default_captions` (start token dropped, end token kept, padding dropped).
 
 Shape legend: n keys, d text width, o output width, t tokens.
 """

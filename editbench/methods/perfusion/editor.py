@@ -19,8 +19,6 @@ stored either: it is a property of the base text encoder, computed once and cach
 from __future__ import annotations
 
 import hashlib
-import os
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -36,27 +34,24 @@ from editbench.methods.perfusion.layers import ConceptBank, GatedRank1Linear
 from editbench.methods.tokens import add_tokens, base_tokenizer, single_token_id, token_position
 from editbench.safety import is_number
 from editbench.sites import CrossAttentionSite, find_cross_attention_sites
+from editbench.storage import cache_root
 from editbench.training import ParamGroup, TrainingSession, TrainResult, tokenize
 
-__all__ = ["PerfusionEditor", "cache_root", "superclass_encoding", "text_covariance"]
+__all__ = ["PerfusionEditor", "superclass_encoding", "text_covariance"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the text second moment C, cached per base text encoder
 # ----------------------------------------------------------------------------------------------------------------
 
-def cache_root() -> Path:
-    """``$EDITBENCH_CACHE`` or ``~/.cache/editbench``."""
-    return Path(os.environ.get("EDITBENCH_CACHE") or Path.home() / ".cache" / "editbench")
-
-
 def text_covariance(pipeline: Any, *, progress: bool = False):
-    """Second moment ``C`` of ``pipeline``'s text encoder over :func:`editbench.solver.default_captions`.
+    """Second moment ``C`` of ``pipeline``'s text encoder over :func:`editbench.text_covariance.default_captions`.
 
     Cached at ``<cache_root>/cov/<text-encoder fingerprint>.safetensors``; recomputed if the file is unreadable or
     was built from another caption corpus.
     """
-    from editbench.solver import SecondMoment, default_captions, estimate_text_covariance
+    from editbench.moments import SecondMoment
+    from editbench.text_covariance import default_captions, estimate_text_covariance
 
     tok = base_tokenizer(pipeline.tokenizer)
     path = cache_root() / "cov" / f"{text_encoder_fingerprint(pipeline.text_encoder, tok)}.safetensors"

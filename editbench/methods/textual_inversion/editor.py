@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 
 import torch
 
-from editbench._io import write_safetensors
 from editbench.concepts import ConceptData
 from editbench.errors import ArtifactError
 from editbench.methods import register
@@ -20,6 +19,7 @@ from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.textual_inversion.config import TextualInversionConfig
 from editbench.methods.tokens import add_tokens, initial_rows
 from editbench.safety import word, words
+from editbench.storage import write_safetensors
 from editbench.training import ParamGroup, TrainingSession, TrainResult, encode_prompts
 
 __all__ = ["DIFFUSERS_WEIGHT_NAME", "TextualInversionEditor", "export_diffusers", "vector_tokens"]
