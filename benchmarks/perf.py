@@ -606,8 +606,8 @@ def merge_problem(n_concepts: int, geometry: str = "sd15", rows_per_concept: int
     cached text second moment ``C`` (ridged, float64)."""
     from diffusers import UNet2DConditionModel
 
-    from editbench.sites import find_cross_attention_sites
     from editbench.moments import SecondMoment
+    from editbench.sites import find_cross_attention_sites
     from editbench.testing import unet_config
 
     with torch.device("meta"):
@@ -834,9 +834,9 @@ def measure_suite(suite: str = "toy-quick", timeout: float = 3 * 3600) -> dict:
 def suite_available(suite: str = "toy-quick") -> tuple[bool, str]:
     """Whether ``editbench bench --suite <suite>`` exists yet, and why not."""
     try:
-        from editbench.eval import suite as S
+        from editbench.eval import spec as S
     except Exception as err:  # noqa: BLE001 (any import problem means: not available)
-        return False, f"editbench.eval.suite does not import ({err!r})"
+        return False, f"editbench.eval.spec does not import ({err!r})"
     names = {p.stem for p in Path(S.BUNDLED).glob("*.y*ml")} if Path(S.BUNDLED).is_dir() else set()
     if suite not in names:
         return False, f"no bundled suite {suite!r} in {S.BUNDLED} (found {sorted(names)})"

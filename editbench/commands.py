@@ -117,8 +117,8 @@ def cmd_compose(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from editbench.eval.report import console_table, summary_table
-    from editbench.eval.suite import run_suite, write_report
+    from editbench.eval.report import console_table, summary_table, write_report
+    from editbench.eval.runner import run_suite
     from editbench.storage import parse_dtype
 
     out = Path(args.out)
@@ -150,7 +150,7 @@ def cmd_tune(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from editbench.eval.suite import write_report
+    from editbench.eval.report import write_report
 
     print(f"report written to {write_report(Path(args.out))}")
 

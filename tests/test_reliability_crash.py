@@ -242,7 +242,8 @@ def _suite_kills(tmp: Path, kills: int, rng: random.Random, test: str, min_cells
                  max_chain: int = 3) -> None:
     from _eval_stubs import FakeClip, FakeEditor, FakePipeline, FakeRareWordEditor, registered
 
-    from editbench.eval import suite as S
+    from editbench.eval import runner
+    from editbench.eval import spec as suite_spec
 
     class SlowPipeline(FakePipeline):  # ~10 ms per batch: a run lasts long enough to be killed anywhere
         def __call__(self, *a, **kw):
@@ -250,13 +251,13 @@ def _suite_kills(tmp: Path, kills: int, rng: random.Random, test: str, min_cells
             return super().__call__(*a, **kw)
 
     def run(out):
-        return S.run_suite(S.load_suite(SUITE), out, pipeline=SlowPipeline(), clip=FakeClip(), progress=False)
+        return runner.run_suite(suite_spec.load_suite(SUITE), out, pipeline=SlowPipeline(), clip=FakeClip(), progress=False)
 
     with registered(FakeEditor, FakeRareWordEditor):
         t0 = time.perf_counter()
         reference = run(tmp / "reference")
         t_full = time.perf_counter() - t0
-        n_cells = len(S.load_suite(SUITE).cells())
+        n_cells = len(suite_spec.load_suite(SUITE).cells())
         cols = [c for c in reference.columns if not c.endswith("time_s")]
         done = chain = 0
         while done < kills:  # chains of 1..3 kills on one output folder, then a re-run that must finish it

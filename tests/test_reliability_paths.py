@@ -56,7 +56,7 @@ def test_safe_join_refuses_symlinks_out_of_the_folder(tmp_path):
 @given(name=st.text(min_size=0, max_size=30) | st.sampled_from(HOSTILE))
 def test_fuzz_names_stay_inside(name):
     """Any string: safe_join and the suite's safe_name either refuse it or give a path inside the folder."""
-    from editbench.eval.suite import safe_name
+    from editbench.eval.spec import safe_name
 
     out = Path("/nonexistent-editbench-out")
     for fn in (lambda n: safe_join(out, n), lambda n: out / safe_name(n)):
@@ -112,7 +112,8 @@ def test_suite_refuses_to_write_through_symlinks(where, tmp_path):
     """A folder of the suite output replaced by a symlink to elsewhere: nothing is written there."""
     from _eval_stubs import FakeClip, FakeEditor, FakePipeline, registered
 
-    from editbench.eval import suite as S
+    from editbench.eval import runner
+    from editbench.eval import spec as suite_spec
 
     out, outside = tmp_path / "out", tmp_path / "outside"
     out.mkdir()
@@ -121,6 +122,6 @@ def test_suite_refuses_to_write_through_symlinks(where, tmp_path):
     spec = {"name": "s", "model": "tiny", "concepts": ["zebra"], "seeds": [0], "max_prompts": 1,
             "images_per_prompt": 1, "methods": [{"name": "fake"}]}
     with registered(FakeEditor), pytest.raises(EditbenchError, match="outside"):
-        S.run_suite(S.load_suite(spec), out, pipeline=FakePipeline(), clip=FakeClip(), progress=False)
+        runner.run_suite(suite_spec.load_suite(spec), out, pipeline=FakePipeline(), clip=FakeClip(), progress=False)
     assert not any(outside.iterdir()), f"wrote {sorted(outside.rglob('*'))}"
     FIGURES.add("paths", "suite_symlink_refused")

@@ -10,7 +10,8 @@ from PIL import Image
 
 from editbench.errors import EditbenchError
 from editbench.eval import report as R
-from editbench.eval import suite as S
+from editbench.eval import runner
+from editbench.eval import spec as suite_spec
 
 
 def _frame(values, clusters, scale="cosine"):
@@ -48,7 +49,7 @@ def results(tmp_path_factory):
             "methods": ["base", {"name": "fake", "label": "perfusion-like", "sweep": {"scale": [0.2, 0.5, 1.0]}},
                         "fake_single"]}
     with registered(FakeEditor, FakeRareWordEditor):
-        S.run_suite(S.load_suite(spec), out, pipeline=FakePipeline(), clip=FakeClip(), progress=False)
+        runner.run_suite(suite_spec.load_suite(spec), out, pipeline=FakePipeline(), clip=FakeClip(), progress=False)
     return out
 
 

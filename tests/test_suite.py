@@ -16,7 +16,8 @@ import yaml
 from _eval_stubs import FakeClip, FakeEditor, FakePipeline, FakeRareWordEditor, registered
 
 from editbench.errors import EditbenchError
-from editbench.eval import suite as S
+from editbench.eval import results, runner
+from editbench.eval import spec as suite_spec
 from editbench.methods.tokens import RARE_WORDS
 
 BASE = {"name": "t", "model": "tiny", "concepts": ["zebra", "sunny", "target"], "pairs": [["zebra", "sunny"]],
@@ -25,14 +26,14 @@ BASE = {"name": "t", "model": "tiny", "concepts": ["zebra", "sunny", "target"], 
 
 
 def _run(tmp_path, spec=None, **kw):
-    suite = S.load_suite(spec or BASE)
-    return S.run_suite(suite, tmp_path / "out", pipeline=kw.pop("pipeline", FakePipeline()), clip=FakeClip(),
+    suite = suite_spec.load_suite(spec or BASE)
+    return runner.run_suite(suite, tmp_path / "out", pipeline=kw.pop("pipeline", FakePipeline()), clip=FakeClip(),
                        progress=False, **kw)
 
 
 def _expected_rows(spec=BASE) -> int:
     """Cells x prompts x images, skipping the multi-concept cells of fake_single (no multi-concept support)."""
-    suite = S.load_suite(spec)
+    suite = suite_spec.load_suite(spec)
     return sum(len(c.prompts) * suite.images_per_prompt for c in suite.cells()
                if not (c.method.name == "fake_single" and len(c.concepts) > 1))
 
@@ -45,7 +46,7 @@ def fakes():
 
 
 def test_cells_cover_the_grid():
-    suite = S.load_suite(BASE)
+    suite = suite_spec.load_suite(BASE)
     cells = suite.cells()
     # 3 methods x (3 concepts + 1 pair) x 2 seeds, the fake method with 2 settings
     assert len(cells) == (1 + 2 + 1) * 4 * 2
@@ -98,7 +99,7 @@ def test_rerun_skips_finished_cells(tmp_path, fakes):
 
 def test_kill_mid_run_then_resume_has_no_duplicate_or_missing_rows(tmp_path, fakes, monkeypatch):
     written = []
-    real = S._write_csv
+    real = runner.write_csv
 
     def dying_write(path, df):
         if path.parent.name == "cells" and len(written) == 5:  # the 6th cell dies after its samples were saved
@@ -106,25 +107,25 @@ def test_kill_mid_run_then_resume_has_no_duplicate_or_missing_rows(tmp_path, fak
         written.append(path)
         real(path, df)
 
-    monkeypatch.setattr(S, "_write_csv", dying_write)
+    monkeypatch.setattr(runner, "write_csv", dying_write)
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path)
-    monkeypatch.setattr(S, "_write_csv", real)
+    monkeypatch.setattr(runner, "write_csv", real)
     assert len(list((tmp_path / "out" / "cells").glob("*.csv"))) == 5
     pipe = FakePipeline()
     df = _run(tmp_path, pipeline=pipe)
     key = ["label", "concepts", "seed", "setting", "prompt_index", "image_index"]
     assert len(df) == _expected_rows() and not df.duplicated(key).any()
-    total = len([c for c in S.load_suite(BASE).cells()])
+    total = len([c for c in suite_spec.load_suite(BASE).cells()])
     assert pipe.calls > 0
     assert len(list((tmp_path / "out" / "cells").glob("*.csv"))) + 2 == total  # + 2 skipped pair cells
     assert not list((tmp_path / "out" / "cells").glob(".*.tmp"))
 
 
 def test_shards_partition_the_cells_exactly():
-    cells = S.load_suite(BASE).cells()
+    cells = suite_spec.load_suite(BASE).cells()
     for n in (1, 2, 3, 7):
-        parts = [S.shard_cells(cells, (i, n)) for i in range(n)]
+        parts = [suite_spec.shard_cells(cells, (i, n)) for i in range(n)]
         ids = [c.id for p in parts for c in p]
         assert sorted(ids) == sorted(c.id for c in cells)  # disjoint and complete
         for p in parts:  # a (concepts, seed) unit, hence every entry sharing its artifacts, never straddles shards
@@ -133,13 +134,13 @@ def test_shards_partition_the_cells_exactly():
         if n == 2:  # the single-concept units (most of the training) are spread evenly
             singles = [sum(len(c.concepts) == 1 for c in {c.unit: c for c in p}.values()) for p in parts]
             assert max(singles) - min(singles) <= 1, singles
-    assert S.shard_cells(cells, "1/3") == S.shard_cells(cells, (1, 3))
-    order = S.run_order(cells)  # singles first (their artifacts are on disk before any pair needs them)
+    assert suite_spec.shard_cells(cells, "1/3") == suite_spec.shard_cells(cells, (1, 3))
+    order = suite_spec.run_order(cells)  # singles first (their artifacts are on disk before any pair needs them)
     k = [len(c.concepts) for c in order]
     assert sorted(c.id for c in order) == sorted(c.id for c in cells) and k == sorted(k) and k[-1] == 2
     for bad in ("3/3", "-1/2", "a/b", "2", (0, 0)):
         with pytest.raises(EditbenchError, match="shard"):
-            S.parse_shard(bad)
+            suite_spec.parse_shard(bad)
 
 
 def test_sharded_runs_assemble_the_full_table(tmp_path, fakes):
@@ -154,27 +155,27 @@ def test_names_from_suite_files_stay_inside_the_output(tmp_path, fakes, bad):
                 methods=[{"name": "fake", "label": bad}])
     if bad.strip("./\\~") == "":
         with pytest.raises(EditbenchError, match="file name"):
-            S.load_suite(spec)
+            suite_spec.load_suite(spec)
         return
     _run(tmp_path, spec)
     out = (tmp_path / "out").resolve()
     for p in tmp_path.rglob("*"):
         assert p.resolve().is_relative_to(out) or p.resolve() == out or out.is_relative_to(p.resolve())
-    assert S.safe_name(bad) and "/" not in S.safe_name(bad) and not S.safe_name(bad).startswith(".")
+    assert suite_spec.safe_name(bad) and "/" not in suite_spec.safe_name(bad) and not suite_spec.safe_name(bad).startswith(".")
 
 
 def test_safe_name_and_inside_guard(tmp_path):
-    assert S.safe_name("perfusion beta/0.7") == "perfusion_beta_0.7"
+    assert suite_spec.safe_name("perfusion beta/0.7") == "perfusion_beta_0.7"
     with pytest.raises(EditbenchError):
-        S.safe_name("../..")
+        suite_spec.safe_name("../..")
     with pytest.raises(EditbenchError, match="outside"):
-        S._inside(tmp_path / "out", tmp_path / "out" / ".." / "x")
+        suite_spec.inside(tmp_path / "out", tmp_path / "out" / ".." / "x")
 
 
 def test_suite_file_errors_name_the_problem(tmp_path):
     def err(**change):
         with pytest.raises(EditbenchError) as e:
-            S.load_suite({**BASE, **change})
+            suite_spec.load_suite({**BASE, **change})
         return str(e.value)
 
     assert "unknown suite key" in err(method=["x"])
@@ -186,13 +187,13 @@ def test_suite_file_errors_name_the_problem(tmp_path):
     assert "unknown score scale" in err(metrics={"text_scale": "percent"})
     assert "pair" in err(pairs=[["zebra", "nope"]])
     with pytest.raises(EditbenchError, match="bundled"):
-        S.load_suite("no-such-suite")
+        suite_spec.load_suite("no-such-suite")
     bad = tmp_path / "bad.yaml"
     bad.write_text("methods: [unclosed")
     with pytest.raises(EditbenchError, match="YAML"):
-        S.load_suite(bad)
+        suite_spec.load_suite(bad)
     with pytest.raises(EditbenchError, match="unknown method"):
-        S.load_suite({**BASE, "methods": ["no_such_method"]}).validate()
+        suite_spec.load_suite({**BASE, "methods": ["no_such_method"]}).validate()
 
 
 def test_bad_inference_setting_is_caught_before_running(tmp_path, fakes):
@@ -233,7 +234,7 @@ def test_dreambench_and_customconcept101_folders(tmp_path):
             "concepts": [{"dreambench": str(data / "dreambench"), "names": ["zebra", "halo"]},
                          {"customconcept101": str(data / "customconcept101.json"), "names": ["sunny"]}],
             "pairs": "auto"}
-    suite = S.load_suite(spec)
+    suite = suite_spec.load_suite(spec)
     assert set(suite.concepts) == {"zebra", "halo", "sunny"}
     z = suite.concepts["zebra"]
     assert z.superclass == "heart" and len(z.images) == 5 and z.masks and len(z.prompts) == 8
@@ -250,28 +251,28 @@ def test_dreambench_and_customconcept101_folders(tmp_path):
         "prompt_list = [\n'a {0} {1} in the snow'.format(unique_token, class_token),\n]\n")
     cfg = tmp_path / "s.yaml"
     cfg.write_text(yaml.safe_dump({"model": "tiny", "methods": ["base"], "concepts": [{"dreambench": "db"}]}))
-    dog = S.load_suite(cfg).concepts["dog2"]
+    dog = suite_spec.load_suite(cfg).concepts["dog2"]
     assert dog.superclass == "dog" and dog.prompts == ("a {} in the snow",) and dog.masks is None
     with pytest.raises(EditbenchError, match="not found"):
-        S.load_suite({**spec, "concepts": [{"dreambench": str(tmp_path / "missing")}]})
+        suite_spec.load_suite({**spec, "concepts": [{"dreambench": str(tmp_path / "missing")}]})
 
 
 def test_bundled_suites_parse():
-    names = S.bundled_suites()
+    names = suite_spec.bundled_suites()
     assert {"toy-quick", "toy-full", "dreambench", "customconcept101"} <= set(names)
-    quick = S.load_suite("toy-quick")
+    quick = suite_spec.load_suite("toy-quick")
     assert {m.name for m in quick.methods} >= {"perfusion", "custom_diffusion", "textual_inversion", "dreambooth",
                                                "lora"}
     assert len(quick.concepts) == 2 and len(quick.seeds) == 1
-    full = S.load_suite("toy-full")
+    full = suite_spec.load_suite("toy-full")
     assert len(full.concepts) == 8 and len(full.seeds) == 3 and full.pairs
     assert any("beta" in m.sweep for m in full.methods)
     for name in ("dreambench", "customconcept101"):
-        path = S.BUNDLED / f"{name}.yaml"
+        path = suite_spec.BUNDLED / f"{name}.yaml"
         raw = yaml.safe_load(path.read_text())
         assert raw["model"].startswith("/path/to/")  # a placeholder the user edits
         with pytest.raises(EditbenchError, match="not found"):
-            S.load_suite(path)
+            suite_spec.load_suite(path)
 
 
 # ------------------------------------------------------------------------------------------------ multi: joint
@@ -306,21 +307,21 @@ JOINT = {"name": "j", "model": "tiny", "concepts": ["zebra", "sunny"], "pairs": 
 
 
 def test_multi_option_is_parsed_and_validated(fakes):
-    suite = S.load_suite(JOINT)
+    suite = suite_spec.load_suite(JOINT)
     assert [m.multi for m in suite.methods] == ["separate", "joint"]
-    assert S.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": "merge"}]}).methods[0].multi == \
+    assert suite_spec.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": "merge"}]}).methods[0].multi == \
         "separate"                                            # 'merge' is a synonym of the default
     with pytest.raises(EditbenchError, match="multi must be one of"):
-        S.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": "together"}]})
+        suite_spec.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": "together"}]})
     with registered(FakeJointEditor):
         suite.validate()
         for name in ("fake", "fake_single"):               # max_concepts = 1: one concept per fit
             with pytest.raises(EditbenchError, match=f"{name}.*multi: joint"):
-                S.load_suite({**JOINT, "methods": [{"name": name, "multi": "joint"}]}).validate()
+                suite_spec.load_suite({**JOINT, "methods": [{"name": name, "multi": "joint"}]}).validate()
         with pytest.raises(EditbenchError, match="multi"):
-            S.load_suite({**JOINT, "methods": [{"name": "base", "multi": "joint"}]}).validate()
+            suite_spec.load_suite({**JOINT, "methods": [{"name": "base", "multi": "joint"}]}).validate()
     # the default leaves cell ids as they were before the option existed; joint makes its own cells
-    plain = S.load_suite({**JOINT, "methods": ["fake_joint"]}).cells()
+    plain = suite_spec.load_suite({**JOINT, "methods": ["fake_joint"]}).cells()
     assert [c.id for c in plain] == [c.id for c in suite.cells() if c.method.label == "fake_joint"]
     assert {c.id for c in suite.cells() if c.method.label == "fj-joint"}.isdisjoint(c.id for c in plain)
 
@@ -354,7 +355,7 @@ def test_joint_pair_cell_trains_one_artifact_on_both_concepts(tmp_path, fakes):
         assert pipe.calls == 0 and len(FakeEditor.fits) == before
         pd.testing.assert_frame_equal(df, again)
         # a lost cell file: the joint artifact is reused from disk, not retrained
-        cell = next(c for c in S.load_suite(JOINT).cells() if c.method.label == "fj-joint" and len(c.concepts) == 2)
+        cell = next(c for c in suite_spec.load_suite(JOINT).cells() if c.method.label == "fj-joint" and len(c.concepts) == 2)
         (out / "cells" / f"{cell.id}.csv").unlink()
         _run(tmp_path, JOINT, pipeline=pipe)
         assert pipe.calls > 0 and len(FakeEditor.fits) == before
@@ -365,7 +366,7 @@ def test_rows_of_cells_written_before_the_multi_option_read_as_separate(tmp_path
     out = tmp_path / "out"
     for f in (out / "cells").glob("*.csv"):
         pd.read_csv(f).drop(columns="multi").to_csv(f, index=False)
-    old = S.collect(out)
+    old = results.collect(out)
     assert list(old.columns) == list(df.columns) and (old["multi"] == "separate").all()
 
 
@@ -385,7 +386,7 @@ def test_joint_custom_diffusion_on_the_tiny_pipeline(tmp_path):
             "methods": [{"name": "custom_diffusion", "config": prior},
                         {"name": "custom_diffusion", "label": "cd-joint", "config": prior, "multi": "joint"}]}
     pipe, clip = tiny_pipeline(), tiny_clip()
-    df = S.run_suite(S.load_suite(spec), tmp_path, pipeline=pipe, clip=clip, progress=False)
+    df = runner.run_suite(suite_spec.load_suite(spec), tmp_path, pipeline=pipe, clip=clip, progress=False)
     pair = df[df.n_concepts == 2].set_index("label")
     assert set(pair.index) == {"custom_diffusion", "cd-joint"}
     assert pair.loc["cd-joint", "multi"] == "joint" and pair.loc["custom_diffusion", "multi"] == "separate"
@@ -401,7 +402,7 @@ def test_joint_custom_diffusion_on_the_tiny_pipeline(tmp_path):
     # 2 singles shared by both entries (same config) + the joint pair artifact (the merged one is not saved)
     assert len(list((tmp_path / "artifacts").rglob("*.safetensors"))) == 3
     mtimes = {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").rglob("*.safetensors")}
-    again = S.run_suite(S.load_suite(spec), tmp_path, pipeline=pipe, clip=clip, progress=False)
+    again = runner.run_suite(suite_spec.load_suite(spec), tmp_path, pipeline=pipe, clip=clip, progress=False)
     pd.testing.assert_frame_equal(df, again)
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "artifacts").rglob("*.safetensors")} == mtimes
 
@@ -417,7 +418,7 @@ def test_real_training_loop_with_tiny_pipeline_and_open_clip(tmp_path):
             "generation": {"num_inference_steps": 2, "guidance_scale": 2.0},
             "methods": [{"name": "stub", "sweep": {"scale": [0.0, 1.0]}}]}
     with registered(StubEditor):
-        df = S.run_suite(S.load_suite(spec), tmp_path, pipeline=tiny_pipeline(), clip=tiny_clip(), progress=False)
+        df = runner.run_suite(suite_spec.load_suite(spec), tmp_path, pipeline=tiny_pipeline(), clip=tiny_clip(), progress=False)
     assert len(df) == 3 * 2 * 2
     assert (df["storage_bytes"] > 0).all() and (df["train_time_s"] > 0).all()
     assert len(list(Path(tmp_path, "artifacts").rglob("*.safetensors"))) == 2
@@ -439,7 +440,7 @@ def test_all_builtin_methods_on_the_tiny_pipeline(tmp_path):
                         {"name": "custom_diffusion", "config": prior, "sweep": {"rank": [1, 2]}},
                         "textual_inversion", {"name": "dreambooth", "config": prior},
                         {"name": "lora", "sweep": {"scale": [0.5, 1.0]}}]}
-    df = S.run_suite(S.load_suite(spec), tmp_path, pipeline=tiny_pipeline(), clip=tiny_clip(), progress=False)
+    df = runner.run_suite(suite_spec.load_suite(spec), tmp_path, pipeline=tiny_pipeline(), clip=tiny_clip(), progress=False)
     single = df[df.n_concepts == 1]
     assert set(single["label"]) == {"perfusion", "custom_diffusion", "textual_inversion", "dreambooth", "lora"}
     assert single.groupby("label")["setting"].nunique().to_dict() == {
@@ -465,7 +466,7 @@ def test_toy_quick_finishes_within_ten_minutes(tmp_path):
     if not (toyworld.WEIGHTS / "model").is_dir():
         pytest.skip("the toy world's weights are not installed")
     t0 = time.perf_counter()
-    df = S.run_suite("toy-quick", tmp_path, progress=False)
+    df = runner.run_suite("toy-quick", tmp_path, progress=False)
     report = write_report(tmp_path)
     elapsed = time.perf_counter() - t0
     assert elapsed < 600, f"toy-quick took {elapsed:.0f} s"

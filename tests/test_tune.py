@@ -21,7 +21,7 @@ from editbench.errors import EditbenchError
 from editbench.eval import metrics as M
 from editbench.eval import tune as T
 from editbench.eval.sources import TOY_TEST, TOY_VALIDATION
-from editbench.eval.suite import load_suite
+from editbench.eval.spec import load_suite
 from editbench.methods.textual_inversion.config import TextualInversionConfig
 from editbench.training import Param
 

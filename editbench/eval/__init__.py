@@ -23,17 +23,10 @@ from editbench.eval.metrics import (
     text_alignment,
     to_scale,
 )
-from editbench.eval.suite import (
-    Suite,
-    bundled_suites,
-    collect,
-    generate,
-    load_suite,
-    parse_shard,
-    run_suite,
-    shard_cells,
-    write_report,
-)
+from editbench.eval.report import write_report
+from editbench.eval.results import collect
+from editbench.eval.runner import generate, run_suite
+from editbench.eval.spec import Suite, bundled_suites, load_suite, parse_shard, shard_cells
 
 __all__ = ["SCALES", "ClipScorer", "DinoEncoder", "Suite", "aggregate", "artifact_stats", "bundled_suites",
            "check_scale", "collect", "composition_hits", "composition_score", "composition_threshold",

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 
 from editbench.errors import EditbenchError
+from editbench.eval.results import collect
+from editbench.eval.spec import safe_name
 from editbench.eval.validity import disagreements, rank_agreement
 
 __all__ = ["bootstrap_ci", "composition_table", "console_table", "summary_table", "write_report"]
@@ -299,8 +301,6 @@ def _strip(out: Path, rows: pd.DataFrame, path: Path, *, cell_px: int = 96) -> P
 
 def write_report(out: str | os.PathLike) -> Path:
     """Write ``out/report.md`` (+ plots, grids, summary CSVs) from ``out/results.csv``; returns its path."""
-    from editbench.eval.suite import collect, safe_name
-
     out = Path(out)
     if not out.is_dir():
         raise EditbenchError(f"{out} is not a results folder; run a suite first (editbench bench --suite SUITE --out DIR)")

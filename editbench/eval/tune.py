@@ -40,7 +40,8 @@ from typing import Any
 import pandas as pd
 
 from editbench.errors import EditbenchError
-from editbench.eval.suite import BASE_METHOD, MethodSpec, Suite, _Runner, load_suite, run_suite, safe_name
+from editbench.eval.runner import Runner, run_suite
+from editbench.eval.spec import BASE_METHOD, MethodSpec, Suite, load_suite, safe_name
 from editbench.storage import atomic_target, read_json, write_json
 from editbench.training import Param
 
@@ -305,7 +306,7 @@ def tune(suite: str | Any, method: str, trials: int, out: str | Any, storage: st
     write_json(marker, {"study": study_name, "method": method, "suite": suite.name, "storage": _redact(url)})
     study.set_user_attr("budget", trials)
 
-    runner = _Runner(vsuite, out, device=device, dtype=dtype, progress=False, pipeline=pipeline, clip=clip)
+    runner = Runner(vsuite, out, device=device, dtype=dtype, progress=False, pipeline=pipeline, clip=clip)
 
     def objective(trial: Any) -> list[float]:
         folder = trial.user_attrs.get("folder") or f"trials/{trial.number}"  # a retried trial inherits it
