@@ -122,15 +122,16 @@ def denoising_loss(pipe, concept: ConceptData, phrase: str, seed: int = 0) -> fl
     """Deterministic diffusion loss of ``concept``'s images (first template, fixed noise, 8 spread timesteps)."""
     from diffusers import DDPMScheduler
 
-    from editbench.training import _encode_images, _scale_latents, encode_prompts
+    from editbench.training import encode_prompts
+    from editbench.training.loop import encode_images, scale_latents
 
     sched = DDPMScheduler.from_config(pipe.scheduler.config)
     images = concept.load_images(pipe.unet.config.sample_size * pipe.vae_scale_factor)     # (n, 3, H, W)
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     with torch.no_grad():
-        mean, _ = _encode_images(pipe, images)
-        latents = _scale_latents(pipe, mean)                                                # (n, c, h, w)
+        mean, _ = encode_images(pipe, images)
+        latents = scale_latents(pipe, mean)                                                # (n, c, h, w)
         cond = encode_prompts(pipe, [concept.templates[0].format(phrase)] * len(images))
         for t in torch.linspace(50, 950, 8).long():
             noise = torch.randn(latents.shape, generator=g)

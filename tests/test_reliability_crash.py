@@ -410,10 +410,10 @@ def test_kill_during_artifact_writes_many(tmp_path):
 # ------------------------------------------------------------------------------------------------ numerics
 def _poisoned_fit(name, pipe, tmp: Path, monkeypatch, poison_after: int):
     """A fit whose loss becomes NaN right after the checkpoint of step ``poison_after`` was written."""
-    from editbench import training
+    from editbench.training import loop
 
     state = {"poison": False, "bytes": None}
-    real_save, real_mse = training._save_checkpoint, training.masked_mse
+    real_save, real_mse = loop.save_checkpoint, loop.masked_mse
 
     def save(path, **kw):
         real_save(path, **kw)
@@ -425,8 +425,8 @@ def _poisoned_fit(name, pipe, tmp: Path, monkeypatch, poison_after: int):
         loss = real_mse(*a, **k)
         return loss * float("nan") if state["poison"] else loss
 
-    monkeypatch.setattr(training, "_save_checkpoint", save)
-    monkeypatch.setattr(training, "masked_mse", mse)
+    monkeypatch.setattr(loop, "save_checkpoint", save)
+    monkeypatch.setattr(loop, "masked_mse", mse)
     ed = editor(name, checkpoint_every=1)
     with pytest.raises(TrainingError) as info:
         ed.fit(pipe, concept_for(name), steps=poison_after + 2, seed=5, progress=False, checkpoint_dir=tmp)
@@ -452,10 +452,10 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(name, pipe, 
 
 
 def test_infinite_loss_is_caught_too(pipe, tmp_path, monkeypatch):
-    from editbench import training
+    from editbench.training import loop
 
-    real = training.masked_mse
-    monkeypatch.setattr(training, "masked_mse", lambda *a, **k: real(*a, **k) * float("inf"))
+    real = loop.masked_mse
+    monkeypatch.setattr(loop, "masked_mse", lambda *a, **k: real(*a, **k) * float("inf"))
     with pytest.raises(TrainingError, match="step 1"):
         editor("textual_inversion").fit(pipe, concept_for("textual_inversion"), steps=2, progress=False,
                                         checkpoint_dir=tmp_path)

@@ -347,7 +347,7 @@ def checkpoint(pipe, tmp_path_factory):
 
 @st.composite
 def checkpoint_case(draw, raw: bytes, tensors: dict, info: dict):
-    from editbench.training import _tensor_checksum
+    from editbench.training.checkpoint import _tensor_checksum
 
     kind = draw(st.sampled_from(["bytes", "tensor", "header", "header"]))
     if kind == "bytes":

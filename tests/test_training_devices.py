@@ -18,6 +18,7 @@ from editbench import training
 from editbench.concepts import ConceptData
 from editbench.errors import EditbenchError, TrainingError
 from editbench.testing import tiny_pipeline
+from editbench.training import loop, parallel
 
 KW = {"steps": 3, "batch_size": 2, "grad_accum": 2, "checkpoint_every": 1}
 
@@ -88,7 +89,7 @@ def _through(monkeypatch, acc):
     """Make the loop take the accelerate path with ``acc``: two devices visible, a two-process launch."""
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr(training, "_make_accelerator", lambda: acc)
+    monkeypatch.setattr(loop, "make_accelerator", lambda: acc)
     return acc
 
 
@@ -119,7 +120,7 @@ def test_the_plain_loop_never_builds_an_accelerator(pipe, concept, clean_env):
     def boom():
         raise AssertionError("accelerate used on the plain path")
 
-    clean_env.setattr(training, "_make_accelerator", boom)
+    clean_env.setattr(loop, "make_accelerator", boom)
     art = _fit(pipe, concept)
     assert "processes" not in art.metadata["training"]
 
@@ -163,7 +164,7 @@ def fresh_accelerate_state():
 def test_real_accelerator_single_process_on_cpu_matches_the_plain_loop_and_resumes(pipe, concept, clean_env,
                                                                                    tmp_path, fresh_accelerate_state):
     plain = _fit(pipe, concept, steps=5)
-    clean_env.setattr(training, "use_accelerate", lambda: True)   # the decision is tested above
+    clean_env.setattr(loop, "use_accelerate", lambda: True)   # the decision is tested above
     part = _fit(pipe, concept, tmp_path, steps=3)
     resumed = _fit(pipe, concept, tmp_path, steps=5)
     assert resumed.metadata["training"]["resumed_from"] == 3 and resumed.metadata["training"]["processes"] == 1
@@ -173,8 +174,8 @@ def test_real_accelerator_single_process_on_cpu_matches_the_plain_loop_and_resum
 
 def test_non_finite_loss_stops_every_process_at_the_same_step(pipe, concept, clean_env, monkeypatch):
     _through(clean_env, StubAccelerator(n=2))
-    real = training.masked_mse
-    monkeypatch.setattr(training, "masked_mse", lambda *a: real(*a) * float("nan"))
+    real = loop.masked_mse
+    monkeypatch.setattr(loop, "masked_mse", lambda *a: real(*a) * float("nan"))
     with pytest.raises(TrainingError, match="at step 1 .*2 processes"):
         _fit(pipe, concept)
 
@@ -197,7 +198,7 @@ def test_gradients_are_averaged_in_one_all_reduce_per_dtype_bucket():
             return tensor.clone() * (self.num_processes if reduction == "sum" else 2)
 
     acc = Doubling()
-    dp = training._DataParallel(acc, torch.device("cpu"))
+    dp = parallel.DataParallel(acc, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*shape, generator=g, dtype=dt))
               for shape, dt in (((3, 4), torch.float32), ((5,), torch.float64), ((2, 2), torch.float32), ((7,), torch.float32))]

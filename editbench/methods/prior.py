@@ -149,7 +149,7 @@ class PriorPreservation:
     """
 
     def __init__(self, pipeline: Any, prompts: Sequence[str], config: PriorConfigMixin):
-        from editbench.training import _encode_images  # the loop's own VAE encoding (posterior mean, std)
+        from editbench.training.loop import encode_images  # the loop's own VAE encoding (posterior mean, std)
 
         self.prompts = list(prompts)
         self.weight = float(config.prior_loss_weight)
@@ -159,7 +159,7 @@ class PriorPreservation:
             imgs = class_images(pipeline, p, config.num_class_images, steps=config.class_inference_steps,
                                 guidance_scale=config.class_guidance_scale, seed=config.class_seed,
                                 cache_dir=config.class_cache_dir)
-            self.stats.append(_encode_images(pipeline, imgs))
+            self.stats.append(encode_images(pipeline, imgs))
 
     def loss(self, ctx: StepContext, encode: Callable[[list[str]], torch.Tensor],
              concept_of: torch.Tensor | None = None) -> torch.Tensor:
@@ -167,7 +167,7 @@ class PriorPreservation:
 
         ``concept_of`` ``(b,)`` says which concept's class set each batch item draws from (default: the first).
         """
-        from editbench.training import _scale_latents
+        from editbench.training.loop import scale_latents
 
         b = ctx.indices.shape[0]
         owner = torch.zeros(b, dtype=torch.long) if concept_of is None else concept_of.cpu()
@@ -180,7 +180,7 @@ class PriorPreservation:
             prompts.append(self.prompts[j])
         mean, std = torch.stack(means), torch.stack(stds)                    # (b, c, h, w)
         z = mean + std * torch.randn(mean.shape, generator=ctx.generator).to(mean)
-        latents = _scale_latents(ctx.pipeline, z).to(ctx.latents)
+        latents = scale_latents(ctx.pipeline, z).to(ctx.latents)
         return self.weight * ctx.diffusion_loss(latents, encode(prompts))
 
 
