@@ -842,7 +842,8 @@ def suite_available(suite: str = "toy-quick") -> tuple[bool, str]:
         return False, f"no bundled suite {suite!r} in {S.BUNDLED} (found {sorted(names)})"
     from editbench.toyworld import WEIGHTS
 
-    missing = [str((WEIGHTS / x).relative_to(ROOT)) for x in ("model/model_index.json", "evaluator/open_clip_model.safetensors")
+    missing = [str((WEIGHTS / x).relative_to(ROOT))
+               for x in ("model/model_index.json", "evaluator/open_clip_model.safetensors")
                if not (WEIGHTS / x).is_file()]
     if missing:
         return False, (f"the toy world's weights are not in the package yet ({', '.join(missing)} missing; the "

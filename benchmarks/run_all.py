@@ -299,7 +299,8 @@ def render(results: dict) -> str:
         if "compare" in cv:
             before = [r for r in cv["compare"] if r["variant"] == "before"]
             after = [r for r in cv["compare"] if r["variant"] == "after"]
-            body.append(f"- Peak memory also fell with the padding fix below: {mb(perf.median([r['peak_rss_delta'] for r in before]))} "
+            body.append("- Peak memory also fell with the padding fix below: "
+                        f"{mb(perf.median([r['peak_rss_delta'] for r in before]))} "
                         f"(batches padded to 77 tokens) -> {mb(perf.median([r['peak_rss_delta'] for r in after]))} "
                         f"({before[0]['captions']} captions, CLIP ViT-L/14 shape).")
         body.append("")

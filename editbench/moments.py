@@ -69,7 +69,8 @@ class SecondMoment:
             flat = flat[mask.reshape(-1).to(flat.device)]
         flat = flat.to(self._sum.device, torch.float64)
         if not torch.isfinite(flat).all():
-            raise EditbenchError("update got NaN or Inf vectors; check the encoder (float16 overflow?) or mask them out")
+            raise EditbenchError("update got NaN or Inf vectors; check the encoder (float16 overflow?) or mask them "
+                                 "out")
         self._sum.addmm_(flat.T, flat)  # (d, d) += X^T X
         self._count += flat.shape[0]
         return self

@@ -4,7 +4,8 @@
   finite numbers, bounded strings and the documented types (``method`` an identifier, ``shapes`` lists of small
   non-negative ints that match the stored tensors, ``dtypes`` from a short list, ``base_fingerprint`` a short
   token, concept words without whitespace, ...). :func:`check_artifact_for` adds the checks that need the
-  method: its own entries (``Editor.metadata_schema``, built from the predicates here), its ``config`` has the method's fields with values of the right types and passes ``Config.validate()``.
+  method: its own entries (``Editor.metadata_schema``, built from the predicates here); its ``config`` has the
+  method's fields with values of the right types and passes ``Config.validate()``.
   Every problem is an :class:`~editbench.errors.ArtifactError`, raised before anything is modified.
 * :func:`load_weights`: safetensors only; a pickle (``torch.save``: ``.bin``, ``.pt``, ``.pth``, ``.ckpt``) is
   refused unless the caller passes ``allow_pickle=True``, and is then read with ``torch.load(weights_only=True)``.
@@ -267,8 +268,9 @@ def _field_ok(default: Any, value: Any) -> bool:
 def check_artifact_for(editor: Any, artifact: Any) -> None:
     """ArtifactError unless ``artifact``'s metadata follows the schema for ``editor``'s method.
 
-    On top of :func:`check_metadata`: the method's own entries (``editor.metadata_schema``), ``config`` (if present) holds only fields of the method's ``Config``, each
-    of the right type, and the resulting config passes ``Config.validate()``."""
+    On top of :func:`check_metadata`: the method's own entries (``editor.metadata_schema``); ``config`` (if
+    present) holds only fields of the method's ``Config``, each of the right type, and the resulting config passes
+    ``Config.validate()``."""
     where = artifact.path or "artifact"
     meta = artifact.metadata
     # the bookkeeping entries of an in-memory artifact may be stale (they are recomputed on save; a loaded file's

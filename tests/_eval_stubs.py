@@ -165,8 +165,9 @@ class FakeEditor(Editor):
         value = (seed + 1) * 0.01 + len(concept.placeholder) * 0.001
         phrase = concept.placeholder if self.new_token else f"{concept.placeholder} {concept.superclass}"
         return Artifact(self.name, {"delta": torch.tensor([value])},
-                        {"base_fingerprint": "fake", "phrase": phrase, "training": {"wall_time_s": 1.5, "peak_memory_bytes": 1000,
-                                                                  "memory_kind": "fake", "steps": steps or 1}})
+                        {"base_fingerprint": "fake", "phrase": phrase,
+                         "training": {"wall_time_s": 1.5, "peak_memory_bytes": 1000, "memory_kind": "fake",
+                                      "steps": steps or 1}})
 
     def fingerprint(self, pipeline):
         return "fake"

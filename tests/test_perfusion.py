@@ -152,7 +152,8 @@ def test_concept_only_gate_edits_exactly_the_flagged_tokens():
     expect = base + (term * where[..., None]).sum(-2)
     torch.testing.assert_close(got, expect, rtol=1e-10, atol=1e-10)
     assert torch.equal(got[0, 0], base[0, 0])                                           # untouched token: bitwise
-    torch.testing.assert_close(got[1, 4], _reference(x, w, cov, i_star, o_star, beta, tau)[1, 4], rtol=1e-10, atol=1e-10)
+    want = _reference(x, w, cov, i_star, o_star, beta, tau)
+    torch.testing.assert_close(got[1, 4], want[1, 4], rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(gated_rank1(x, w, cinv, i_star, o_star, beta, tau, torch.ones_like(where)),
                                _reference(x, w, cov, i_star, o_star, beta, tau), rtol=1e-10, atol=1e-10)
     with pytest.raises(EditbenchError, match="where must be"):

@@ -71,7 +71,7 @@ def test_same_input_hits_and_changes_miss(pipe):
 def test_nothing_is_cached_while_training(pipe):
     (art,) = craft(pipe, [("<thing>", "dog")], "a photo of a <thing>")
     with PerfusionEditor().apply(pipe, art) as handle:
-        layer = next(l for l in handle.info["layers"].values() if l.role == "value")
+        layer = next(x for x in handle.info["layers"].values() if x.role == "value")
         x = torch.randn(2, 77, layer.in_features, requires_grad=True)
         a, b = layer(x), layer(x)
         assert a is not b and a.requires_grad

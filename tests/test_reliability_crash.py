@@ -251,7 +251,8 @@ def _suite_kills(tmp: Path, kills: int, rng: random.Random, test: str, min_cells
             return super().__call__(*a, **kw)
 
     def run(out):
-        return runner.run_suite(suite_spec.load_suite(SUITE), out, pipeline=SlowPipeline(), clip=FakeClip(), progress=False)
+        return runner.run_suite(suite_spec.load_suite(SUITE), out, pipeline=SlowPipeline(), clip=FakeClip(),
+                                progress=False)
 
     with registered(FakeEditor, FakeRareWordEditor):
         t0 = time.perf_counter()
@@ -314,7 +315,8 @@ def _writers(tmp: Path):
     )
 
     def artifact(v):
-        Artifact("textual_inversion", {"embeddings": torch.full((2, 8), float(v))}, {"v": v}).save(tmp / "a.safetensors")
+        art = Artifact("textual_inversion", {"embeddings": torch.full((2, 8), float(v))}, {"v": v})
+        art.save(tmp / "a.safetensors")
 
     def moment(v):
         m = SecondMoment(4, metadata={"v": v})

@@ -161,7 +161,8 @@ def test_names_from_suite_files_stay_inside_the_output(tmp_path, fakes, bad):
     out = (tmp_path / "out").resolve()
     for p in tmp_path.rglob("*"):
         assert p.resolve().is_relative_to(out) or p.resolve() == out or out.is_relative_to(p.resolve())
-    assert suite_spec.safe_name(bad) and "/" not in suite_spec.safe_name(bad) and not suite_spec.safe_name(bad).startswith(".")
+    name = suite_spec.safe_name(bad)
+    assert name and "/" not in name and not name.startswith(".")
 
 
 def test_safe_name_and_inside_guard(tmp_path):
@@ -355,7 +356,8 @@ def test_joint_pair_cell_trains_one_artifact_on_both_concepts(tmp_path, fakes):
         assert pipe.calls == 0 and len(FakeEditor.fits) == before
         pd.testing.assert_frame_equal(df, again)
         # a lost cell file: the joint artifact is reused from disk, not retrained
-        cell = next(c for c in suite_spec.load_suite(JOINT).cells() if c.method.label == "fj-joint" and len(c.concepts) == 2)
+        cell = next(c for c in suite_spec.load_suite(JOINT).cells()
+                    if c.method.label == "fj-joint" and len(c.concepts) == 2)
         (out / "cells" / f"{cell.id}.csv").unlink()
         _run(tmp_path, JOINT, pipeline=pipe)
         assert pipe.calls > 0 and len(FakeEditor.fits) == before
@@ -418,7 +420,8 @@ def test_real_training_loop_with_tiny_pipeline_and_open_clip(tmp_path):
             "generation": {"num_inference_steps": 2, "guidance_scale": 2.0},
             "methods": [{"name": "stub", "sweep": {"scale": [0.0, 1.0]}}]}
     with registered(StubEditor):
-        df = runner.run_suite(suite_spec.load_suite(spec), tmp_path, pipeline=tiny_pipeline(), clip=tiny_clip(), progress=False)
+        df = runner.run_suite(suite_spec.load_suite(spec), tmp_path, pipeline=tiny_pipeline(), clip=tiny_clip(),
+                              progress=False)
     assert len(df) == 3 * 2 * 2
     assert (df["storage_bytes"] > 0).all() and (df["train_time_s"] > 0).all()
     assert len(list(Path(tmp_path, "artifacts").rglob("*.safetensors"))) == 2
@@ -440,7 +443,8 @@ def test_all_builtin_methods_on_the_tiny_pipeline(tmp_path):
                         {"name": "custom_diffusion", "config": prior, "sweep": {"rank": [1, 2]}},
                         "textual_inversion", {"name": "dreambooth", "config": prior},
                         {"name": "lora", "sweep": {"scale": [0.5, 1.0]}}]}
-    df = runner.run_suite(suite_spec.load_suite(spec), tmp_path, pipeline=tiny_pipeline(), clip=tiny_clip(), progress=False)
+    df = runner.run_suite(suite_spec.load_suite(spec), tmp_path, pipeline=tiny_pipeline(), clip=tiny_clip(),
+                          progress=False)
     single = df[df.n_concepts == 1]
     assert set(single["label"]) == {"perfusion", "custom_diffusion", "textual_inversion", "dreambooth", "lora"}
     assert single.groupby("label")["setting"].nunique().to_dict() == {

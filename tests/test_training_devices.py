@@ -201,7 +201,8 @@ def test_gradients_are_averaged_in_one_all_reduce_per_dtype_bucket():
     dp = parallel.DataParallel(acc, torch.device("cpu"))
     g = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(*shape, generator=g, dtype=dt))
-              for shape, dt in (((3, 4), torch.float32), ((5,), torch.float64), ((2, 2), torch.float32), ((7,), torch.float32))]
+              for shape, dt in (((3, 4), torch.float32), ((5,), torch.float64), ((2, 2), torch.float32),
+                                ((7,), torch.float32))]
     for p in params[:3]:
         p.grad = torch.randn(p.shape, generator=g, dtype=p.dtype)
     before = [None if p.grad is None else p.grad.clone() for p in params]

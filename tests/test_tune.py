@@ -268,7 +268,8 @@ def test_cli_tune_then_bench_tuned(tmp_path, monkeypatch, capsys):
     suite = tmp_path / "s.yaml"
     suite.write_text(yaml.safe_dump({**SPEC, "methods": [{"name": METHOD, "config": {"checkpoint_every": 0},
                                                           "steps": 50}]}))
-    assert main(["tune", "--suite", str(suite), "--method", METHOD, "--trials", "2", "--out", str(tmp_path / "tn")]) == 0
+    argv = ["tune", "--suite", str(suite), "--method", METHOD, "--trials", "2", "--out", str(tmp_path / "tn")]
+    assert main(argv) == 0
     assert "chosen trial" in capsys.readouterr().out
     tuned = json.loads((tmp_path / "tn" / "tuned.json").read_text())
     assert tuned["trials_used"] == 2 and tuned["steps"] in (1, 2, 3)

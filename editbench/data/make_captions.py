@@ -21,7 +21,8 @@ ANIMALS = (
 )
 
 THINGS = (
-    "teddy bear", "backpack", "handbag", "suitcase", "umbrella", "hat", "sneaker", "boot", "pair of sunglasses", "watch",
+    "teddy bear", "backpack", "handbag", "suitcase", "umbrella", "hat", "sneaker", "boot", "pair of sunglasses",
+    "watch",
     "necklace", "scarf", "jacket", "dress", "chair", "table", "sofa", "lamp", "bed", "bookshelf", "clock", "vase",
     "mug", "teapot", "cup", "bowl", "plate", "bottle", "candle", "mirror", "pillow", "rug", "car", "bicycle",
     "motorcycle", "bus", "train", "truck", "boat", "sailboat", "airplane", "tractor", "scooter", "skateboard",
@@ -141,7 +142,8 @@ def generate(n: int = N_CAPTIONS, seed: int = SEED) -> list[str]:
         obj, obj2 = rng.sample(objects, 2)
         color, color2 = rng.sample(COLORS, 2)
         caption = rng.choice(TEMPLATES).format(
-            style=rng.choice(STYLES), adj=rng.choice(SIZES), obj=obj, objs=_plural(obj), animal=rng.choice(ANIMALS), obj2=obj2, color=color, color2=color2,
+            style=rng.choice(STYLES), adj=rng.choice(SIZES), obj=obj, objs=_plural(obj), animal=rng.choice(ANIMALS),
+            obj2=obj2, color=color, color2=color2,
             scene=rng.choice(SCENES), material=rng.choice(MATERIALS), person=rng.choice(PEOPLE),
             action=rng.choice(ACTIONS), adverb=rng.choice(ADVERBS), material_noun=rng.choice(MATERIAL_NOUNS))
         caption = _article_fix(caption)

@@ -303,7 +303,8 @@ def write_report(out: str | os.PathLike) -> Path:
     """Write ``out/report.md`` (+ plots, grids, summary CSVs) from ``out/results.csv``; returns its path."""
     out = Path(out)
     if not out.is_dir():
-        raise EditbenchError(f"{out} is not a results folder; run a suite first (editbench bench --suite SUITE --out DIR)")
+        raise EditbenchError(f"{out} is not a results folder; run a suite first "
+                             "(editbench bench --suite SUITE --out DIR)")
     if (out / "suite.json").is_file():
         df = collect(out)
     elif (out / "results.csv").is_file():

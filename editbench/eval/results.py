@@ -22,7 +22,8 @@ def collect(out: str | os.PathLike, cells: Iterable[str] | None = None) -> pd.Da
     if cells is None:
         manifest = out / "suite.json"
         if not manifest.is_file():
-            raise EditbenchError(f"{out} holds no suite.json; run a suite into it first (editbench bench --suite SUITE --out DIR)")
+            raise EditbenchError(f"{out} holds no suite.json; run a suite into it first "
+                                 "(editbench bench --suite SUITE --out DIR)")
         cells = json.loads(manifest.read_text())["cells"]
     frames = [pd.read_csv(out / "cells" / f"{c}.csv") for c in cells if (out / "cells" / f"{c}.csv").is_file()]
     for f in frames:  # cells written before the 'multi' option existed were all trained separately

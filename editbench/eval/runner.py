@@ -123,7 +123,8 @@ class Runner:
     @property
     def clip(self) -> M.ClipScorer:
         if self._clip is None:
-            self._clip = M.load_clip(self.suite.metrics.get("clip"), self.device, arch=self.suite.metrics.get("clip_arch"))
+            self._clip = M.load_clip(self.suite.metrics.get("clip"), self.device,
+                                     arch=self.suite.metrics.get("clip_arch"))
         return self._clip
 
     @property

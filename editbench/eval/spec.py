@@ -275,7 +275,8 @@ def _parse_concepts(entries: Any, base: Path, key: str = "concepts") -> tuple[di
             source_pairs += toy[1]
         elif isinstance(e, dict) and "dreambench" in e:
             names = e.get("names", "all")
-            concepts.update(dreambench_concepts(base / e["dreambench"], None if names == "all" else _as_list(names, "names")))
+            concepts.update(dreambench_concepts(base / e["dreambench"],
+                                                None if names == "all" else _as_list(names, "names")))
         elif isinstance(e, dict) and "customconcept101" in e:
             names = e.get("names", "all")
             found, prs = customconcept101_concepts(base / e["customconcept101"],
@@ -365,7 +366,8 @@ def load_suite(suite: str | os.PathLike | dict) -> Suite:
     elif pairs_raw:
         for pr in _as_list(pairs_raw, "pairs"):
             if not (isinstance(pr, list) and len(pr) == 2 and all(safe_name(n) in concepts for n in pr)):
-                raise EditbenchError(f"each pair is a list of two of the suite's concepts {sorted(concepts)}, got {pr!r}")
+                raise EditbenchError(f"each pair is a list of two of the suite's concepts {sorted(concepts)}, "
+                                     f"got {pr!r}")
             names = (safe_name(pr[0]), safe_name(pr[1]))
             own = next((p.prompts for p in source_pairs if p.names == names), ())
             pairs.append(PairSpec(names, own))

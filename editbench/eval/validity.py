@@ -23,6 +23,10 @@ SCORES = {"image_alignment": "CLIP image", "dino_image": "DINO image", "text_ali
 _CLUSTER = ["concepts", "seed", "prompt_index"]
 
 
+def _quantile(v, p: float) -> float:
+    return float(np.quantile(v, p)) if len(v) > 10 else math.nan
+
+
 def _cell_means(d: pd.DataFrame, cols: list[str]) -> pd.DataFrame:
     return d.groupby(["label", "setting"])[cols].mean()
 
@@ -53,10 +57,9 @@ def rank_agreement(df: pd.DataFrame, *, n_boot: int = 500, seed: int = 0) -> pd.
         valid = len(ok) >= 3 and ok[a].nunique() > 1 and ok[b].nunique() > 1
         rho = stats.spearmanr(ok[a], ok[b]).statistic if valid else math.nan
         tau = stats.kendalltau(ok[a], ok[b]).statistic if valid else math.nan
-        q = (lambda v, p: float(np.quantile(v, p)) if len(v) > 10 else math.nan)
         rows.append({"score_a": SCORES[a], "score_b": SCORES[b], "cells": len(ok), "spearman": rho,
-                     "spearman_lo": q(sp, 0.025), "spearman_hi": q(sp, 0.975), "kendall": tau,
-                     "kendall_lo": q(kd, 0.025), "kendall_hi": q(kd, 0.975)})
+                     "spearman_lo": _quantile(sp, 0.025), "spearman_hi": _quantile(sp, 0.975), "kendall": tau,
+                     "kendall_lo": _quantile(kd, 0.025), "kendall_hi": _quantile(kd, 0.975)})
     return pd.DataFrame(rows)
 
 

@@ -43,7 +43,9 @@ def _tensor_checksum(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def kept(ckpt: Path | None) -> str:
-    return f"the last checkpoint ({ckpt}) is kept" if ckpt is not None and ckpt.exists() else "no checkpoint was written"
+    if ckpt is not None and ckpt.exists():
+        return f"the last checkpoint ({ckpt}) is kept"
+    return "no checkpoint was written"
 
 
 def _finite_number(x: Any) -> bool:

@@ -125,7 +125,8 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
           config: TrainConfig, *,
           seed: int = 0, progress: bool = True, checkpoint_dir: str | Path | None = None,
           signature: dict | None = None, desc: str = "training") -> TrainResult:
-    """Run ``config.steps`` optimizer steps of ``session`` on ``concept``; resume from ``checkpoint_dir`` if it holds one.
+    """Run ``config.steps`` optimizer steps of ``session`` on ``concept``; resume from ``checkpoint_dir`` if it
+    holds one.
 
     Each step accumulates ``config.grad_accum`` micro-batches of ``config.batch_size`` (image, template) pairs.
     Randomness comes from one CPU ``torch.Generator`` seeded with ``seed`` whose state is checkpointed, so a

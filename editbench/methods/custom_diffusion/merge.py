@@ -1,4 +1,5 @@
-"""Custom Diffusion's closed-form multi-concept merge (paper Eq. 4-5), through :func:`editbench.solver.closed_form_edit_many`.
+"""Custom Diffusion's closed-form multi-concept merge (paper Eq. 4-5), through
+:func:`editbench.solver.closed_form_edit_many`.
 
 For every K/V projection ``W0`` and concepts ``i`` with fine-tuned ``W_i``::
 

@@ -196,7 +196,8 @@ class PerfusionSession(TrainingSession):
         ema = tensors.pop("ema_i_star", None)
         super().load_state_tensors(tensors)
         d = self.bank.chol.shape[0]
-        if ema is not None and (ema.shape != (d,) or not ema.is_floating_point() or not bool(torch.isfinite(ema).all())):
+        if ema is not None and (ema.shape != (d,) or not ema.is_floating_point()
+                                or not bool(torch.isfinite(ema).all())):
             raise TrainingError(f"the checkpoint's ema_i_star is {tuple(ema.shape)} {ema.dtype}, not a finite ({d},) "
                                 "vector; delete the checkpoint to start over")
         self.ema = None if ema is None else ema.to(self.bank.chol)
@@ -232,7 +233,8 @@ class PerfusionEditor(Editor):
     Config = PerfusionConfig
     Settings = PerfusionSettings
     max_artifacts = None
-    metadata_schema: ClassVar[dict] = {"beta_train": (is_number, "a finite number"), "tau_train": (is_number, "a finite number")}
+    metadata_schema: ClassVar[dict] = {"beta_train": (is_number, "a finite number"),
+                                       "tau_train": (is_number, "a finite number")}
 
     def affected_tensors(self, pipeline: Any) -> dict[str, torch.Tensor]:
         tensors = module_tensors(pipeline.text_encoder, "text_encoder.")

@@ -354,6 +354,6 @@ class GatedRank1Linear(torch.nn.Module):
         out = gated_output(x, base_out, g, wu, targets, beta, tau, where)   # (b, n, o)
         if self.bank.lock == "global":
             whole = F.linear(lock.x_super, self.weight.to(x.dtype),
-                             None if self.bias is None else self.bias.to(x.dtype))  # (b, n, o) keys of superclass prompt
+                             None if self.bias is None else self.bias.to(x.dtype))  # (b, n, o) superclass-prompt keys
             out = torch.where(lock.matched[:, None, None], whole, out)
         return out
