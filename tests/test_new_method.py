@@ -3,40 +3,22 @@ without touching library code: the Editor contract (editbench/methods/INTERFACE.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
 
 import pytest
 import torch
-from _eval_stubs import FakeClip, registered
+from _eval_stubs import FakeClip, StubConfig, StubSettings, registered
 from _method_helpers import star_images
 
 from editbench.concepts import ConceptData
-from editbench.errors import ArtifactError, EditbenchError
+from editbench.errors import ArtifactError
 from editbench.eval import runner, spec
 from editbench.eval.report import write_report
-from editbench.methods.base import Artifact, Editor
+from editbench.methods.base import Artifact, Editor, artifact_phrases
 from editbench.methods.tokens import RARE_WORDS
 from editbench.safety import is_number
 from editbench.testing import tiny_pipeline
-from editbench.training import ParamGroup, TrainConfig, TrainingSession, encode_prompts
-
-
-@dataclass
-class NudgeConfig(TrainConfig):
-    steps: int = 2
-    batch_size: int = 1
-    checkpoint_every: int = 0
-    lr: float = 0.05
-
-
-@dataclass
-class NudgeSettings:
-    scale: float = 1.0
-
-    def validate(self, n_artifacts: int) -> None:
-        if not self.scale >= 0:
-            raise EditbenchError(f"scale must be >= 0, got {self.scale}")
+from editbench.training import ParamGroup, TrainingSession, encode_prompts
 
 
 class _Session(TrainingSession):
@@ -62,8 +44,8 @@ class _Session(TrainingSession):
 
 class NudgeEditor(Editor):
     name = "nudge"
-    Config = NudgeConfig
-    Settings = NudgeSettings
+    Config = StubConfig      # steps=2, batch_size=1, no checkpoints
+    Settings = StubSettings  # scale
     new_token = False
     max_artifacts = 1
     metadata_schema: ClassVar[dict] = {"nudge_norm": (is_number, "a finite number")}
@@ -91,8 +73,7 @@ class NudgeEditor(Editor):
         arts = list(artifacts)
         delta = sum(a.tensors["delta"] for a in arts)
         meta = {"base_fingerprint": arts[0].base_fingerprint, "nudge_norm": float(delta.norm()),
-                "phrase": [p for a in arts for p in ([a.metadata["phrase"]] if isinstance(a.metadata["phrase"], str)
-                                                     else a.metadata["phrase"])]}
+                "phrase": [p for a in arts for p in artifact_phrases(a)]}
         return Artifact(self.name, {"delta": delta}, meta)
 
     def transform(self, artifact, *, shrink):
