@@ -6,6 +6,7 @@ import random
 
 import numpy as np
 import pytest
+from PIL import ImageFilter
 
 from editbench.errors import EditbenchError
 from editbench.toyworld import scenes as R
@@ -32,19 +33,31 @@ def _random_renders(n: int, seed: int = 5):
         yield spec, R.render(spec).image
 
 
-@pytest.mark.parametrize("n", [pytest.param(240, id="240"), pytest.param(1000, id="1000", marks=pytest.mark.slow)])
-def test_parse_reads_every_attribute_of_renders(n):
-    """Per attribute >= 0.95 against the renderer's ground truth (measured 0.98-1.00 on 1,000)."""
+def _accuracy(n: int, blur: float = 0.0) -> dict:
     hits = {k: [] for k in ("count", "background", *ATTRS)}
     for spec, img in _random_renders(n):
-        p = parse(img)
+        p = parse(img.filter(ImageFilter.GaussianBlur(blur)) if blur else img)
         hits["count"].append(len(p.objects) == len(spec.objects))
         hits["background"].append(p.background == spec.background)
         for o, i in zip(spec.objects, match(list(spec.objects), p.objects)):
             for k in ATTRS:
                 hits[k].append(i is not None and getattr(p.objects[i], k) == getattr(o, k))
-    acc = {k: float(np.mean(v)) for k, v in hits.items()}
+    return {k: float(np.mean(v)) for k, v in hits.items()}
+
+
+@pytest.mark.parametrize("n", [pytest.param(240, id="240"), pytest.param(1000, id="1000", marks=pytest.mark.slow)])
+def test_parse_reads_every_attribute_of_renders(n):
+    """Per attribute >= 0.95 against the renderer's ground truth (measured 0.98-1.00 on 1,000)."""
+    acc = _accuracy(n)
     assert min(acc.values()) >= 0.95, acc
+
+
+def test_parse_reads_soft_images():
+    """Generated and VAE-decoded images are softer than renders: under a Gaussian blur of 0.7 px the reader still
+    gets every attribute in >= 0.93 (measured 0.96-1.00 on these 240; at 1.0 px it falls to 0.80 for the pattern
+    color, which is why the toy world's VAE weighs object pixels up)."""
+    acc = _accuracy(240, blur=0.7)
+    assert min(acc.values()) >= 0.93, acc
 
 
 def test_parse_tells_every_pattern_apart():
@@ -146,7 +159,8 @@ def test_scores_composition_of_two_concepts():
 
 
 def test_describe_concept_is_the_grammar_and_reads_back():
-    assert describe_concept(ZEBRA, background="blue") == "a white heart with black diagonal stripes on a blue background"
+    want = "a white heart with black diagonal stripes on a blue background"
+    assert describe_concept(ZEBRA, background="blue") == want
     for c in PERSONAL_CONCEPTS:
         o = asked(describe_concept(c, background="green"), []).objects[0]
         assert (o.category, o.color, o.pattern, o.pattern_color) == c.appearance

@@ -30,12 +30,13 @@ from editbench.toyworld import scenes as R
 
 _PAL = np.array([R.PALETTE[c] for c in R.COLORS], np.float32)  # (k, 3)
 _SS = R._SS  # the renderer's supersampling
-# phase offsets (in radius units) tried for the periodic patterns: a generated stripe need not sit exactly where
-# the renderer puts it relative to the centre
-_PHASES = {"stripes": [(0.0, d) for d in (0.0, 0.2, 0.4, 0.6)],
-           "diagonal": [(d, 0.0) for d in (0.0, 0.225, 0.45, 0.675)],
-           "dots": [(du, dv) for du in (0.0, 0.3) for dv in (0.0, 0.3)],
-           "checker": [(du, dv) for du in (0.0, 0.5) for dv in (0.0, 0.5)]}
+# phase offsets (in radius units) tried for the periodic patterns, quarter periods for stripes, half cells for
+# grids: a generated stripe need not sit exactly where the renderer puts it relative to the centre
+_W = R.PATTERN_PERIOD
+_PHASES = {"stripes": [(0.0, k * _W["stripes"] / 2) for k in range(4)],
+           "diagonal": [(k * _W["diagonal"] / 2, 0.0) for k in range(4)],
+           "dots": [(du, dv) for du in (0.0, _W["dots"] / 2) for dv in (0.0, _W["dots"] / 2)],
+           "checker": [(du, dv) for du in (0.0, _W["checker"] / 2) for dv in (0.0, _W["checker"] / 2)]}
 _NO_PATTERN_PENALTY = 0.02  # a pattern must explain the pixels better than a plain body by this share of the error
 
 
@@ -168,31 +169,31 @@ def _fit_surface(img: np.ndarray, bg: int, comp: np.ndarray, cat: str, sz: str, 
     gx, gy = _grid(size, y0, y1, x0, x1)
     u, v = (gx - cx) / rad, (gy - cy) / rad
     body = R._shape_mask(cat, u, v)
-    bcov = _pool(body.astype(np.float32))                                      # (h', w')
-    keep = ~others[y0:y1, x0:x1] & ((bcov > 0) | ndimage.binary_dilation(comp, iterations=1)[y0:y1, x0:x1])
+    bmap = _pool(body.astype(np.float32))                                      # (h', w') body coverage
+    keep = ~others[y0:y1, x0:x1] & ((bmap > 0) | ndimage.binary_dilation(comp, iterations=1)[y0:y1, x0:x1])
     obs = img[y0:y1, x0:x1].astype(np.float32)[keep]                           # (p, 3)
-    bcov = bcov[keep]                                                          # (p,)
     bgc = _PAL[bg]
     cols = [i for i in range(len(R.COLORS)) if i != bg]
-    # no pattern: body color c -> prediction bg*(1-B) + c*B
-    pred = bgc * (1 - bcov[None, :, None]) + _PAL[cols][:, None, :] * bcov[None, :, None]   # (k, p, 3)
-    err = ((pred - obs[None]) ** 2).sum((1, 2))
-    i = int(err.argmin())
-    best_err, best = float(err[i]) * (1 - _NO_PATTERN_PENALTY), (R.COLORS[cols[i]], None, None)
     pairs = [(a, b) for a in cols for b in cols if a != b]
     ca = _PAL[[a for a, _ in pairs]][:, None, :]                               # (q, 1, 3)
     cb = _PAL[[b for _, b in pairs]][:, None, :]
-    for pattern in R.PATTERNS:
-        for du, dv in _PHASES.get(pattern, [(0.0, 0.0)]):
-            pm = body & R._pattern_mask(pattern, u + du, v + dv, body)
-            pcov = _pool(pm.astype(np.float32))[keep][None, :, None]           # (1, p, 1)
-            b_only = bcov[None, :, None] - pcov
-            pred = bgc * (1 - bcov[None, :, None]) + ca * b_only + cb * pcov     # (q, p, 3)
-            err = ((pred - obs[None]) ** 2).sum((1, 2))
-            j = int(err.argmin())
-            if err[j] < best_err:
-                a, b = pairs[j]
-                best_err, best = float(err[j]), (R.COLORS[a], pattern, R.COLORS[b])
+    pmaps = [(pattern, _pool((body & R._pattern_mask(pattern, u + du, v + dv, body)).astype(np.float32)))
+             for pattern in R.PATTERNS for du, dv in _PHASES.get(pattern, [(0.0, 0.0)])]
+    bcov = bmap[keep][None, :, None]                                           # (1, p, 1)
+    # no pattern: body color c -> prediction bg*(1-B) + c*B. (Templates blurred like generated images were tried
+    # and read blurred renders worse: a blurred pair of wrong colors fits too; sharp templates read them at 0.96+.)
+    pred = bgc * (1 - bcov) + _PAL[cols][:, None, :] * bcov                    # (k, p, 3)
+    err = ((pred - obs[None]) ** 2).sum((1, 2))
+    i = int(err.argmin())
+    best_err, best = float(err[i]) * (1 - _NO_PATTERN_PENALTY), (R.COLORS[cols[i]], None, None)
+    for pattern, pmap in pmaps:
+        pcov = pmap[keep][None, :, None]                                       # (1, p, 1)
+        pred = bgc * (1 - bcov) + ca * (bcov - pcov) + cb * pcov               # (q, p, 3)
+        err = ((pred - obs[None]) ** 2).sum((1, 2))
+        j = int(err.argmin())
+        if err[j] < best_err:
+            a, b = pairs[j]
+            best_err, best = float(err[j]), (R.COLORS[a], pattern, R.COLORS[b])
     return best
 
 

@@ -66,14 +66,16 @@ def unseen_backgrounds(c) -> list[str]:
     return [b for b in R.COLORS if b not in c.backgrounds and b not in (c.color, c.pattern_color)]
 
 
-def describability(pipe, *, images_per_background: int = 4, seed: int = 0, progress=True,
+def describability(pipe, *, images_per_background: int = 4, seed: int = 0, progress=True, grid_path=None,
                    **sample_kwargs) -> tuple[pd.DataFrame, dict]:
     """Prompt the base model with every personal concept's full description and with its superclass word, on
     every background its references never show; read each image's object with the pattern-aware checker.
 
-    Returns the per-image table and the summary: per concept the fraction of images with all four identity
-    attributes right (``described``) and the same for the superclass prompt (``superclass``)."""
-    from editbench.toyworld.oracle import asked, describe_concept, score
+    Returns the per-image table (with what the reader saw, ``read``) and the summary: per concept the fraction of
+    images with all four identity attributes right (``described``) and the same for the superclass prompt
+    (``superclass``). ``grid_path``: also write the described images with their readings, to look at."""
+    from editbench.toyworld.checker import parse
+    from editbench.toyworld.oracle import asked, describe_concept, score_parsed
 
     rows, prompts, what = [], [], []
     for c in PERSONAL_CONCEPTS:
@@ -87,10 +89,15 @@ def describability(pipe, *, images_per_background: int = 4, seed: int = 0, progr
                     what.append(target)
     images = generate(pipe, prompts, seed=seed, progress=progress, **sample_kwargs)
     for r, img, w in zip(rows, images, what):
-        sc = score(img, w)
+        p = parse(img)
+        sc = score_parsed(p, w)
         r.update(identity=sc["identity"], identity_frac=sc["identity_frac"], background_ok=sc["background_ok"],
-                 one_object=sc["count_ok"])
+                 one_object=sc["count_ok"], read="; ".join(_reading(d) for d in p.objects))
     df = pd.DataFrame(rows)
+    if grid_path is not None:
+        keep = [i for i, r in enumerate(rows) if r["kind"] == "described"]
+        labelled_grid([images[i] for i in keep], [rows[i]["read"] or "(nothing)" for i in keep],
+                      [rows[i]["identity"] == 1.0 for i in keep], grid_path, columns=16)
     per = df.pivot_table(index="concept", columns="kind", values="identity", aggfunc="mean")
     summary = {"per_concept": {n: {"described": float(per.loc[n, "described"]),
                                    "superclass": float(per.loc[n, "superclass"])} for n in per.index},
@@ -102,6 +109,31 @@ def describability(pipe, *, images_per_background: int = 4, seed: int = 0, progr
     summary["passes"] = (summary["described"] >= DESCRIBE_GATE["described"]
                          and summary["superclass_max"] <= DESCRIBE_GATE["superclass_max"])
     return df, summary
+
+
+def _reading(d) -> str:
+    pattern = f" {d.pattern} {d.pattern_color}" if d.pattern else ""
+    return f"{d.color} {d.category}{pattern}"
+
+
+def labelled_grid(images: list, labels: list[str], ok: list[bool], path, *, columns: int = 8, scale: int = 4) -> None:
+    """Images upscaled ``scale`` x (nearest), each with its label underneath (green when ``ok``, red when not)."""
+    from PIL import Image, ImageDraw
+
+    w = images[0].width * scale
+    cell_h = w + 24
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * w, rows * cell_h), "white")
+    draw = ImageDraw.Draw(grid)
+    for k, (im, text, good) in enumerate(zip(images, labels, ok)):
+        x, y = (k % columns) * w, (k // columns) * cell_h
+        grid.paste(im.resize((w, w), Image.NEAREST), (x, y))
+        colour = (0, 120, 0) if good else (190, 0, 0)
+        words = text.split(" ")
+        mid = (len(words) + 1) // 2  # two short lines fit a 128-px cell
+        draw.text((x + 2, y + w + 1), " ".join(words[:mid])[:24], fill=colour)
+        draw.text((x + 2, y + w + 12), " ".join(words[mid:])[:24], fill=colour)
+    grid.save(path)
 
 
 def _embed_images(model, preprocess, images) -> torch.Tensor:

@@ -178,34 +178,40 @@ def _star_radius(a: np.ndarray) -> np.ndarray:
     return (p1[0] * d[1] - p1[1] * d[0]) / den
 
 
+# Pattern geometry in units of the object's radius: band width of the stripes (across v), of the diagonal stripes
+# (across u + v), side of a checker cell, cell of the dot grid, width of a bullseye ring; a dot's and the center
+# dot's radius. Coarse enough to survive the VAE's 2x downsampling at the small size (radius 5.4 px at 32 px).
+PATTERN_PERIOD = {"stripes": 0.55, "diagonal": 0.6, "checker": 0.65, "dots": 1.0, "bullseye": 0.4}
+_DOT_RADIUS, _CENTER_DOT_RADIUS = 0.32, 0.45
+
+
 def _pattern_mask(pattern: str, u: np.ndarray, v: np.ndarray, body: np.ndarray) -> np.ndarray:
     """Where the second color goes, within the unit shape."""
+    w = PATTERN_PERIOD.get(pattern)
     if pattern == "stripes":
-        return (np.floor((v + 2.0) / 0.4) % 2) == 1
+        return (np.floor((v + 2.0) / w) % 2) == 1
     if pattern == "dots":
-        gu, gv = (u + 2.0) / 0.6, (v + 2.0) / 0.6
-        return np.hypot(gu - np.floor(gu) - 0.5, gv - np.floor(gv) - 0.5) < 0.27
+        gu, gv = (u + 2.0) / w, (v + 2.0) / w
+        return np.hypot(gu - np.floor(gu) - 0.5, gv - np.floor(gv) - 0.5) < _DOT_RADIUS
     if pattern == "checker":
-        return ((np.floor((u + 2.0) / 0.5) + np.floor((v + 2.0) / 0.5)) % 2) == 1
+        return ((np.floor((u + 2.0) / w) + np.floor((v + 2.0) / w)) % 2) == 1
     if pattern == "two-tone":
         return u > 0
     if pattern == "diagonal":
-        return (np.floor((u + v + 4.0) / 0.45) % 2) == 1
+        return (np.floor((u + v + 4.0) / w) % 2) == 1
     if pattern == "border":
-        inner = np.zeros_like(body)
-        inner = _shrink(body, u, v)
-        return body & ~inner
+        return body & ~_shrink(body)
     if pattern == "bullseye":
-        return (np.floor(np.hypot(u, v) / 0.3) % 2) == 1
+        return (np.floor(np.hypot(u, v) / w) % 2) == 1
     if pattern == "center dot":
-        return np.hypot(u, v) < 0.38
+        return np.hypot(u, v) < _CENTER_DOT_RADIUS
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-def _shrink(body: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
-    # Erode the supersampled mask by a few samples in each direction (a border of ~15% of the radius).
+def _shrink(body: np.ndarray) -> np.ndarray:
+    # Erode the supersampled mask by 5 samples in each direction: a border of 1.25 px at any size.
     out = body.copy()
-    for dy, dx in ((0, 3), (0, -3), (3, 0), (-3, 0), (2, 2), (-2, -2), (2, -2), (-2, 2)):
+    for dy, dx in ((0, 5), (0, -5), (5, 0), (-5, 0), (4, 4), (-4, -4), (4, -4), (-4, 4)):
         out &= np.roll(np.roll(body, dy, axis=0), dx, axis=1)
     return out
 
