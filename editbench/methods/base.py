@@ -239,7 +239,7 @@ class Editor:
     :func:`editbench.methods.register`, and implement the five hooks marked "method hook" below.
 
     Public API: ``Editor(config=None, **overrides)``, :meth:`fit`, :meth:`apply`, :meth:`compose`,
-    :meth:`load`, :meth:`fingerprint`.
+    :meth:`load`, :meth:`fingerprint`, :meth:`phrase`, :meth:`placeholder`.
     """
 
     name: ClassVar[str] = ""
