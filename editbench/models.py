@@ -67,10 +67,13 @@ def write_clip_tokenizer_files(folder: str | os.PathLike) -> Path:
 
 
 def clip_tokenizer(cache_dir: str | os.PathLike | None = None):
-    """A ``transformers.CLIPTokenizer`` with the real CLIP vocabulary, built offline (see module doc)."""
+    """A ``transformers.CLIPTokenizer`` with the real CLIP vocabulary, built offline (see module doc) into
+    ``cache_dir`` (default ``<cache_root>/clip_tokenizer``, :func:`editbench.storage.cache_root`)."""
     from transformers import CLIPTokenizer
 
-    folder = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "editbench" / "clip_tokenizer"
+    from editbench.storage import cache_root
+
+    folder = Path(cache_dir) if cache_dir else cache_root() / "clip_tokenizer"
     if not (folder / "merges.txt").exists():
         write_clip_tokenizer_files(folder)
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=CLIP_MAX_LENGTH)

@@ -30,7 +30,7 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def cache_root() -> Path:
-    """``$EDITBENCH_CACHE`` or ``~/.cache/editbench``: class images, text covariances."""
+    """``$EDITBENCH_CACHE`` or ``~/.cache/editbench``: class images, text covariances, the CLIP tokenizer files."""
     return Path(os.environ.get("EDITBENCH_CACHE") or Path.home() / ".cache" / "editbench")
 
 
