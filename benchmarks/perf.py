@@ -35,11 +35,13 @@ from typing import Any
 import torch
 from typing_extensions import Self
 
+from editbench.methods import BUILTIN
+
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(os.environ.get("EDITBENCH_BENCH_WORK") or ROOT / ".benchmarks" / "work")
 os.environ.setdefault("EDITBENCH_CACHE", str(WORK / "cache"))  # hermetic caches (text covariance, class images)
 
-METHODS = ("perfusion", "custom_diffusion", "textual_inversion", "lora", "dreambooth")
+METHODS = BUILTIN  # every built-in method of the registry
 GEOMETRIES = ("sd15", "sd21", "sdxl")
 TEXT_WIDTH = {"sd15": 768, "sd21": 1024, "sdxl": 2048}
 
@@ -357,7 +359,7 @@ def _artifact_header(art, sizes: dict) -> dict:
 # storage
 # ----------------------------------------------------------------------------------------------------------------
 
-STORAGE_NOTES = {
+STORAGE_NOTES = {  # what the artifact holds, for the storage table
     "perfusion": "embedding + i* + o*_V per layer (o*_K recomputed from the superclass; C cached per base model)",
     "custom_diffusion": "full K/V deltas of every cross-attention layer + modifier embedding (uncompressed)",
     "textual_inversion": "one embedding vector",
@@ -393,7 +395,7 @@ def measure_storage(geometry: str = "sd15", out: str | None = None, derive_dream
         t = time.perf_counter()
         art = build_artifact(method, pipe, concept, fingerprints=fps)
         row = {"tensors": len(art.tensors), "floats": int(sum(v.numel() for v in art.tensors.values())),
-               "build_s": round(time.perf_counter() - t, 2), "note": STORAGE_NOTES[method]}
+               "build_s": round(time.perf_counter() - t, 2), "note": STORAGE_NOTES.get(method, "")}
         for label, dtype in (("float32", torch.float32), ("float16", torch.float16)):
             derived = safetensors_size(art, dtype)
             if method == "dreambooth" and derive_dreambooth:

@@ -103,3 +103,19 @@ def test_training_lowers_the_concept_loss(name):
     with ed.apply(pipe, art):
         after = denoising_loss(pipe, concept, phrase)
     assert after < before, (before, after)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_shaped_artifact_has_the_layout_of_a_trained_one(name, tmp_path):
+    """``Editor.shaped_artifact`` (storage benchmarks) builds, without training, what ``fit`` would save."""
+    from _method_helpers import editor
+
+    pipe = tiny_pipeline()
+    before = snapshot(pipe)
+    shaped = editor(name).shaped_artifact(pipe, concept_for(name))
+    assert_same(before, snapshot(pipe))
+    real = load(name, trained(name))
+    shapes = {k: tuple(v.shape) for k, v in shaped.tensors.items()}
+    assert shapes == {k: tuple(v.shape) for k, v in real.tensors.items()}
+    assert set(shaped.metadata) <= set(real.metadata) and shaped.metadata["phrase"] == real.metadata["phrase"]
+    methods.get(name)().load(shaped.save(tmp_path / "shaped.safetensors"))  # passes every load-time check
