@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from editbench.cli import main
@@ -11,7 +13,7 @@ from editbench.methods import get
 from editbench.methods.base import Artifact
 from editbench.methods.tokens import RARE_WORDS
 
-FAST = ["--steps", "2", "--set", "batch_size=1", "--set", "with_prior_preservation=false"]
+FAST = ["--steps", "2", "--set", "batch_size=1"]
 
 
 @pytest.fixture(autouse=True)
@@ -21,14 +23,22 @@ def _cache(tmp_path, monkeypatch):
 
 def _train(tmp_path, method: str, concept: str, *extra: str) -> Artifact:
     out = tmp_path / f"{method}-{concept}.safetensors"
+    if "with_prior_preservation" in {f.name for f in dataclasses.fields(get(method).Config)}:
+        extra = ("--set", "with_prior_preservation=false", *extra)
     assert main(["train", "--method", method, "--concept", concept, *FAST, *extra, "--out", str(out)]) == 0
     return Artifact.load(out)
 
 
-def test_train_lora_on_a_toy_concept_takes_a_rare_word_and_prints_the_phrase(tmp_path, capsys):
-    art = _train(tmp_path, "lora", "zebra")
-    assert art.metadata["phrase"] == f"{RARE_WORDS[0]} heart" == get("lora")().phrase(art)
+@pytest.mark.parametrize("method", ["lora", "dreambooth"])
+def test_train_a_rare_word_method_on_a_toy_concept_prints_the_phrase(tmp_path, capsys, method):
+    art = _train(tmp_path, method, "zebra")
+    assert art.metadata["phrase"] == f"{RARE_WORDS[0]} heart" == get(method)().phrase(art)
     assert f"prompt phrase: '{RARE_WORDS[0]} heart'" in capsys.readouterr().out
+
+
+def test_train_a_new_token_method_keeps_the_concept_placeholder(tmp_path):
+    art = _train(tmp_path, "textual_inversion", "zebra")
+    assert get("textual_inversion")().phrase(art) == "<zebra>"
 
 
 def test_compose_merges_custom_diffusion_artifacts(tmp_path, capsys):
