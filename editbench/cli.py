@@ -36,7 +36,8 @@ def cmd_world_eval(args) -> None:
     kw = {"steps": args.steps, "guidance_scale": args.guidance}
     df, summary = quality_gate(pipe, n_single=args.n, n_double=args.n // 2, **kw)
     df.to_csv(out / "quality_gate.csv", index=False)
-    ddf, described = describability(pipe, images_per_background=args.images_per_background, **kw)
+    ddf, described = describability(pipe, images_per_background=args.images_per_background,
+                                    grid_path=out / "describability.png", **kw)
     ddf.to_csv(out / "describability.csv", index=False)
     ev = evaluator_report(*evaluator(args.device, path=args.model and Path(args.model).parent / "evaluator"))
     write_json(out / "toyworld_eval.json", {"quality_gate": summary, "describability": described, "evaluator": ev})

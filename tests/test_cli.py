@@ -97,6 +97,7 @@ def test_world_eval(tmp_path, capsys):
     argv = ["world", "eval", "--out", str(tmp_path), "--n", "2", "--images-per-background", "1", "--steps", "2"]
     assert main(argv) == 0
     assert (tmp_path / "toyworld_eval.json").is_file() and "gate passed" in capsys.readouterr().out
+    assert (tmp_path / "describability.png").is_file()
 
 
 def test_user_mistakes_are_one_line_errors(tmp_path, capsys):

@@ -164,3 +164,27 @@ def test_describe_concept_is_the_grammar_and_reads_back():
     for c in PERSONAL_CONCEPTS:
         o = asked(describe_concept(c, background="green"), []).objects[0]
         assert (o.category, o.color, o.pattern, o.pattern_color) == c.appearance
+
+
+def test_half_and_half_patterns_compare_their_colors_unordered():
+    """A white heart with black diagonal stripes, shifted by a band, is a black heart with white ones: the reader
+    cannot tell which color is the body, so identity takes the pair in either order (and only for those patterns)."""
+    from editbench.toyworld.checker import identity_hits
+
+    def obj(color, pattern, pcolor):
+        return R.ObjectSpec("heart", color, pattern=pattern, pattern_color=pcolor)
+
+    for pattern in ("stripes", "diagonal", "checker", "two-tone"):
+        assert identity_hits(obj("white", pattern, "black"), obj("black", pattern, "white")) == [True] * 4
+    for pattern in ("dots", "border", "bullseye", "center dot"):
+        assert identity_hits(obj("white", pattern, "black"), obj("black", pattern, "white")) == [True, False, True,
+                                                                                              False]
+    assert identity_hits(obj("white", "diagonal", "black"), obj("black", "stripes", "white")) == [True, False, False,
+                                                                                                 False]
+    assert identity_hits(obj("white", "diagonal", "black"), None) == [False] * 4
+    # a band shift of a rendered zebra with swapped colors reads as the zebra
+    zebra = concept_by_name("zebra")
+    shifted = R.ObjectSpec("heart", zebra.pattern_color, "center", "large", zebra.pattern, zebra.color)
+    p = parse(R.render(R.SceneSpec((shifted,), "blue")).image)
+    assert score(R.render(R.SceneSpec((shifted,), "blue")).image, asked("a {} on a blue background", [zebra])
+                 )["identity"] == 1.0 and len(p.objects) == 1

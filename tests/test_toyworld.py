@@ -202,7 +202,7 @@ def test_world_train_smoke_run_exports_a_loadable_world_and_resumes(tmp_path, mo
 
 @pytest.mark.slow
 def test_world_training_is_deterministic_for_a_seed(tmp_path):
-    from editbench.io import read_tensors
+    from editbench.storage import read_tensors
     from editbench.toyworld.train import WorldConfig, train_world
 
     for name in ("a", "b"):
@@ -246,7 +246,7 @@ def test_world_latent_cache_keeps_the_exact_latent_scale(tmp_path):
     a run in one go (a float32 copy gave the committed world a different decoder fine-tune and scaling_factor)."""
     import json
 
-    from editbench.io import read_tensors
+    from editbench.storage import read_tensors
     from editbench.toyworld.train import WorldConfig, train_world
 
     train_world(tmp_path / "w", cfg=WorldConfig.smoke(), progress=False)

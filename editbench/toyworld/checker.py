@@ -233,6 +233,22 @@ def parse(image, *, min_area: int | None = None) -> Parsed:
 
 # ------------------------------------------------------------------------------------------------- matching
 IDENTITY = ("category", "color", "pattern", "pattern_color")
+# Patterns that cover about half of the body: shifted by half a period with the two colors swapped they give the
+# same picture (a white heart with black diagonal stripes is a black heart with white ones; a two-tone object is
+# its mirror image), so which color is the "body" is not in the pixels and the pair is compared unordered.
+SWAPPABLE = frozenset({"stripes", "diagonal", "checker", "two-tone"})
+
+
+def identity_hits(asked, found) -> list[bool]:
+    """Per identity attribute (category, color, pattern, pattern color): does ``found`` show what ``asked`` has?
+    For the :data:`SWAPPABLE` patterns the two colors count as right when they are the asked pair in either order."""
+    if found is None:
+        return [False] * len(IDENTITY)
+    hits = [getattr(asked, k) == getattr(found, k) for k in IDENTITY]
+    if asked.pattern in SWAPPABLE and found.pattern == asked.pattern and not all(hits[1:]):
+        if (found.color, found.pattern_color) == (asked.pattern_color, asked.color):
+            hits[1] = hits[3] = True
+    return hits
 
 
 def match(asked: list, found: list[Detected]) -> list[int | None]:
@@ -244,7 +260,7 @@ def match(asked: list, found: list[Detected]) -> list[int | None]:
     cost = np.zeros((len(asked), len(found)))
     for i, a in enumerate(asked):
         for j, d in enumerate(found):
-            cost[i, j] = sum(getattr(a, k) != getattr(d, k) for k in IDENTITY)
+            cost[i, j] = len(IDENTITY) - sum(identity_hits(a, d))
             if getattr(a, "position", None) is not None:
                 x0, y0, x1, y1 = R.POSITIONS[a.position]
                 cost[i, j] += np.hypot(d.center[0] - (x0 + x1) / 2, d.center[1] - (y0 + y1) / 2)

@@ -6,7 +6,8 @@ appearance, other objects with their category and color), and the background, po
 ``score(image, asked)`` reads the image with :func:`editbench.toyworld.checker.parse` and compares:
 
 * ``identity_j``: the object standing for concept ``j`` has its category, body color, pattern and pattern color
-  (1/0); ``identity_frac_j``: the fraction of those four that are right (0 when no object stands for it);
+  (1/0; for the half-and-half patterns the two colors in either order, ``checker.SWAPPABLE``);
+  ``identity_frac_j``: the fraction of those four that are right (0 when no object stands for it);
 * ``prompt_fidelity``: the fraction of what the prompt asks besides the concepts' appearance that the image shows
   (the background; each stated position and size; each other object's category and color);
   ``background_ok``: the asked background alone;
@@ -24,7 +25,7 @@ from dataclasses import dataclass
 
 from editbench.errors import EditbenchError
 from editbench.toyworld import scenes as R
-from editbench.toyworld.checker import IDENTITY, Parsed, match, parse
+from editbench.toyworld.checker import Parsed, identity_hits, match, parse
 from editbench.toyworld.personal import PERSONAL_CONCEPTS, PersonalConcept
 
 __all__ = ["Asked", "AskedObject", "asked", "concept_by_name", "describe_concept", "score", "score_parsed"]
@@ -148,7 +149,7 @@ def score_parsed(p: Parsed, what: Asked) -> dict:
     for o, i in zip(what.objects, idx):
         d = p.objects[i] if i is not None else None
         if o.concept is not None:
-            right = [d is not None and getattr(d, k) == getattr(o, k) for k in IDENTITY]
+            right = identity_hits(o, d)
             out[f"identity_{o.concept}"] = float(all(right))
             out[f"identity_frac_{o.concept}"] = sum(right) / len(right)
         else:
