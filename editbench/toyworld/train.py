@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from editbench.errors import TrainingError
 from editbench.storage import (load_optimizer_state, load_rng_state, optimizer_state, read_json, read_tensors,
-                               rng_state, write_json, write_safetensors as write_tensors)
+                               rng_state, write_json, write_safetensors)
 from editbench.models import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer, write_clip_tokenizer_files
 from editbench.toyworld import scenes as R
 from editbench.toyworld.personal import EXCLUDED_APPEARANCES, PERSONAL_CONCEPTS
@@ -143,7 +143,7 @@ class _Stage:
         return read_tensors(self.tensors_path), read_json(self.meta_path)
 
     def save(self, tensors: dict, meta: dict):
-        write_tensors(self.tensors_path, tensors)
+        write_safetensors(self.tensors_path, tensors)
         write_json(self.meta_path, meta)  # written last: the JSON marks a complete checkpoint
 
 
@@ -192,7 +192,7 @@ def stage_data(cfg: WorldConfig, work: Path, tokenizer, progress=True) -> dict:
                     return_tensors="pt").input_ids
     data = {"images": _to_tensor(images), "input_ids": tok.to(torch.int32),
             "masks": torch.from_numpy(np.stack(masks)).to(torch.uint8)}          # (N, h, w) union of the objects
-    write_tensors(path, data)
+    write_safetensors(path, data)
     return data
 
 
@@ -244,6 +244,12 @@ def _train_loop(name, work, cfg, steps, modules: dict, opt, sched, step_fn, prog
     return stage.load()[1]
 
 
+def _reconstruction_loss(rec: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """MSE + 0.5 L1 of images ``(b, 3, h, w)``, weighted per pixel by ``w`` ``(b, 1, h, w)`` (VAE and decoder)."""
+    err = (rec - x).pow(2) + 0.5 * (rec - x).abs()
+    return (w * err).mean() / w.mean()
+
+
 def stage_vae(cfg, work, data, progress=True):
     from diffusers import AutoencoderKL
 
@@ -262,8 +268,7 @@ def stage_vae(cfg, work, data, progress=True):
         post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
         rec = vae.decode(z).sample
-        err = (rec - x).pow(2) + 0.5 * (rec - x).abs()
-        loss = (w * err).mean() / w.mean() + 1e-6 * post.kl().mean()
+        loss = _reconstruction_loss(rec, x, w) + 1e-6 * post.kl().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -286,7 +291,7 @@ def stage_vae(cfg, work, data, progress=True):
     vae.register_to_config(scaling_factor=scale)
     scaled = latents * scale
     # the scale in float64: a resumed run must divide by exactly the same number (the decoder stage does)
-    write_tensors(lat_path, {"latents": scaled, "scale": torch.tensor(scale, dtype=torch.float64)})
+    write_safetensors(lat_path, {"latents": scaled, "scale": torch.tensor(scale, dtype=torch.float64)})
     return vae, scaled, scale
 
 
@@ -303,8 +308,7 @@ def stage_decoder(cfg, work, data, vae, latents, scale, progress=True):
         idx = torch.randint(len(images), (cfg.vae_batch,), generator=gen)
         x, w = _pixels(images[idx]), weight_all[idx]
         rec = vae.decode(latents[idx] / scale).sample
-        err = (rec - x).pow(2) + 0.5 * (rec - x).abs()
-        loss = (w * err).mean() / w.mean()
+        loss = _reconstruction_loss(rec, x, w)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -459,7 +463,8 @@ def export(cfg, work: Path, out: Path, vae, unet, text, tokenizer, evaluator, dt
     (model_dir / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
     write_clip_tokenizer_files(model_dir / "tokenizer")
     ev_dir = out / "evaluator"
-    write_tensors(ev_dir / "open_clip_model.safetensors", {k: v.to(dtype) for k, v in evaluator.state_dict().items()})
+    write_safetensors(ev_dir / "open_clip_model.safetensors",
+                      {k: v.to(dtype) for k, v in evaluator.state_dict().items()})
     write_json(ev_dir / "open_clip_config.json", {"model_name": EVALUATOR_NAME, "model_cfg": EVALUATOR_CONFIG})
     logs = {name: read_json(work / f"{name}.json") for name in ("vae", "unet", "decoder", "evaluator")}
     write_json(out / "training_log.json", {
