@@ -18,6 +18,7 @@ from _eval_stubs import FakeClip, FakeEditor, FakePipeline, FakeRareWordEditor, 
 from editbench.errors import EditbenchError
 from editbench.eval import results, runner
 from editbench.eval import spec as suite_spec
+from editbench.eval.sources import TOY_TEST, TOY_VALIDATION
 from editbench.methods.tokens import RARE_WORDS
 
 BASE = {"name": "t", "model": "tiny", "concepts": ["zebra", "sunny", "target"], "pairs": [["zebra", "sunny"]],
@@ -266,7 +267,11 @@ def test_bundled_suites_parse():
                                                "lora"}
     assert len(quick.concepts) == 2 and len(quick.seeds) == 1
     full = suite_spec.load_suite("toy-full")
-    assert len(full.concepts) == 8 and len(full.seeds) == 3 and full.pairs
+    assert len(full.seeds) == 3 and full.pairs
+    for suite in (quick, full, suite_spec.load_suite("toy-results")):  # report test concepts, tune on validation
+        assert set(suite.concepts) <= set(TOY_TEST) and set(suite.validation) == set(TOY_VALIDATION)
+        assert all(set(p.names) <= set(TOY_TEST) and p.prompts for p in suite.pairs)
+    assert set(full.concepts) == set(TOY_TEST) and len(full.pairs) == 4
     assert any("beta" in m.sweep for m in full.methods)
     for name in ("dreambench", "customconcept101"):
         path = suite_spec.BUNDLED / f"{name}.yaml"
@@ -476,3 +481,13 @@ def test_toy_quick_finishes_within_ten_minutes(tmp_path):
     assert elapsed < 600, f"toy-quick took {elapsed:.0f} s"
     assert {"perfusion", "custom_diffusion", "textual_inversion", "dreambooth", "lora"} <= set(df["method"])
     assert df["text_alignment"].notna().all() and report.is_file()
+
+
+def test_explicit_toy_pairs_get_the_toy_worlds_composition_prompts_and_splits_are_selectable():
+    s = suite_spec.load_suite({"name": "t", "model": "toyworld", "concepts": [{"toyworld": "test"}],
+                               "validation": [{"toyworld": "validation"}], "pairs": [["polka", "zebra"]],
+                               "methods": ["lora"]})
+    assert list(s.concepts) == list(TOY_TEST) and list(s.validation) == list(TOY_VALIDATION)
+    (pair,) = s.pairs
+    assert pair.names == ("polka", "zebra") and len(pair.prompts) == 3
+    assert all("{0}" in p and "{1}" in p for p in pair.prompts)

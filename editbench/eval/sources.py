@@ -16,8 +16,8 @@ from pathlib import Path
 
 from editbench.errors import EditbenchError
 
-__all__ = ["TOY_TEST", "TOY_VALIDATION", "ConceptSpec", "PairSpec", "custom_concept", "customconcept101_concepts",
-           "dreambench_concepts", "images_in", "toy_concepts"]
+__all__ = ["TOY_SPLITS", "TOY_TEST", "TOY_VALIDATION", "ConceptSpec", "PairSpec", "custom_concept",
+           "customconcept101_concepts", "dreambench_concepts", "images_in", "toy_concepts", "toy_pair"]
 
 _IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -77,6 +77,20 @@ def toy_concepts() -> tuple[dict[str, ConceptSpec], list[PairSpec]]:
           for c in toyworld.concepts()}
     pairs = [PairSpec((a.name, b.name), tuple(toyworld.pair_prompts(a, b))) for a, b in concept_pairs()]
     return cs, pairs
+
+
+TOY_SPLITS = {"test": TOY_TEST, "validation": TOY_VALIDATION}
+"""``{toyworld: test}`` / ``{toyworld: validation}`` in a suite's concept list name these splits."""
+
+
+def toy_pair(names: tuple[str, str]) -> PairSpec:
+    """Any two toy-world concepts with the toy world's composition prompts (the source's own pairs are only the
+    neighbouring ones; a suite's explicit ``pairs:`` may name others, e.g. pairs of test concepts)."""
+    from editbench import toyworld
+    from editbench.toyworld.personal import PERSONAL_CONCEPTS
+
+    by_name = {c.name: c for c in PERSONAL_CONCEPTS}
+    return PairSpec(tuple(names), tuple(toyworld.pair_prompts(by_name[names[0]], by_name[names[1]])))
 
 
 def _dreambench_prompts(text: str) -> tuple[dict[str, str], list[str], list[str]]:

@@ -24,12 +24,14 @@ from typing import Any
 from editbench.errors import EditbenchError
 from editbench.eval import metrics as M
 from editbench.eval.sources import (
+    TOY_SPLITS,
     ConceptSpec,
     PairSpec,
     custom_concept,
     customconcept101_concepts,
     dreambench_concepts,
     toy_concepts,
+    toy_pair,
 )
 
 __all__ = ["BASE_METHOD", "BUNDLED", "MULTI_MODES", "Cell", "ConceptSpec", "MethodSpec", "PairSpec", "Suite",
@@ -266,7 +268,11 @@ def _parse_concepts(entries: Any, base: Path, key: str = "concepts") -> tuple[di
         if isinstance(e, str) or (isinstance(e, dict) and "toyworld" in e):
             toy = toy or toy_concepts()
             want = [e] if isinstance(e, str) else e["toyworld"]
-            want = sorted(toy[0]) if want == "all" else _as_list(want, "toyworld")
+            if want == "all":
+                want = sorted(toy[0])
+            else:
+                want = list(TOY_SPLITS[want]) if isinstance(want, str) and want in TOY_SPLITS \
+                    else _as_list(want, "toyworld")
             for n in want:
                 if n not in toy[0]:
                     raise EditbenchError(f"{n!r} is not a toy-world concept; toy concepts: {sorted(toy[0])} (for a "
@@ -287,7 +293,7 @@ def _parse_concepts(entries: Any, base: Path, key: str = "concepts") -> tuple[di
             c = custom_concept(e, base)
             concepts[c.name] = c
         else:
-            raise EditbenchError(f"bad {key} entry {e!r}; use a toy-world name, {{toyworld: all}}, "
+            raise EditbenchError(f"bad {key} entry {e!r}; use a toy-world name, {{toyworld: all | test | validation}}, "
                                  "{dreambench: folder}, {customconcept101: file} or a custom concept mapping")
     slugs = {}
     for n in concepts:
@@ -370,6 +376,8 @@ def load_suite(suite: str | os.PathLike | dict) -> Suite:
                                      f"got {pr!r}")
             names = (safe_name(pr[0]), safe_name(pr[1]))
             own = next((p.prompts for p in source_pairs if p.names == names), ())
+            if not own and all(concepts[n].source == "toyworld" for n in names):
+                own = toy_pair(names).prompts
             pairs.append(PairSpec(names, own))
     pairs = list({p.names: p for p in pairs}.values())
 

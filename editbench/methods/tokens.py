@@ -12,7 +12,9 @@ fingerprints of the base model are stable while tokens are added.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,8 +23,8 @@ import torch.nn.functional as F
 from editbench.concepts import vocabulary_id
 from editbench.errors import ConceptDataError, EditbenchError
 
-__all__ = ["RARE_WORDS", "ExtendedEmbedding", "add_tokens", "base_tokenizer", "initial_rows", "rare_word",
-           "single_token_id", "token_position"]
+__all__ = ["RARE_WORDS", "EmbeddingNormCap", "ExtendedEmbedding", "add_tokens", "base_tokenizer", "cap_norms_",
+           "initial_rows", "rare_word", "single_token_id", "token_position", "word_norms"]
 
 RARE_WORDS = ("sks", "olis", "bnha", "hta", "ucd", "pll", "rcn", "waj", "httr", "shld", "omd", "adl", "nlwx", "ucn")
 """Rare words used as placeholders by methods that reuse a word (``Editor.new_token = False``)."""
@@ -174,3 +176,51 @@ def initial_rows(pipeline: Any, words: Sequence[str]) -> torch.nn.Parameter:
     vocab = tok.get_vocab() if any(len(tok(w, add_special_tokens=False).input_ids) != 1 for w in words) else {}
     ids = [vocab[w] if w in vocab else single_token_id(tok, w) for w in words]
     return torch.nn.Parameter(weight[ids].detach().to(torch.float32).clone())  # (k, d)
+
+
+# ----------------------------------------------------------------------------------------------- norm cap
+def word_norms(pipeline: Any, words: Sequence[str]) -> torch.Tensor:
+    """float32 ``(k,)`` norms of the base embedding rows of the one-token ``words`` (ConceptDataError otherwise)."""
+    tok = base_tokenizer(pipeline.tokenizer)
+    weight = pipeline.text_encoder.get_input_embeddings().weight                  # (V, d)
+    ids = [single_token_id(tok, w) for w in words]
+    return weight[ids].detach().float().norm(dim=-1)                              # (k,)
+
+
+def cap_norms_(rows: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+    """Project every row of ``rows`` ``(k, d)`` whose norm exceeds ``limits[j]`` ``(k,)`` back onto that norm
+    (direction kept), in place, without recording gradients; returns ``rows``. Rows within their limit are left
+    bitwise unchanged."""
+    with torch.no_grad():
+        norms = rows.norm(dim=-1)                                                  # (k,)
+        over = norms > limits
+        if bool(over.any()):
+            rows[over] = rows[over] * (limits[over] / norms[over]).to(rows.dtype)[:, None]
+    return rows
+
+
+@dataclass
+class EmbeddingNormCap:
+    """Config field of the methods that learn embedding rows (textual inversion, Perfusion, Custom Diffusion).
+
+    ``embedding_norm_cap``: after every optimizer step each learned row is projected back to norm
+    ``<= embedding_norm_cap * |e(superclass)|``, the base embedding of the concept's superclass word (None:
+    unconstrained, the papers' recipe). The scale is the base model's own, so the rule carries over between
+    text encoders: reference learning rates are Adam step sizes tuned on CLIP-L's embedding scale, and on a text
+    encoder whose words sit at another scale the learned row grows to several times a word's norm and its token
+    dominates the causal encoder's later tokens (measured on the toy world: docs/methods/textual_inversion.md).
+    """
+
+    embedding_norm_cap: float | None = None
+
+    def validate_norm_cap(self) -> None:
+        v = self.embedding_norm_cap
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                              or v <= 0):
+            raise EditbenchError(f"embedding_norm_cap must be a finite number > 0 or None, got {v!r}")
+
+    def norm_limits(self, pipeline: Any, superclasses: Sequence[str]) -> torch.Tensor | None:
+        """``(k,)`` limits of the learned rows of concepts with these superclass words (None: no cap)."""
+        if self.embedding_norm_cap is None:
+            return None
+        return float(self.embedding_norm_cap) * word_norms(pipeline, superclasses)

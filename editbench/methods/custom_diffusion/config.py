@@ -8,13 +8,14 @@ from dataclasses import dataclass
 
 from editbench.errors import EditbenchError
 from editbench.methods.prior import PriorConfigMixin
+from editbench.methods.tokens import EmbeddingNormCap
 from editbench.training import Param, TrainConfig
 
 __all__ = ["CustomDiffusionConfig"]
 
 
 @dataclass
-class CustomDiffusionConfig(PriorConfigMixin, TrainConfig):
+class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     """Training settings of Custom Diffusion: the K/V projections of every cross-attention layer + one modifier
     token per concept (``"<new1> cat"``), resize augmentation with a masked loss, prior preservation.
 
@@ -62,6 +63,7 @@ class CustomDiffusionConfig(PriorConfigMixin, TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.validate_norm_cap()
         self.validate_prior()
         for name in ("lr", "lr_modifier"):
             v = getattr(self, name)

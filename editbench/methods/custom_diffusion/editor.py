@@ -28,7 +28,7 @@ from editbench.methods.custom_diffusion.config import CustomDiffusionConfig
 from editbench.methods.custom_diffusion.layers import KVLinear, low_rank, resize_augment
 from editbench.methods.custom_diffusion.merge import MergeResult, concept_keys, merge_projections
 from editbench.methods.prior import ClassPromptSession, PriorPreservation, make_prior
-from editbench.methods.tokens import add_tokens, base_tokenizer, initial_rows
+from editbench.methods.tokens import add_tokens, base_tokenizer, cap_norms_, initial_rows
 from editbench.safety import MAX_DIM, is_int, is_number, words
 from editbench.sites import find_cross_attention_sites
 from editbench.training import ParamGroup, TrainingSession, TrainResult
@@ -89,6 +89,11 @@ class _Session(ClassPromptSession):
         self.concepts, self.layers, self.base, self.rows, self.config = concepts, layers, base, rows, config
         self.augments = config.augment or config.hflip
         self.factor = int(pipeline.vae_scale_factor)
+        self.limits = config.norm_limits(pipeline, [x.superclass for x in concepts])  # (k,) or None
+
+    def after_step(self, step: int) -> None:
+        if self.limits is not None:
+            cap_norms_(self.rows, self.limits.to(self.rows.device))
 
     def param_groups(self) -> list[ParamGroup]:
         c = self.config

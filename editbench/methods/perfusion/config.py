@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from editbench.errors import EditbenchError
+from editbench.methods.tokens import EmbeddingNormCap
 from editbench.training import Param, TrainConfig
 
 __all__ = ["GATE_TOKENS", "LOCKS", "PerfusionConfig", "PerfusionSettings"]
@@ -22,7 +23,7 @@ def _positive(name: str, v: float) -> None:
 
 
 @dataclass
-class PerfusionConfig(TrainConfig):
+class PerfusionConfig(EmbeddingNormCap, TrainConfig):
     """Training settings. Defaults are the toy-world scale (200 steps of batch 4); the paper's reference run is
     ``PerfusionConfig.reference()`` (400 steps, batch 16 = 4 x 4 accumulation). Learning rates are the
     reference ones: Adam step sizes per parameter group, so they do not depend on batch size.
@@ -68,6 +69,7 @@ class PerfusionConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.validate_norm_cap()
         if not isinstance(self.key_locking, bool):
             raise EditbenchError(f"key_locking must be True or False, got {self.key_locking!r}")
         if self.gate_tokens not in GATE_TOKENS:

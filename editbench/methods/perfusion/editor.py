@@ -31,7 +31,7 @@ from editbench.methods import register
 from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.perfusion.config import GATE_TOKENS, PerfusionConfig, PerfusionSettings
 from editbench.methods.perfusion.layers import ConceptBank, GatedRank1Linear
-from editbench.methods.tokens import add_tokens, base_tokenizer, single_token_id, token_position
+from editbench.methods.tokens import add_tokens, base_tokenizer, cap_norms_, single_token_id, token_position
 from editbench.safety import is_number
 from editbench.sites import CrossAttentionSite, find_cross_attention_sites
 from editbench.storage import cache_root
@@ -154,6 +154,7 @@ class PerfusionSession(TrainingSession):
         self.embedding = torch.nn.Parameter(base_row.detach().float().clone()[None])           # (1, d_emb)
         i_super = superclass_encoding(pipeline, concept.superclass, concept.templates)[None]  # (1, d)
         self.token_id = add_tokens(handle, pipeline, [concept.placeholder], self.embedding)[0]
+        self.limits = config.norm_limits(pipeline, [concept.superclass])                      # (1,) or None
         self.bank = ConceptBank(_cholesky(pipeline, config.cov_ridge), [self.token_id], [sup_id],
                                 [config.beta_train], [config.tau_train],
                                 trained_keys=[not config.key_locking],
@@ -174,6 +175,10 @@ class PerfusionSession(TrainingSession):
         if self.o_k is not None:
             groups.append(ParamGroup("keys", list(self.o_k.values()), self.config.lr_keys))
         return groups
+
+    def after_step(self, step: int) -> None:
+        if self.limits is not None:
+            cap_norms_(self.embedding, self.limits.to(self.embedding.device))
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         ids = tokenize(self.pipeline, prompts)                                    # (b, n)

@@ -7,13 +7,14 @@ import math
 from dataclasses import dataclass
 
 from editbench.errors import EditbenchError
+from editbench.methods.tokens import EmbeddingNormCap
 from editbench.training import Param, TrainConfig
 
 __all__ = ["TextualInversionConfig"]
 
 
 @dataclass
-class TextualInversionConfig(TrainConfig):
+class TextualInversionConfig(EmbeddingNormCap, TrainConfig):
     """Training settings of textual inversion: only the placeholder's embedding row(s) are learned.
 
     Defaults are the toy-world scale: 300 steps of batch 4 at 32x32 px. The learning rate follows the reference's
@@ -45,6 +46,7 @@ class TextualInversionConfig(TrainConfig):
 
     def validate(self) -> None:
         super().validate()
+        self.validate_norm_cap()
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             raise EditbenchError(f"lr must be a finite number > 0, got {self.lr!r}")
         if isinstance(self.num_vectors, bool) or not isinstance(self.num_vectors, int) or self.num_vectors < 1:

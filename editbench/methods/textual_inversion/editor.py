@@ -17,7 +17,7 @@ from editbench.errors import ArtifactError
 from editbench.methods import register
 from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.textual_inversion.config import TextualInversionConfig
-from editbench.methods.tokens import add_tokens, initial_rows
+from editbench.methods.tokens import add_tokens, cap_norms_, initial_rows
 from editbench.safety import word, words
 from editbench.storage import write_safetensors
 from editbench.training import ParamGroup, TrainingSession, TrainResult, encode_prompts
@@ -33,9 +33,15 @@ def vector_tokens(placeholder: str, n: int) -> list[str]:
 
 
 class _Session(TrainingSession):
-    def __init__(self, pipeline: Any, tokens: list[str], rows: torch.nn.Parameter, config: TextualInversionConfig):
+    def __init__(self, pipeline: Any, tokens: list[str], rows: torch.nn.Parameter, config: TextualInversionConfig,
+                 superclass: str):
         self.pipeline, self.tokens, self.rows, self.config = pipeline, tokens, rows, config
         self.phrase = " ".join(tokens)  # the expanded form diffusers' maybe_convert_prompt produces at inference
+        self.limits = config.norm_limits(pipeline, [superclass] * len(tokens))  # (n,) or None
+
+    def after_step(self, step: int) -> None:
+        if self.limits is not None:
+            cap_norms_(self.rows, self.limits.to(self.rows.device))
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("embeddings", [self.rows], self.config.lr, self.config.weight_decay)]
@@ -64,7 +70,7 @@ class TextualInversionEditor(Editor):
         tokens = vector_tokens(concept.placeholder, config.num_vectors)
         rows = initial_rows(pipeline, [config.initializer or concept.superclass] * config.num_vectors)  # (n, d)
         add_tokens(handle, pipeline, tokens, rows)
-        return _Session(pipeline, tokens, rows, config)
+        return _Session(pipeline, tokens, rows, config, concept.superclass)
 
     def check_artifact(self, artifact: Artifact, pipeline: Any = None) -> None:
         emb, tokens = artifact.tensors.get("embeddings"), artifact.metadata.get("tokens")
