@@ -57,8 +57,9 @@ class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     @classmethod
     def search_space(cls) -> list[Param]:
         """``editbench tune``'s space: the learning rate (log-uniform, /10 to x10 of the default), the prior loss
-        weight and the training steps."""
+        weight, the embedding-norm cap of the modifier rows (x the superclass word's norm) and the training steps."""
         return [Param("lr", "log", 4e-5, 4e-3), Param("prior_loss_weight", "float", 0.1, 1.5),
+                Param("embedding_norm_cap", "float", 0.75, 3.0),
                 Param("steps", "int", 40, 300, target="steps")]
 
     def validate(self) -> None:

@@ -61,8 +61,10 @@ class PerfusionConfig(EmbeddingNormCap, TrainConfig):
     @classmethod
     def search_space(cls) -> list[Param]:
         """``editbench tune``'s space: both learning rates (log-uniform, /10 to x10 of the defaults), the training
-        gate bias, the inference gate bias and temperature, and the training steps."""
+        gate bias, the inference gate bias and temperature, the embedding-norm cap (x the superclass word's norm;
+        uncapped rows end at about 2-4x) and the training steps."""
         return [Param("lr_values", "log", 3e-3, 0.3), Param("lr_embedding", "log", 6e-4, 0.06),
+                Param("embedding_norm_cap", "float", 0.75, 3.0),
                 Param("beta_train", "float", 0.5, 0.9), Param("beta", "float", 0.4, 0.9, target="settings"),
                 Param("tau", "float", 0.05, 0.3, target="settings"),
                 Param("steps", "int", 40, 300, target="steps")]

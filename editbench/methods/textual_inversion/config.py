@@ -40,9 +40,10 @@ class TextualInversionConfig(EmbeddingNormCap, TrainConfig):
 
     @classmethod
     def search_space(cls) -> list[Param]:
-        """``editbench tune``'s space: the learning rate (log-uniform, /10 to x10 of the default) and the training
-        steps."""
-        return [Param("lr", "log", 2e-4, 2e-2), Param("steps", "int", 40, 300, target="steps")]
+        """``editbench tune``'s space: the learning rate (log-uniform, /10 to x10 of the default), the embedding-norm
+        cap (x the superclass word's norm; uncapped rows end at about 2-4x) and the training steps."""
+        return [Param("lr", "log", 2e-4, 2e-2), Param("embedding_norm_cap", "float", 0.75, 3.0),
+                Param("steps", "int", 40, 300, target="steps")]
 
     def validate(self) -> None:
         super().validate()
