@@ -1,4 +1,5 @@
-"""Shared pieces of the reliability tests: a bitwise pipeline state, the figure recorder, the example budgets.
+"""Shared pieces of the reliability tests: a bitwise pipeline state, the figure recorder, the example budgets, and
+the hypothesis settings and strategies the fuzz tests share (hostile values, damaged file bytes).
 
 Figures (cases tried, outcomes, exception types, kills and resumes) are collected per test in :data:`FIGURES`
 and written, merged with earlier runs of other test files, to ``$EDITBENCH_RELIABILITY_FIGURES`` (a JSON file)
@@ -13,10 +14,13 @@ import fcntl
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
 
 from editbench.fingerprint import update_with_tensor
 
@@ -110,3 +114,81 @@ def module_figures(request):
     before = set(FIGURES.data)
     yield
     report(request, before)
+
+
+# ------------------------------------------------------------------------------------------------ fuzzing
+_HC = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large,
+       HealthCheck.filter_too_much]
+FAST = settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True, suppress_health_check=_HC)
+SLOW = settings(max_examples=FUZZ_SLOW_EXAMPLES, deadline=None, database=None, suppress_health_check=_HC)
+"""Hypothesis settings of the fuzz tests: the default run (:data:`FUZZ_EXAMPLES`, fixed seed) and the slow one."""
+
+PATHLIKE = ["../../x", "/etc/passwd", "..", ".", "a/b", "..\\..\\x", "C:\\x", "x\x00y", "~/x", "/", "//x"]
+WORDS = PATHLIKE + ["", " ", "a b", "\n", "sks", "<toy-star>", "dog", "star", "\u202e\u0000", "x" * 300]
+
+
+def deep(depth: int):
+    """``depth`` nested one-item lists."""
+    x = 0
+    for _ in range(depth):
+        x = [x]
+    return x
+
+
+HOSTILE = st.one_of(
+    st.integers(min_value=-2**80, max_value=2**80),
+    st.sampled_from([10**30, -(10**30), -1, 0, 1, 2**31, 2**63, 2**64, -(2**63), 10**6, 10**9]),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.sampled_from([1e308, -1e308, 5e-324, 0.5, -0.0]),
+    st.sampled_from(WORDS),
+    st.text(max_size=12),
+    st.just("A" * 5000),
+    st.none(), st.booleans(),
+    st.lists(st.integers(min_value=-5, max_value=2**40), max_size=5),
+    st.lists(st.sampled_from(WORDS), max_size=4),
+    st.dictionaries(st.sampled_from(["r", "placeholder", "superclass", "x", "lora_alpha"]),
+                    st.one_of(st.integers(-3, 10**12), st.sampled_from(WORDS), st.none()), max_size=3),
+    st.integers(min_value=1, max_value=60).map(deep),
+)
+"""Values a hostile header entry may hold: extreme numbers, path-like, empty and long strings, deep nesting."""
+DTYPES = [torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8, torch.uint8, torch.bool]
+
+
+@st.composite
+def byte_case(draw, raw: bytes):
+    """A damaged copy of the file bytes ``raw``: truncated, bits flipped, bytes inserted or zeroed, a wrong
+    header length, or garbage."""
+    op = draw(st.sampled_from(["truncate", "flip", "flip_header", "insert", "zero_run", "length", "garbage"]))
+    data = bytearray(raw)
+    hlen = 8 + int.from_bytes(raw[:8], "little")
+    if op == "truncate":
+        data = data[: draw(st.integers(0, len(raw) - 1))]
+    elif op in ("flip", "flip_header"):
+        hi = hlen - 1 if op == "flip_header" else len(raw) - 1
+        for _ in range(draw(st.integers(1, 4))):
+            i = draw(st.integers(0, hi))
+            data[i] ^= draw(st.integers(1, 255))
+    elif op == "insert":
+        i = draw(st.integers(0, len(raw)))
+        data[i:i] = draw(st.binary(min_size=1, max_size=64))
+    elif op == "zero_run":
+        i = draw(st.integers(0, len(raw) - 1))
+        n = draw(st.integers(1, 256))
+        data[i:i + n] = bytes(len(data[i:i + n]))
+    elif op == "length":
+        data[:8] = struct.pack("<Q", draw(st.sampled_from([0, 1, 7, hlen, hlen + 1, 2**40, 2**64 - 1,
+                                                             len(raw), len(raw) + 100])))
+    else:
+        data = bytearray(draw(st.binary(max_size=256)))
+    return f"bytes:{op}", bytes(data), None
+
+
+class Case(tuple):
+    """(description, file bytes or None, (tensors, header text) or None) with a short repr for hypothesis."""
+
+    def __repr__(self) -> str:
+        what, data, structured = self
+        if structured is not None:
+            return f"Case({what}, tensors={ {k: (tuple(v.shape), str(v.dtype)) for k, v in structured[0].items()} }, " \
+                   f"header={structured[1][:2000]!r})"
+        return f"Case({what}, {len(data)} bytes)"
