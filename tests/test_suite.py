@@ -7,6 +7,7 @@ runs a stub Editor through the real training loop on the tiny pipeline with a ti
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -315,10 +316,11 @@ JOINT = {"name": "j", "model": "tiny", "concepts": ["zebra", "sunny"], "pairs": 
 def test_multi_option_is_parsed_and_validated(fakes):
     suite = suite_spec.load_suite(JOINT)
     assert [m.multi for m in suite.methods] == ["separate", "joint"]
-    assert suite_spec.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": "merge"}]}).methods[0].multi == \
-        "separate"                                            # 'merge' is a synonym of the default
-    with pytest.raises(EditbenchError, match="multi must be one of"):
-        suite_spec.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": "together"}]})
+    for old in ("merge", "together", None, ["joint"]):   # any other value is refused with the two values to write
+        with pytest.raises(EditbenchError, match=r"multi must be one of \['separate', 'joint'\], got "
+                                                 f"{re.escape(repr(old))}; "
+                                                 r"write 'multi: separate' .* or 'multi: joint'"):
+            suite_spec.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": old}]})
     with registered(FakeJointEditor):
         suite.validate()
         for name in ("fake", "fake_single"):               # max_concepts = 1: one concept per fit
@@ -326,10 +328,16 @@ def test_multi_option_is_parsed_and_validated(fakes):
                 suite_spec.load_suite({**JOINT, "methods": [{"name": name, "multi": "joint"}]}).validate()
         with pytest.raises(EditbenchError, match="multi"):
             suite_spec.load_suite({**JOINT, "methods": [{"name": "base", "multi": "joint"}]}).validate()
-    # the default leaves cell ids as they were before the option existed; joint makes its own cells
+    # an entry's cell ids do not depend on the other entries, and 'multi' is part of them: the same label with
+    # 'multi: joint' makes other cells (its single-concept cells included)
     plain = suite_spec.load_suite({**JOINT, "methods": ["fake_joint"]}).cells()
     assert [c.id for c in plain] == [c.id for c in suite.cells() if c.method.label == "fake_joint"]
     assert {c.id for c in suite.cells() if c.method.label == "fj-joint"}.isdisjoint(c.id for c in plain)
+    assert [c.id for c in plain] == [c.id for c in suite_spec.load_suite(
+        {**JOINT, "methods": [{"name": "fake_joint", "multi": "separate"}]}).cells()]
+    joint = suite_spec.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": "joint"}]}).cells()
+    assert [c.id.rsplit("-", 1)[0] for c in joint] == [c.id.rsplit("-", 1)[0] for c in plain]
+    assert {c.id for c in joint}.isdisjoint(c.id for c in plain)
 
 
 def test_joint_pair_cell_trains_one_artifact_on_both_concepts(tmp_path, fakes):
@@ -368,13 +376,15 @@ def test_joint_pair_cell_trains_one_artifact_on_both_concepts(tmp_path, fakes):
         assert pipe.calls > 0 and len(FakeEditor.fits) == before
 
 
-def test_rows_of_cells_written_before_the_multi_option_read_as_separate(tmp_path, fakes):
+def test_cells_written_by_an_older_editbench_are_refused_by_name(tmp_path, fakes):
     df = _run(tmp_path, {**BASE, "pairs": None, "seeds": [0], "methods": ["fake"]})
+    assert tuple(df.columns[:len(results.CELL_COLUMNS)]) == results.CELL_COLUMNS  # what every current cell has
     out = tmp_path / "out"
-    for f in (out / "cells").glob("*.csv"):
-        pd.read_csv(f).drop(columns="multi").to_csv(f, index=False)
-    old = results.collect(out)
-    assert list(old.columns) == list(df.columns) and (old["multi"] == "separate").all()
+    old = sorted((out / "cells").glob("*.csv"))[0]
+    pd.read_csv(old).drop(columns="multi").to_csv(old, index=False)   # a cell from before the 'multi' option
+    with pytest.raises(EditbenchError, match=rf"{old.name} has no column\(s\) \['multi'\]: it was written by an "
+                                             r"older editbench; run the suite into a new --out folder"):
+        results.collect(out)
 
 
 @pytest.mark.slow

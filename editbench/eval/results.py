@@ -12,7 +12,10 @@ import pandas as pd
 from editbench.errors import EditbenchError
 from editbench.storage import atomic_target, write_csv
 
-__all__ = ["collect"]
+__all__ = ["CELL_COLUMNS", "collect"]
+
+CELL_COLUMNS = ("suite", "cell", "method", "label", "multi", "concepts", "n_concepts", "seed", "setting", "settings")
+"""The columns every cell's rows start with (:meth:`editbench.eval.runner.Runner.score`)."""
 
 
 def collect(out: str | os.PathLike, cells: Iterable[str] | None = None) -> pd.DataFrame:
@@ -25,10 +28,13 @@ def collect(out: str | os.PathLike, cells: Iterable[str] | None = None) -> pd.Da
             raise EditbenchError(f"{out} holds no suite.json; run a suite into it first "
                                  "(editbench bench --suite SUITE --out DIR)")
         cells = json.loads(manifest.read_text())["cells"]
-    frames = [pd.read_csv(out / "cells" / f"{c}.csv") for c in cells if (out / "cells" / f"{c}.csv").is_file()]
-    for f in frames:  # cells written before the 'multi' option existed were all trained separately
-        if "multi" not in f.columns and "label" in f.columns:
-            f.insert(int(f.columns.get_loc("label")) + 1, "multi", "separate")
+    paths = [out / "cells" / f"{c}.csv" for c in cells if (out / "cells" / f"{c}.csv").is_file()]
+    frames = [pd.read_csv(p) for p in paths]
+    for path, f in zip(paths, frames):
+        missing = [k for k in CELL_COLUMNS if k not in f.columns]
+        if missing:
+            raise EditbenchError(f"{path} has no column(s) {missing}: it was written by an older editbench; run the "
+                                 "suite into a new --out folder (editbench bench --suite SUITE --out NEW_DIR)")
     df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     write_csv(out / "results.csv", df)
     try:

@@ -47,10 +47,9 @@ _TOP_KEYS = {"name", "description", "model", "device", "dtype", "seeds", "concep
              "validation"}
 _METHOD_KEYS = {"name", "label", "config", "steps", "settings", "sweep", "multi"}
 MULTI_MODES = ("separate", "joint")
-"""How a method entry handles a multi-concept cell (``multi:``): ``separate`` (default; ``merge`` is accepted as
-a synonym): one artifact per concept, applied together, or merged with ``compose`` if the method applies only one;
-``joint``: one artifact trained on all the cell's concepts in one ``fit`` (methods with ``max_concepts != 1``)."""
-_MULTI_ALIASES = {"merge": "separate"}
+"""How a method entry handles a multi-concept cell (``multi:``): ``separate`` (default): one artifact per concept,
+applied together, or merged with ``compose`` if the method applies only one; ``joint``: one artifact trained on all
+the cell's concepts in one ``fit`` (methods with ``max_concepts != 1``)."""
 _METRIC_KEYS = {"clip", "clip_arch", "dino", "dino_arch", "text_scale", "image_scale", "composition"}
 _NAME_OK = re.compile(r"[^A-Za-z0-9._+=-]+")
 
@@ -190,8 +189,6 @@ class Suite:
         for m, names, seed in itertools.product(self.methods, units, self.seeds):
             prompts = tuple(self.concept_prompts(names))
             method = dataclasses.asdict(m)
-            if m.multi == "separate":  # the default leaves the hash as before the option existed: old cells stay
-                del method["multi"]
             for point in m.points():
                 spec = {**common, "method": method, "concepts": [self.concepts[n].identity() for n in names],
                         "seed": seed, "settings": point, "prompts": prompts}
@@ -249,10 +246,10 @@ def _method_spec(e: Any) -> MethodSpec:
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise EditbenchError(f"method {e['name']!r}: steps must be a positive int, got {steps!r}")
     multi = e.get("multi", "separate")
-    multi = _MULTI_ALIASES.get(multi, multi) if isinstance(multi, str) else multi
     if multi not in MULTI_MODES:
-        raise EditbenchError(f"method {e['name']!r}: multi must be one of {list(MULTI_MODES)} (or 'merge', the same "
-                             f"as 'separate'), got {e['multi']!r}")
+        raise EditbenchError(f"method {e['name']!r}: multi must be one of {list(MULTI_MODES)}, got {multi!r}; write "
+                             "'multi: separate' for one artifact per concept (applied together, or merged with the "
+                             "method's compose) or 'multi: joint' for one artifact trained on all of a cell's concepts")
     config = {k: tuple(v) if isinstance(v, list) else v for k, v in (e.get("config") or {}).items()}
     return MethodSpec(str(e["name"]), safe_name(e.get("label") or e["name"], "method label"), config, steps,
                       dict(e.get("settings") or {}), {k: list(v) for k, v in sweep.items()}, multi)
