@@ -20,7 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import perf
+import perf_common
 
 
 def pytest_addoption(parser):
@@ -31,7 +31,7 @@ def pytest_addoption(parser):
 
 
 def pytest_report_header(config):
-    m = perf.machine()
+    m = perf_common.machine()
     lines = [(f"machine: nproc={m['nproc']} torch={m['torch']} threads={m['torch_threads']} "
               f"OMP_NUM_THREADS={m['OMP_NUM_THREADS']} load={m['loadavg']}")]
     if m["competing_jobs"]:
@@ -52,7 +52,7 @@ def bench_rounds(request) -> int:
 def pytest_generate_tests(metafunc):
     if "geometry" in metafunc.fixturenames:
         geos = [g.strip() for g in metafunc.config.getoption("--bench-geometries").split(",") if g.strip()]
-        bad = sorted(set(geos) - set(perf.GEOMETRIES))
+        bad = sorted(set(geos) - set(perf_common.GEOMETRIES))
         if bad:
-            raise pytest.UsageError(f"unknown geometries {bad}; choose from {perf.GEOMETRIES}")
+            raise pytest.UsageError(f"unknown geometries {bad}; choose from {perf_common.GEOMETRIES}")
         metafunc.parametrize("geometry", geos, scope="module")

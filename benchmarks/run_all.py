@@ -19,34 +19,37 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import perf
+import perf_merge
+import perf_suite
+import perf_training
+from perf_common import ROOT, WORK, competing_jobs, in_subprocess, machine, median
 
 SECTIONS = ("storage", "inference", "training", "merge", "covariance", "fixes", "suite")
-DEFAULT_JSON = perf.ROOT / "benchmarks" / "results" / "performance.json"
-DEFAULT_MD = perf.ROOT / "docs" / "performance.md"
+DEFAULT_JSON = ROOT / "benchmarks" / "results" / "performance.json"
+DEFAULT_MD = ROOT / "docs" / "performance.md"
 
 
 def run(section: str, args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     if section == "storage":
-        out = {"geometries": {g: perf.in_subprocess("storage", geometry=g) for g in args.geometries}}
+        out = {"geometries": {g: in_subprocess("storage", geometry=g) for g in args.geometries}}
     elif section == "inference":
-        out = perf.in_subprocess("inference", kind=args.pipeline, rounds=args.rounds, steps=25)
+        out = in_subprocess("inference", kind=args.pipeline, rounds=args.rounds, steps=25)
     elif section == "training":
-        out = perf.measure_training_all(args.pipeline, rounds=args.training_rounds, steps=12, batch_size=4)
+        out = perf_training.measure_training_all(args.pipeline, rounds=args.training_rounds, steps=12, batch_size=4)
     elif section == "merge":
-        out = perf.measure_merge((2, 10), rounds=args.rounds)
+        out = perf_merge.measure_merge((2, 10), rounds=args.rounds)
     elif section == "covariance":
         sizes = (512, 2048)
-        out = {"clip-l": [perf.in_subprocess("covariance", encoder="clip-l", n_captions=n) for n in sizes],
-               "toy": [perf.in_subprocess("covariance", encoder="toy", n_captions=n) for n in sizes],
-               "compare": [perf.in_subprocess("covariance", encoder="clip-l", n_captions=256, variant=v,
-                                              save_to=str(perf.WORK / f"cov-{v}.safetensors"))
+        out = {"clip-l": [in_subprocess("covariance", encoder="clip-l", n_captions=n) for n in sizes],
+               "toy": [in_subprocess("covariance", encoder="toy", n_captions=n) for n in sizes],
+               "compare": [in_subprocess("covariance", encoder="clip-l", n_captions=256, variant=v,
+                                         save_to=str(WORK / f"cov-{v}.safetensors"))
                            for v in ("before", "after", "after", "before")]}
         from editbench.moments import SecondMoment
 
-        ref = SecondMoment.load(perf.WORK / "cov-before.safetensors").matrix()
-        new = SecondMoment.load(perf.WORK / "cov-after.safetensors").matrix()
+        ref = SecondMoment.load(WORK / "cov-before.safetensors").matrix()
+        new = SecondMoment.load(WORK / "cov-after.safetensors").matrix()
         for r in out["compare"]:
             r["rel_diff_to_before"] = float((new - ref).norm() / ref.norm())
     elif section == "fixes":  # before/after of the library fixes not covered by the sections above
@@ -55,15 +58,15 @@ def run(section: str, args: argparse.Namespace) -> dict:
             runs = []
             for r in range(2):
                 for v in (("before", "after") if r % 2 == 0 else ("after", "before")):
-                    runs.append(perf.in_subprocess(what, variant=v, geometry="sd15"))
+                    runs.append(in_subprocess(what, variant=v, geometry="sd15"))
             out[what] = runs
     elif section == "suite":
-        ok, why = perf.suite_available("toy-quick")
-        out = perf.measure_suite("toy-quick") if ok else {"measured": False, "why": why}
+        ok, why = perf_suite.suite_available("toy-quick")
+        out = perf_suite.measure_suite("toy-quick") if ok else {"measured": False, "why": why}
     else:
         raise ValueError(section)
     out["section_wall_s"] = round(time.perf_counter() - t0, 1)
-    out["machine"] = perf.machine()
+    out["machine"] = machine()
     return out
 
 
@@ -253,7 +256,7 @@ def render(results: dict) -> str:
                     "output widths 320-1280, input 768), 6 keys per concept, cached regularization statistics "
                     "(`C` given, ridged), float64. \"unfactored\" is the previous code (the solver per projection, "
                     "re-checking and re-factoring `C` every call and adding a transposed update, values built row "
-                    "by row), kept in `benchmarks/perf.py` and timed in the same run; both give the same weights "
+                    "by row), kept in `benchmarks/perf_merge.py` and timed in the same run; both give the same weights "
                     "(difference column).")
         body.append("")
         rows = []
@@ -300,8 +303,8 @@ def render(results: dict) -> str:
             before = [r for r in cv["compare"] if r["variant"] == "before"]
             after = [r for r in cv["compare"] if r["variant"] == "after"]
             body.append("- Peak memory also fell with the padding fix below: "
-                        f"{mb(perf.median([r['peak_rss_delta'] for r in before]))} "
-                        f"(batches padded to 77 tokens) -> {mb(perf.median([r['peak_rss_delta'] for r in after]))} "
+                        f"{mb(median([r['peak_rss_delta'] for r in before]))} "
+                        f"(batches padded to 77 tokens) -> {mb(median([r['peak_rss_delta'] for r in after]))} "
                         f"({before[0]['captions']} captions, CLIP ViT-L/14 shape).")
         body.append("")
 
@@ -343,7 +346,7 @@ def _pair(runs: list[dict], key: str) -> tuple[float, float, float]:
     """Median before, median after, and median of the after/before ratio of alternating runs."""
     before = [r[key] for r in runs if r["variant"] == "before"]
     after = [r[key] for r in runs if r["variant"] == "after"]
-    return perf.median(before), perf.median(after), perf.median([a / max(b, 1e-12) for a, b in zip(after, before)])
+    return median(before), median(after), median([a / max(b, 1e-12) for a, b in zip(after, before)])
 
 
 def fixes_block(results: dict) -> str:
@@ -372,8 +375,8 @@ def fixes_block(results: dict) -> str:
         b, a, q = _pair(runs, "tokens_per_s")
         agree = max(r.get("rel_diff_to_before", 0.0) for r in runs)
         rows.append([("`estimate_text_covariance` pads each batch to its longest caption instead of to 77 tokens "
-                     "(`solver.py`; the kept tokens' vectors do not depend on padding: same token count, C equal "
-                     f"to float32 rounding, largest relative Frobenius difference of C {agree:.0e})"),
+                     "(`text_covariance.py`; the kept tokens' vectors do not depend on padding: same token count, "
+                     f"C equal to float32 rounding, largest relative Frobenius difference of C {agree:.0e})"),
                      f"{runs[0]['encoder']}, {runs[0]['captions']} captions: tokens / s", f"{b:,.0f}", f"{a:,.0f}",
                      f"{a / b:.2f} (speed-up)"])
     if fx:
@@ -448,8 +451,8 @@ def main(argv: list[str] | None = None) -> None:
     args.geometries = [g for g in args.geometries.split(",") if g]
     results = json.loads(args.json.read_text()) if args.json.is_file() else {}
     if not args.render:
-        if perf.competing_jobs():
-            print(f"warning: competing jobs are running: {perf.competing_jobs()}", file=sys.stderr)
+        if competing_jobs():
+            print(f"warning: competing jobs are running: {competing_jobs()}", file=sys.stderr)
         for section in [s for s in args.only.split(",") if s]:
             if section not in SECTIONS:
                 ap.error(f"unknown section {section!r}; choose from {SECTIONS}")

@@ -3,17 +3,17 @@ and peak memory for two corpus sizes (fresh processes) to show it does not grow 
 
 from __future__ import annotations
 
-import perf
+from perf_common import in_subprocess, text_encoder
 
 from editbench.models import clip_tokenizer
 from editbench.text_covariance import default_captions, estimate_text_covariance
 
 
 def test_covariance_throughput(benchmark):
-    model, tok = perf.text_encoder(768, full_clip=True), clip_tokenizer()
+    model, tok = text_encoder(768, full_clip=True), clip_tokenizer()
     captions = default_captions()[:256]
-    small = perf.in_subprocess("covariance", encoder="clip-l", n_captions=256)
-    large = perf.in_subprocess("covariance", encoder="clip-l", n_captions=1024)
+    small = in_subprocess("covariance", encoder="clip-l", n_captions=256)
+    large = in_subprocess("covariance", encoder="clip-l", n_captions=1024)
     result = benchmark.pedantic(estimate_text_covariance, args=(model, tok, captions),
                                 kwargs={"progress": False}, rounds=2, iterations=1, warmup_rounds=1)
     benchmark.group = "covariance"

@@ -8,30 +8,16 @@ against itself with the per-step output cache off, i.e. the code path before the
 
 from __future__ import annotations
 
-import perf
 import pytest
+from perf_common import interleaved, ratio
+from perf_inference import inference_setup, uncached_case
 
 CASES = ("base", "perfusion_1", "perfusion_10", "lora_1", "lora_10")
 
 
 @pytest.fixture(scope="module")
 def setup(bench_pipeline_kind):
-    return perf.inference_setup(bench_pipeline_kind, (1, 10), steps=25)
-
-
-def _uncached(setup, n):
-    handle = [h for h in setup["handles"] if "bank" in h.info][(1, 10).index(n)]
-    run = setup["cases"][f"perfusion_{n}"]
-
-    def fn():
-        for layer in handle.info["layers"].values():
-            layer.cache_outputs = False
-        try:
-            return run()
-        finally:
-            for layer in handle.info["layers"].values():
-                layer.cache_outputs = True
-    return fn
+    return inference_setup(bench_pipeline_kind, (1, 10), steps=25)
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -41,12 +27,12 @@ def test_sampling(benchmark, setup, case, bench_rounds):
     if case.startswith("perfusion_"):
         n = int(case.split("_")[1])
         side[f"lora_{n}"] = cases[f"lora_{n}"]
-        side["uncached"] = _uncached(setup, n)
-    times = perf.interleaved(side, rounds=bench_rounds, warmup=1)
-    info = {"pipeline": setup["pipeline"], "steps": setup["steps"], "vs_base": perf.ratio(times, case, "base")}
+        side["uncached"] = uncached_case(setup, n)
+    times = interleaved(side, rounds=bench_rounds, warmup=1)
+    info = {"pipeline": setup["pipeline"], "steps": setup["steps"], "vs_base": ratio(times, case, "base")}
     if case.startswith("perfusion_"):
-        info[f"vs_lora_{n}"] = perf.ratio(times, case, f"lora_{n}")
-        info["uncached_vs_base"] = perf.ratio(times, "uncached", "base")
+        info[f"vs_lora_{n}"] = ratio(times, case, f"lora_{n}")
+        info["uncached_vs_base"] = ratio(times, "uncached", "base")
         info["goal_vs_base"] = 1.05 if n == 1 else 1.15
     benchmark.group = "inference"
     benchmark.extra_info.update(info)

@@ -8,35 +8,44 @@ from __future__ import annotations
 
 import gc
 
-import perf
 import pytest
 import torch
+from perf_common import (
+    METHODS,
+    REFERENCE,
+    build_artifact,
+    geometry_pipeline,
+    placeholder_for,
+    random_concept,
+    resolution,
+)
+from perf_storage import safetensors_size, too_large_to_write
 
 
 @pytest.fixture(scope="module")
 def geometry_setup(geometry):
-    pipe = perf.geometry_pipeline(geometry, torch.float16 if geometry == "sdxl" else torch.float32)
+    pipe = geometry_pipeline(geometry, torch.float16 if geometry == "sdxl" else torch.float32)
     fps: dict = {}
-    arts = {m: perf.build_artifact(m, pipe, perf.random_concept(perf.placeholder_for(m), "dog",
-                                                                size=perf.resolution(pipe)), fingerprints=fps)
-            for m in perf.METHODS}
+    arts = {m: build_artifact(m, pipe, random_concept(placeholder_for(m), "dog", size=resolution(pipe)),
+                              fingerprints=fps)
+            for m in METHODS}
     del pipe
     gc.collect()
     return arts
 
 
-@pytest.mark.parametrize("method", perf.METHODS)
+@pytest.mark.parametrize("method", METHODS)
 def test_artifact_storage(benchmark, geometry, geometry_setup, method, tmp_path):
     art = geometry_setup[method]
-    sizes = {label: perf.safetensors_size(art, dt) for label, dt in (("float32", torch.float32),
-                                                                     ("float16", torch.float16))}
-    ref = perf.safetensors_size(geometry_setup["dreambooth"], torch.float32)
+    sizes = {label: safetensors_size(art, dt) for label, dt in (("float32", torch.float32),
+                                                                ("float16", torch.float16))}
+    ref = safetensors_size(geometry_setup[REFERENCE], torch.float32)
     benchmark.group = f"storage-{geometry}"
     benchmark.extra_info.update(geometry=geometry, method=method, bytes_float32=sizes["float32"],
-                                bytes_float16=sizes["float16"], ratio_to_dreambooth=sizes["float32"] / ref)
-    if method == "dreambooth" and geometry == "sdxl":  # writing it needs ~4 UNet copies in RAM: size derived only
+                                bytes_float16=sizes["float16"], **{f"ratio_to_{REFERENCE}": sizes["float32"] / ref})
+    if geometry == "sdxl" and too_large_to_write(art):  # writing needs ~4 copies of it in RAM: size derived only
         benchmark.extra_info["how"] = "derived from shapes"
-        benchmark.pedantic(perf.safetensors_size, args=(art, torch.float32), rounds=1, iterations=1)
+        benchmark.pedantic(safetensors_size, args=(art, torch.float32), rounds=1, iterations=1)
         return
     path = tmp_path / f"{method}.safetensors"
     benchmark.pedantic(lambda: art.save(path, dtype=torch.float32), rounds=1, iterations=1)
