@@ -59,10 +59,32 @@ def _concept(args):
     return ConceptData(args.placeholder, args.superclass, images)
 
 
+TRAIN_FLAGS = {"gradient_checkpointing": "--gradient-checkpointing", "mixed_precision": "--mixed-precision",
+               "resolution": "--resolution", "lr_scheduler": "--lr-scheduler", "lr_warmup_steps": "--lr-warmup-steps",
+               "validation_every": "--validation-every", "validation_prompts": "--validation-prompt",
+               "log_with": "--log-with", "optimizer": "--optimizer", "num_class_images": "--num-class-images",
+               "class_resolution": "--class-resolution"}
+"""The training options ``editbench train`` has a flag for (config field -> flag); any other field: ``--set``."""
+
+
+def train_overrides(args) -> dict:
+    """The config overrides of ``editbench train``: ``--set key=value`` items and the training-option flags
+    (:data:`TRAIN_FLAGS`); EditbenchError if an option is given both ways."""
+    out = _kv(args.set)
+    for name, flag in TRAIN_FLAGS.items():
+        value = getattr(args, name, None)
+        if value is None:
+            continue
+        if name in out:
+            raise EditbenchError(f"{name} given twice (--set {name}=... and {flag}); give it once")
+        out[name] = tuple(value) if name == "validation_prompts" else value
+    return out
+
+
 def cmd_train(args) -> None:
     from editbench import methods
 
-    editor = methods.get(args.method)(**_kv(args.set))
+    editor = methods.get(args.method)(**train_overrides(args))
     pipe = _pipeline(args)
     concept = _concept(args)
     if args.concept:  # a toy concept gets the placeholder kind the method trains (a new token or a rare word)
@@ -206,7 +228,32 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--steps", type=int, default=None)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--set", action="append", help="config override key=value (repeatable)")
-    t.add_argument("--checkpoint-dir", default=None)
+    t.add_argument("--checkpoint-dir", default=None,
+                   help="checkpoints (resume by re-running), validation images and logs go here")
+    f = t.add_argument_group("training options (config fields; docs/architecture.md, Training)")
+    f.add_argument("--gradient-checkpointing", action="store_true", default=None,
+                   help="recompute activations in the backward pass (UNet, and the text encoder where trained "
+                        "through): less memory, more time")
+    f.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
+                   help="autocast the forward passes (trained parameters stay float32; fp16 scales the loss)")
+    f.add_argument("--resolution", type=int, default=None, metavar="PX",
+                   help="resize the concept images to PX before encoding (default: the model's resolution)")
+    f.add_argument("--lr-scheduler", default=None, metavar="NAME",
+                   help="constant (default), constant_with_warmup, linear, cosine, cosine_with_restarts")
+    f.add_argument("--lr-warmup-steps", type=int, default=None, metavar="N")
+    f.add_argument("--validation-every", type=int, default=None, metavar="N",
+                   help="sample the validation prompts every N steps into CHECKPOINT_DIR/validation/step_XXXXX/")
+    f.add_argument("--validation-prompt", dest="validation_prompts", action="append", default=None,
+                   metavar="PROMPT", help="a validation prompt, '{}' for the concept (repeatable; default: the "
+                                          "concept's first template)")
+    f.add_argument("--log-with", choices=["tensorboard"], default=None,
+                   help="log loss, learning rates and validation images to CHECKPOINT_DIR/logs")
+    f.add_argument("--optimizer", default=None, metavar="NAME", help="adamw (default), adam, adamw8bit "
+                                                                      "(needs bitsandbytes)")
+    f.add_argument("--num-class-images", type=int, default=None, metavar="N",
+                   help="prior preservation: class images per concept")
+    f.add_argument("--class-resolution", type=int, default=None, metavar="PX",
+                   help="prior preservation: generate the class images at PX (default: the training resolution)")
     t.add_argument("--out", required=True, help="artifact path (.safetensors)")
     model_args(t)
     t.set_defaults(func=cmd_train)

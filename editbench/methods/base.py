@@ -39,7 +39,7 @@ from editbench.fingerprint import fingerprint, module_tensors
 from editbench.methods.tokens import rare_word
 from editbench.safety import check_artifact_for, check_metadata, parse_metadata
 from editbench.storage import dtype_name, read_safetensors, tensor_checksum, write_safetensors
-from editbench.training import TrainConfig, TrainingSession, train
+from editbench.training import TrainConfig, TrainingSession, check_training, train
 
 __all__ = ["ARTIFACT_FORMAT", "Artifact", "EditHandle", "Editor", "NoSettings"]
 
@@ -296,12 +296,12 @@ class Editor:
         config = self.config if steps is None else dataclasses.replace(self.config, steps=steps)
         config.validate()
         self.check_pipeline(pipeline)
+        check_training(pipeline, config, checkpoint_dir)  # device, packages, sizes: before class images are made
         for c in concepts:
             c.check_tokens(pipeline.tokenizer, new_placeholder=self.new_token)
         base_fp = self.fingerprint(pipeline)
         cfg = json.loads(json.dumps(dataclasses.asdict(config)))  # JSON types (tuples -> lists), as after load
-        signature = {"method": self.name, "base": base_fp,
-                     "config": {k: v for k, v in cfg.items() if k not in config.RESUMABLE_FIELDS}}
+        signature = {"method": self.name, "base": base_fp, "config": config.run_signature()}
         # methods may draw from torch's global RNG while setting up (peft's LoRA init): seed it from ``seed`` so
         # that a fit (and a resumed fit) is reproducible, and leave the caller's global RNG state as it was
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

@@ -9,6 +9,11 @@ check, wall time and peak memory. A method supplies a :class:`TrainingSession`: 
 become encoder hidden states, and optional hooks (augmentation, extra loss, after-step fix-ups, extra state to
 checkpoint, the artifact builder).
 
+Optional, off by default (:class:`TrainConfig`; ``docs/architecture.md``, Training): gradient checkpointing,
+bf16/fp16 autocast (fp16 with loss scaling), a training resolution, learning-rate schedules (diffusers'
+``get_scheduler``), validation images and TensorBoard logs beside the checkpoint, 8-bit AdamW (bitsandbytes);
+:func:`check_training` refuses what the device, pipeline or installation cannot run, before any work.
+
 With more than one CUDA device and a multi-process launch (``accelerate launch`` / ``torchrun``), or
 ``EDITBENCH_ACCELERATE=1``, the same loop runs data-parallel through ``accelerate`` (see :func:`use_accelerate`);
 otherwise (CPU, one device) it is the plain single-process loop.
@@ -17,7 +22,7 @@ Shape legend: b batch, c latent channels, h/w latent height/width, H/W pixel hei
 """
 
 from editbench.training.checkpoint import CHECKPOINT_FILE
-from editbench.training.loop import train
+from editbench.training.loop import check_training, train
 from editbench.training.parallel import ACCELERATE_ENV, use_accelerate
 from editbench.training.session import (
     Param,
@@ -32,4 +37,4 @@ from editbench.training.session import (
 )
 
 __all__ = ["ACCELERATE_ENV", "CHECKPOINT_FILE", "Param", "ParamGroup", "StepContext", "TrainConfig", "TrainResult",
-           "TrainingSession", "encode_prompts", "masked_mse", "tokenize", "train", "use_accelerate"]
+           "TrainingSession", "check_training", "encode_prompts", "masked_mse", "tokenize", "train", "use_accelerate"]

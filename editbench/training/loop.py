@@ -1,18 +1,23 @@
 """The training loop: VAE-encoding the concept images (latent mean/std cached once, a fresh latent sample drawn
 per step), noise and timesteps from the pipeline's own noise schedule (``epsilon``, ``v_prediction`` or ``sample``
 targets), the mask-weighted MSE, AdamW/Adam over per-group learning rates, gradient accumulation, a seeded
-generator, the progress bar, checkpoints with exact resume, the non-finite-loss check, wall time and peak memory.
+generator, the progress bar, checkpoints with exact resume, the non-finite-loss check, wall time and peak memory;
+and the optional features of :class:`~editbench.training.session.TrainConfig`: gradient checkpointing, mixed
+precision, a training resolution, a learning-rate schedule, validation images, TensorBoard logs, 8-bit Adam.
 
 Shape legend: b batch, c latent channels, h/w latent height/width, H/W pixel height/width, n tokens, d width.
 """
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import json
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +26,14 @@ import torch.nn.functional as F
 from typing_extensions import Self
 
 from editbench.concepts import ConceptData, model_resolution
-from editbench.errors import TrainingError
+from editbench.errors import EditbenchError, TrainingError
 from editbench.fingerprint import update_with_tensor
 from editbench.training.checkpoint import CHECKPOINT_FILE, kept, load_checkpoint, save_checkpoint
 from editbench.training.parallel import DataParallel, make_accelerator, use_accelerate
 from editbench.training.session import (
+    MIXED_PRECISION,
     OPTIMIZERS,
+    ParamGroup,
     StepContext,
     TrainConfig,
     TrainingSession,
@@ -35,7 +42,10 @@ from editbench.training.session import (
     pipeline_device,
 )
 
-__all__ = ["encode_images", "scale_latents", "train"]
+__all__ = ["check_training", "encode_images", "scale_latents", "train", "training_resolution"]
+
+VALIDATION_DIR = "validation"
+LOG_DIR = "logs"
 
 def _modules(pipeline: Any) -> list[torch.nn.Module]:
     return [m for m in pipeline.components.values() if isinstance(m, torch.nn.Module)]
@@ -80,6 +90,180 @@ def scale_latents(pipeline: Any, z: torch.Tensor) -> torch.Tensor:
     cfg = pipeline.vae.config
     shift = getattr(cfg, "shift_factor", None) or 0.0
     return (z - shift) * cfg.scaling_factor
+
+
+def training_resolution(pipeline: Any, config: TrainConfig) -> int:
+    """Pixel size the concept images are encoded at: ``config.resolution``, else the model's own."""
+    return config.resolution or model_resolution(pipeline)
+
+
+def _autocast_dtype(device: torch.device, name: str) -> torch.dtype | None:
+    """The autocast dtype of ``mixed_precision=name`` after checking that ``device`` runs it (EditbenchError if not:
+    no autocast for the device type, the dtype silently not applied, or no fp16 loss scaler for it)."""
+    dtype = MIXED_PRECISION[name]
+    if dtype is None:
+        return None
+    try:
+        available = getattr(torch.amp, "is_autocast_available", None)
+        if available is not None and not available(device.type):
+            raise RuntimeError(f"torch has no autocast for device type {device.type!r}")
+        x = torch.ones(2, 2, device=device)
+        with warnings.catch_warnings():  # an unsupported dtype only warns and disables autocast: checked below
+            warnings.simplefilter("ignore")
+            with torch.autocast(device.type, dtype=dtype):
+                y = x @ x
+        if y.dtype != dtype:
+            raise RuntimeError(f"a matrix product under autocast ran in {y.dtype}, not {dtype}")
+        if name == "fp16":
+            torch.amp.GradScaler(device.type)
+    except (RuntimeError, ValueError, TypeError, AttributeError, AssertionError) as err:
+        raise EditbenchError(f"mixed_precision={name!r} cannot run on {device} with this torch "
+                             f"({torch.__version__}): {err}; use mixed_precision='bf16' or 'no', or train on "
+                             "another device") from None
+    return dtype
+
+
+def check_training(pipeline: Any, config: TrainConfig, checkpoint_dir: str | Path | None) -> None:
+    """EditbenchError, before any work, for a training feature this pipeline, device or installation cannot run
+    (or that needs a ``checkpoint_dir``). Called by :func:`train` and by ``Editor.fit`` before the method
+    prepares (class images can take long)."""
+    config.validate()
+    if checkpoint_dir is None and (config.validation_every or config.log_with):
+        what = "validation images" if config.validation_every else f"{config.log_with} logs"
+        raise EditbenchError(f"{what} are written beside the checkpoint: give a checkpoint_dir "
+                             "(editbench train --checkpoint-dir DIR)")
+    if config.log_with == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+        except ImportError:
+            raise EditbenchError("log_with='tensorboard' needs the tensorboard package: pip install tensorboard") \
+                from None
+    if config.optimizer == "adamw8bit":
+        _adamw8bit()
+    _autocast_dtype(pipeline_device(pipeline), config.mixed_precision)
+    factor = int(getattr(pipeline, "vae_scale_factor", 1) or 1)
+    for name in ("resolution", "class_resolution"):
+        size = getattr(config, name, None)
+        if size is not None and size % factor:
+            raise EditbenchError(f"{name}={size} is not a multiple of this VAE's scale factor {factor}; use e.g. "
+                                 f"{max(factor, size - size % factor)}")
+    if config.gradient_checkpointing and not getattr(pipeline.unet, "_supports_gradient_checkpointing", False):
+        raise EditbenchError(f"gradient_checkpointing: this UNet ({type(pipeline.unet).__name__}) does not support "
+                             "it (diffusers' enable_gradient_checkpointing); set gradient_checkpointing=False")
+
+
+def _adamw8bit() -> type:
+    try:
+        import bitsandbytes
+    except (ImportError, RuntimeError, OSError) as err:
+        raise EditbenchError(f"optimizer='adamw8bit' needs bitsandbytes, which is not importable here ({err}): "
+                             "pip install bitsandbytes, or use optimizer='adamw'") from None
+    return bitsandbytes.optim.AdamW8bit
+
+
+def _optimizer(config: TrainConfig, groups: list[ParamGroup]) -> torch.optim.Optimizer:
+    cls = _adamw8bit() if config.optimizer == "adamw8bit" else OPTIMIZERS[config.optimizer]
+    return cls([{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups],
+               betas=tuple(config.adam_betas), eps=config.adam_eps)
+
+
+def _lr_scheduler(config: TrainConfig, opt: torch.optim.Optimizer) -> Any:
+    """diffusers' schedule of ``config.lr_scheduler`` over ``config.steps`` optimizer steps (None: constant)."""
+    if config.lr_scheduler == "constant":
+        return None
+    from diffusers.optimization import get_scheduler
+
+    cycles = 0.5 if config.lr_scheduler == "cosine" else config.lr_num_cycles  # cosine: one half-wave down to 0
+    return get_scheduler(config.lr_scheduler, opt, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=config.steps, num_cycles=cycles)
+
+
+def _checkpointing_layers(name: str, module: torch.nn.Module) -> list[torch.nn.Module]:
+    """The layers of a text encoder that are checkpointed one by one (transformers' GradientCheckpointingLayer
+    modules, else the ``encoder.layers`` list)."""
+    try:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+    except ImportError:  # older transformers
+        GradientCheckpointingLayer = ()  # noqa: N806
+    layers = [m for m in module.modules() if GradientCheckpointingLayer and isinstance(m, GradientCheckpointingLayer)]
+    if not layers:
+        enc = getattr(getattr(module, "text_model", module), "encoder", None)
+        layers = list(getattr(enc, "layers", None) or [])
+    if not layers:
+        raise EditbenchError(f"gradient_checkpointing: cannot find the layers of the {name} "
+                             f"({type(module).__name__}) to checkpoint; set gradient_checkpointing=False")
+    return layers
+
+
+def _checkpointed(forward: Callable) -> Callable:
+    def run(*args: Any, **kwargs: Any) -> Any:
+        if torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return forward(*args, **kwargs)
+
+    return run
+
+
+class _Checkpointing:
+    """Gradient checkpointing of the modules gradients flow through, while training: diffusers models (the UNet)
+    through ``enable_gradient_checkpointing``; text encoders layer by layer (``torch.utils.checkpoint``, also in
+    eval mode, where transformers' own switch does nothing). Every attribute touched is put back on exit."""
+
+    _ATTRS = ("gradient_checkpointing", "_gradient_checkpointing_func")
+
+    def __init__(self, modules: dict[str, torch.nn.Module]):
+        self.modules = modules
+
+    def __enter__(self) -> Self:
+        self.saved: list[tuple[torch.nn.Module, str, bool, Any]] = []
+        for name, module in self.modules.items():
+            if hasattr(module, "enable_gradient_checkpointing"):       # diffusers ModelMixin
+                for m in module.modules():
+                    if hasattr(m, "gradient_checkpointing"):
+                        self._save(m, *self._ATTRS)
+                module.enable_gradient_checkpointing()
+            else:                                                     # a text encoder
+                for layer in _checkpointing_layers(name, module):
+                    self._save(layer, "forward")
+                    layer.forward = _checkpointed(layer.forward)
+        return self
+
+    def _save(self, m: torch.nn.Module, *attrs: str) -> None:
+        for a in attrs:
+            self.saved.append((m, a, a in vars(m), vars(m).get(a)))
+
+    def __exit__(self, *exc: object) -> None:
+        for m, attr, present, value in reversed(self.saved):
+            if present:
+                setattr(m, attr, value)
+            elif attr in vars(m):
+                delattr(m, attr)
+
+
+def _validation_images(pipeline: Any, folder: Path, step: int, prompts: list[str], config: TrainConfig, size: int,
+                       seed: int, autocast: Callable[[], Any], writer: Any) -> None:
+    """One image per prompt, sampled with the pipeline as it is being trained, into ``folder/step_XXXXX/``.
+
+    The pipeline object, its scheduler and every random generator of the run are left untouched: sampling goes
+    through a shallow copy of the pipeline with its own scheduler copy and CPU generators seeded ``seed + i``."""
+    from editbench.storage import atomic_target, write_json
+
+    pipe = copy.copy(pipeline)
+    vars(pipe)["scheduler"] = copy.deepcopy(pipeline.scheduler)   # sampling sets its timesteps
+    pipe.set_progress_bar_config(disable=True)
+    out = folder / f"step_{step:05d}"
+    for i, prompt in enumerate(prompts):
+        with torch.no_grad(), autocast():
+            image = pipe(prompt, num_inference_steps=config.validation_inference_steps,
+                         guidance_scale=config.validation_guidance_scale, height=size, width=size,
+                         generator=torch.Generator().manual_seed(seed + i)).images[0]
+        with atomic_target(out / f"{i:02d}.png") as tmp:
+            image.save(tmp, format="PNG")
+        if writer is not None:
+            import numpy as np
+
+            writer.add_image(f"validation/{i:02d}", np.asarray(image), step, dataformats="HWC")
+    write_json(out / "prompts.json", {f"{i:02d}.png": p for i, p in enumerate(prompts)})
 
 
 def _noise_schedule(pipeline: Any):
@@ -141,12 +325,21 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     its own device and the gradients are averaged over them (see :class:`DataParallel`); on CPU or one device
     the plain loop runs, unchanged.
 
+    Optional features (:class:`TrainConfig`; all off by default): gradient checkpointing of the modules the
+    gradients flow through (:meth:`TrainingSession.backprop_modules`), autocast of the forward passes
+    (``mixed_precision``; fp16 with a loss scaler), a training ``resolution``, a learning-rate schedule (its state
+    checkpointed), validation images every ``validation_every`` steps in ``checkpoint_dir/validation/
+    step_XXXXX/``, TensorBoard logs in ``checkpoint_dir/logs``, 8-bit AdamW. :func:`check_training` refuses
+    what this pipeline, device or installation cannot run, before any work.
+
     Raises TrainingError on a non-finite loss (naming the step; the last checkpoint is kept).
-    The pipeline's ``requires_grad`` flags and train/eval modes are restored on return.
+    The pipeline's ``requires_grad`` flags, train/eval modes and gradient-checkpointing switches are restored on
+    return.
     """
-    config.validate()
+    check_training(pipeline, config, checkpoint_dir)
     device = pipeline_device(pipeline)
-    size = model_resolution(pipeline)
+    size = training_resolution(pipeline, config)
+    amp_dtype = _autocast_dtype(device, config.mixed_precision)
     concepts = [concept] if isinstance(concept, ConceptData) else list(concept)
     loaded = [(c.load_images(size), c.load_masks(size)) for c in concepts]
     images = torch.cat([im for im, _ in loaded])                           # (N, 3, H, W)
@@ -169,9 +362,10 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
         if not p.is_floating_point() or p.dtype != torch.float32:
             raise TrainingError(f"trainable parameters must be float32 (got {p.dtype}); keep a float32 copy and "
                                 "cast in the forward pass")
-    opt = OPTIMIZERS[config.optimizer](
-        [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups],
-        betas=tuple(config.adam_betas), eps=config.adam_eps)
+    opt = _optimizer(config, groups)
+    lr_sched = _lr_scheduler(config, opt)
+    scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
+    any_state = config.optimizer == "adamw8bit"
     par = DataParallel(make_accelerator(), device) if use_accelerate() else None
     stepper = opt if par is None else par.acc.prepare(opt)  # AcceleratedOptimizer around (the state of) opt
     digest = [_concept_digest(c, im, m) for c, (im, m) in zip(concepts, loaded)]
@@ -183,7 +377,9 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     start, losses, wall_before = 0, [], 0.0
     if ckpt is not None and ckpt.exists():
         start, losses, wall_before = load_checkpoint(ckpt, groups=groups, optimizer=opt, generator=gen,
-                                                      session=session, signature=sig, steps=config.steps)
+                                                      session=session, signature=sig, steps=config.steps,
+                                                      lr_scheduler=lr_sched, grad_scaler=scaler,
+                                                      any_optimizer_state=any_state)
         if par is not None and par.rank:  # the checkpoint holds process 0's generator
             gen.manual_seed(par.seed(seed, start))
     if par is not None:
@@ -195,7 +391,24 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     phrases = [session.phrase_for(c) for c in concepts]
     unet = pipeline.unet
     T = sched.config.num_train_timesteps
-    with _Freeze(pipeline, params):
+
+    def autocast() -> Any:
+        return contextlib.nullcontext() if amp_dtype is None else torch.autocast(device.type, dtype=amp_dtype)
+
+    main = par is None or par.main
+    validation = None
+    if config.validation_every and main:
+        validation = [p.format(*phrases) for p in config.validation_prompts] or \
+            [c.templates[0].format(ph) for c, ph in zip(concepts, phrases)]
+    writer = None
+    if config.log_with == "tensorboard" and main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(Path(checkpoint_dir) / LOG_DIR))
+    skipped = 0
+    checkpointing = _Checkpointing(session.backprop_modules(pipeline)) if config.gradient_checkpointing \
+        else contextlib.nullcontext()
+    with _Freeze(pipeline, params), checkpointing:
         cache = None if session.augments else encode_images(pipeline, images)  # (N, c, h, w) x 2
 
         def diffusion_loss(latents: torch.Tensor, cond: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
@@ -234,12 +447,13 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
                         mean, std = cache[0][idx], cache[1][idx]                              # (b, c, h, w)
                     z = mean + std * torch.randn(mean.shape, generator=gen).to(mean)
                     latents = scale_latents(pipeline, z)
-                    cond = session.encode(prompts)                                            # (b, n, d)
-                    loss = diffusion_loss(latents, cond, m)
-                    extra = session.extra_loss(StepContext(step, micro, pipeline, gen, prompts, idx, latents,
-                                                           diffusion_loss, owners=own))
-                    if extra is not None:
-                        loss = loss + extra
+                    with autocast():
+                        cond = session.encode(prompts)                                        # (b, n, d)
+                        loss = diffusion_loss(latents, cond, m)
+                        extra = session.extra_loss(StepContext(step, micro, pipeline, gen, prompts, idx, latents,
+                                                               diffusion_loss, owners=own))
+                        if extra is not None:
+                            loss = loss + extra
                     value = float(loss.detach())
                     if not math.isfinite(value):
                         if par is not None:  # the other processes wait in the step's reduce: stop there, together
@@ -247,10 +461,11 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
                             continue
                         raise TrainingError(f"loss is {value} at step {step} (micro-batch {micro}); "
                                             f"{kept(ckpt)}. Lower the learning rates or check the data")
+                    scaled = loss / config.grad_accum if scaler is None else scaler.scale(loss / config.grad_accum)
                     if par is None:
-                        (loss / config.grad_accum).backward()
+                        scaled.backward()
                     else:
-                        par.acc.backward(loss / config.grad_accum)
+                        par.acc.backward(scaled)
                     step_loss += value / config.grad_accum
                     mem.sample()
                 if par is not None:
@@ -259,28 +474,58 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
                         raise TrainingError(f"loss is {step_loss} at step {step} (on at least one of {par.n} "
                                             f"processes); {kept(ckpt)}. Lower the learning rates or check the data")
                     par.reduce_grads(params)
+                if scaler is not None:
+                    scaler.unscale_(opt)  # clip (and the optimizer) see the true gradients
                 if config.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                stepper.step()
+                lrs = [g["lr"] for g in opt.param_groups]  # this step's learning rates
+                if scaler is None:
+                    stepper.step()
+                else:  # skips the step if a gradient overflowed (and lowers the scale)
+                    before = scaler.get_scale()
+                    with warnings.catch_warnings():  # a skipped first step: "scheduler.step() before optimizer"
+                        warnings.simplefilter("ignore")
+                        scaler.step(opt)
+                    scaler.update()
+                    skipped += scaler.get_scale() < before
                 stepper.zero_grad(set_to_none=True)
+                if lr_sched is not None:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")
+                        lr_sched.step()
                 session.after_step(step)
                 losses.append(step_loss)
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}")
+                if writer is not None:
+                    writer.add_scalar("train/loss", step_loss, step)
+                    for g, lr in zip(groups, lrs):
+                        writer.add_scalar(f"train/lr/{g.name}", lr, step)
+                    if scaler is not None:
+                        writer.add_scalar("train/loss_scale", scaler.get_scale(), step)
                 if ckpt is not None and (step == config.steps or
                                          (config.checkpoint_every and step % config.checkpoint_every == 0)):
-                    if par is None or par.main:
+                    if main:
                         save_checkpoint(ckpt, groups=groups, optimizer=opt, generator=gen, session=session,
                                          signature=sig, step=step, losses=losses,
-                                         wall=wall_before + time.perf_counter() - t0)
+                                         wall=wall_before + time.perf_counter() - t0, lr_scheduler=lr_sched,
+                                         grad_scaler=scaler, any_optimizer_state=any_state)
+                    if writer is not None:
+                        writer.flush()
                     if par is not None:
                         par.acc.wait_for_everyone()
+                if validation is not None and step % config.validation_every == 0:
+                    _validation_images(pipeline, Path(checkpoint_dir) / VALIDATION_DIR, step, validation, config,
+                                       size, seed, autocast, writer)
         finally:
             bar.close()
+            if writer is not None:
+                writer.close()
             if par is not None:
                 par.acc.free_memory()
     wall = time.perf_counter() - t0
     peak, kind = mem.result()
     return TrainResult(steps=config.steps, losses=losses, wall_time_s=wall, wall_time_total_s=wall_before + wall,
                        peak_memory_bytes=peak, memory_kind=kind, device=str(device), resumed_from=start,
-                       extra={} if par is None else {"processes": par.n})
+                       extra={**({} if par is None else {"processes": par.n}),
+                              **({} if scaler is None else {"fp16_skipped_steps": skipped})})

@@ -7,6 +7,7 @@ Shape legend: b batch, c latent channels, h/w latent height/width, n tokens, d w
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,11 +20,26 @@ from editbench.errors import EditbenchError, TrainingError
 if TYPE_CHECKING:
     from editbench.methods.base import Artifact
 
-__all__ = ["OPTIMIZERS", "Param", "ParamGroup", "StepContext", "TrainConfig", "TrainResult", "TrainingSession",
-           "encode_prompts", "masked_mse", "pipeline_device", "tokenize"]
+__all__ = ["LR_SCHEDULERS", "MIXED_PRECISION", "OPTIMIZERS", "Param", "ParamGroup", "StepContext", "TrainConfig",
+           "TrainResult", "TrainingSession", "encode_prompts", "masked_mse", "pipeline_device", "tokenize"]
 
-OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam}
-"""The optimizers ``TrainConfig.optimizer`` names."""
+OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "adamw8bit": None}
+"""The optimizers ``TrainConfig.optimizer`` names (``adamw8bit``: ``bitsandbytes.optim.AdamW8bit``, imported when
+training starts; bitsandbytes is an optional dependency)."""
+
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
+"""``TrainConfig.lr_scheduler`` names: schedules of ``diffusers.optimization.get_scheduler``. ``cosine`` decays to
+0 in one half-wave; ``cosine_with_restarts`` does ``lr_num_cycles`` such half-waves with hard restarts."""
+
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""``TrainConfig.mixed_precision`` -> the autocast dtype of the forward passes (None: no autocast)."""
+
+VALIDATION_TEXT = 1000
+"""Longest validation prompt accepted (characters)."""
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 @dataclass(frozen=True)
@@ -46,7 +62,27 @@ class Param:
 
 @dataclass
 class TrainConfig:
-    """Training settings every method has; a method's ``Config`` subclasses this and adds its own fields."""
+    """Training settings every method has; a method's ``Config`` subclasses this and adds its own fields.
+
+    Memory and schedule features (all off by default; the defaults train exactly as before they existed):
+
+    * ``gradient_checkpointing``: recompute activations in the backward pass instead of keeping them: the UNet
+      (diffusers' ``enable_gradient_checkpointing``) and every text encoder the gradients flow through
+      (:meth:`TrainingSession.backprop_modules`); restored afterwards.
+    * ``mixed_precision``: ``"no"``, ``"bf16"`` or ``"fp16"``: the forward passes (prompt encoding, UNet, extra
+      losses) run under ``torch.autocast`` on the pipeline's device; trained parameters stay float32; ``"fp16"``
+      scales the loss (``torch.amp.GradScaler``) and skips steps whose gradients overflow.
+    * ``resolution``: pixel size the concept images are resized to before VAE encoding (None: the model's own,
+      :func:`editbench.concepts.model_resolution`).
+    * ``lr_scheduler`` / ``lr_warmup_steps`` / ``lr_num_cycles``: the learning-rate schedule of every parameter
+      group (:data:`LR_SCHEDULERS`, ``diffusers.optimization.get_scheduler``): optimizer step k uses
+      ``lr x schedule(k - 1)``, as diffusers' training scripts do (so with warm-up the first step has lr 0).
+    * ``validation_every`` / ``validation_prompts`` / ``validation_inference_steps`` / ``validation_guidance_scale``:
+      every N steps, one image per prompt (``{}``: the concept's phrase) sampled with the pipeline as it is being
+      trained, written to ``checkpoint_dir/validation/step_XXXXX/``.
+    * ``log_with``: None or ``"tensorboard"`` (loss, learning rates, validation images in ``checkpoint_dir/logs``).
+    * ``optimizer``: ``"adamw"``, ``"adam"`` or ``"adamw8bit"`` (bitsandbytes).
+    """
 
     steps: int = 400
     batch_size: int = 4
@@ -58,9 +94,40 @@ class TrainConfig:
     max_grad_norm: float | None = None
     checkpoint_every: int = 50
     mask_loss: bool = True
+    gradient_checkpointing: bool = False
+    mixed_precision: str = "no"
+    resolution: int | None = None
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    validation_every: int = 0
+    validation_prompts: tuple[str, ...] = ()
+    validation_inference_steps: int = 25
+    validation_guidance_scale: float = 7.5
+    log_with: str | None = None
 
     # fields that may change between a checkpoint and its resume (everything else must match)
-    RESUMABLE_FIELDS = ("steps", "checkpoint_every")
+    RESUMABLE_FIELDS = ("steps", "checkpoint_every", "gradient_checkpointing", "validation_every",
+                        "validation_prompts", "validation_inference_steps", "validation_guidance_scale", "log_with")
+    # fields added after checkpoints existed: left out of a run's signature while at their defaults, so that a
+    # checkpoint written before them still resumes (a method's own later fields may be listed by its Config)
+    LATER_FIELDS = ("mixed_precision", "resolution", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
+                    "class_resolution")
+
+    def run_signature(self) -> dict:
+        """The config entries (JSON types) a training checkpoint must match to be resumed: every field but
+        :attr:`RESUMABLE_FIELDS`, :attr:`LATER_FIELDS` at their defaults left out, and ``steps`` kept where the
+        learning-rate schedule depends on it."""
+        import dataclasses
+        import json
+
+        cfg = json.loads(json.dumps(dataclasses.asdict(self)))  # JSON types (tuples -> lists), as after load
+        defaults = {f.name: f.default for f in dataclasses.fields(self) if f.default is not dataclasses.MISSING}
+        out = {k: v for k, v in cfg.items() if k not in self.RESUMABLE_FIELDS
+               and not (k in self.LATER_FIELDS and k in defaults and getattr(self, k) == defaults[k])}
+        if self.lr_scheduler in ("linear", "cosine", "cosine_with_restarts"):
+            out["steps"] = self.steps  # the schedule is a function of the total: a resume cannot change it
+        return out
 
     @classmethod
     def search_space(cls) -> list[Param]:
@@ -80,6 +147,49 @@ class TrainConfig:
             raise EditbenchError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise EditbenchError(f"max_grad_norm must be > 0 or None, got {self.max_grad_norm!r}")
+        self.validate_features()
+
+    def validate_features(self) -> None:
+        """The checks of the memory / schedule / validation / logging fields (values only: whether the device,
+        the pipeline and the installed packages can run them is checked when training starts)."""
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise EditbenchError(f"gradient_checkpointing must be true or false, got {self.gradient_checkpointing!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            raise EditbenchError(f"mixed_precision must be one of {list(MIXED_PRECISION)}, got "
+                                 f"{self.mixed_precision!r}")
+        if self.resolution is not None and (not _is_int(self.resolution) or self.resolution < 1):
+            raise EditbenchError(f"resolution must be a positive int (pixels) or None (the model's own), got "
+                                 f"{self.resolution!r}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise EditbenchError(f"lr_scheduler must be one of {list(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        for name in ("lr_warmup_steps", "validation_every"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise EditbenchError(f"{name} must be an int >= 0, got {v!r}")
+        if self.lr_warmup_steps and self.lr_scheduler == "constant":
+            raise EditbenchError(f"lr_warmup_steps={self.lr_warmup_steps} needs a schedule with a warm-up; "
+                                 "lr_scheduler='constant' has none: use 'constant_with_warmup'")
+        if not _is_int(self.lr_num_cycles) or self.lr_num_cycles < 1:
+            raise EditbenchError(f"lr_num_cycles must be a positive int, got {self.lr_num_cycles!r}")
+        prompts = self.validation_prompts
+        if isinstance(prompts, str) or not isinstance(prompts, (tuple, list)) or not all(
+                isinstance(p, str) and p.strip() and len(p) <= VALIDATION_TEXT for p in prompts):
+            raise EditbenchError("validation_prompts must be a list of non-empty prompts (at most "
+                                 f"{VALIDATION_TEXT} characters; '{{}}' stands for the concept), got {prompts!r}")
+        for p in prompts:
+            try:
+                p.format(*["x"] * 16)
+            except (IndexError, KeyError, ValueError):
+                raise EditbenchError(f"validation prompt {p!r}: only '{{}}' (or '{{0}}', '{{1}}', ...: the "
+                                     "concepts' phrases) may stand in braces") from None
+        if not _is_int(self.validation_inference_steps) or self.validation_inference_steps < 1:
+            raise EditbenchError(f"validation_inference_steps must be a positive int, got "
+                                 f"{self.validation_inference_steps!r}")
+        g = self.validation_guidance_scale
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g) or g < 0:
+            raise EditbenchError(f"validation_guidance_scale must be a finite number >= 0, got {g!r}")
+        if self.log_with not in (None, "tensorboard"):
+            raise EditbenchError(f"log_with must be None or 'tensorboard', got {self.log_with!r}")
 
 
 @dataclass
@@ -171,6 +281,30 @@ class TrainingSession:
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (e.g. to restore embedding rows that must not change)."""
+
+    def backprop_modules(self, pipeline: Any) -> dict[str, torch.nn.Module]:
+        """The pipeline components the gradients flow through (``config.gradient_checkpointing`` checkpoints them).
+
+        Default: the UNet, plus every text encoder (``text_encoder``, ``text_encoder_2``) that holds a trained
+        parameter or whose input embedding carries trained rows (:class:`editbench.methods.tokens.
+        ExtendedEmbedding`: textual inversion, Perfusion, Custom Diffusion's modifier tokens). Override if a
+        method backpropagates through a text encoder in another way.
+        """
+        from editbench.methods.tokens import ExtendedEmbedding
+
+        trained = {id(p) for g in self.param_groups() for p in g.params}
+        out = {"unet": pipeline.unet}
+        for name in ("text_encoder", "text_encoder_2"):
+            enc = getattr(pipeline, name, None)
+            if not isinstance(enc, torch.nn.Module):
+                continue
+            hit = any(id(p) in trained for p in enc.parameters())
+            emb = enc.get_input_embeddings() if hasattr(enc, "get_input_embeddings") else None
+            while not hit and isinstance(emb, ExtendedEmbedding):
+                hit, emb = id(emb.rows) in trained, emb.base
+            if hit:
+                out[name] = enc
+        return out
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Non-parameter state to checkpoint (e.g. an EMA); restored by :meth:`load_state_tensors`."""
