@@ -292,7 +292,8 @@ def check_artifact_for(editor: Any, artifact: Any) -> None:
         f = fields[name]
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
-        if not _field_ok(default, value):
+        optional = value is None and "None" in str(f.type)  # e.g. "float | None" with a non-None default
+        if not optional and not _field_ok(default, value):
             raise _fail(where, f"metadata config.{name} = {_short(value)} has the wrong type for {editor.name}")
         values[name] = tuple(value) if isinstance(value, list) and isinstance(default, tuple) else value
     try:

@@ -66,3 +66,18 @@ def test_training_keeps_learned_rows_within_the_cap(name):
     assert float(free.reshape(-1, free.shape[-1]).norm(dim=-1).max()) > 1.5 * limit
     capped = load(name, trained(name, steps=4, **{lr_field: 0.5, "embedding_norm_cap": 1.5})).tensors[tensor]
     assert float(capped.reshape(-1, capped.shape[-1]).norm(dim=-1).max()) <= 1.5 * limit * (1 + 1e-6)
+
+
+def test_metadata_accepts_none_only_for_optional_config_fields():
+    """An artifact trained uncapped records ``embedding_norm_cap = None`` (an optional field whose default is a
+    number): it loads; None in a field that is not optional (``lr``) is refused."""
+    from editbench.errors import ArtifactError
+    from editbench.safety import check_artifact_for
+
+    ed = methods.get("textual_inversion")()
+    art = load("textual_inversion", trained("textual_inversion", steps=2, embedding_norm_cap=None))
+    assert art.metadata["config"]["embedding_norm_cap"] is None
+    check_artifact_for(ed, art)
+    art.metadata["config"]["lr"] = None
+    with pytest.raises(ArtifactError, match="config.lr"):
+        check_artifact_for(ed, art)

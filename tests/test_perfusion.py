@@ -324,7 +324,8 @@ def test_training_lowers_the_loss_and_changes_only_the_concept(trained, concept)
     torch.testing.assert_close(init.tensors["embedding"], pipe.text_encoder.get_input_embeddings().weight[sup])
     assert _fixed_loss(pipe, art, concept) < _fixed_loss(pipe, init, concept)
     meta = art.metadata
-    assert meta["training"]["steps"] == 12 and meta["beta_train"] == 0.75 and meta["config"]["lr_values"] == 0.05
+    assert meta["training"]["steps"] == 12 and meta["config"]["lr_values"] == 0.05
+    assert meta["beta_train"] == PerfusionEditor.Config().beta_train
 
 
 def test_trained_artifact_round_trips_and_applies_from_disk(trained, tmp_path):
@@ -519,7 +520,7 @@ def test_trained_key_artifacts_and_config_are_validated(pipe):
                 {"lr_keys": float("nan")}, {"lr_keys": True}):
         with pytest.raises(EditbenchError):
             PerfusionEditor(**bad)
-    assert PerfusionConfig().key_locking is True and PerfusionConfig().lr_keys == 0.03
+    assert PerfusionConfig().key_locking is True and PerfusionConfig().lr_keys == PerfusionConfig().lr_values
     assert not any(isinstance(m, GatedRank1Linear) for m in pipe.unet.modules())
 
 

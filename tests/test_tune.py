@@ -257,7 +257,7 @@ def test_validation_concepts_are_apart_from_test_concepts():
     v = T.validation_suite(quick, "perfusion", {"config": {"lr_values": 0.1}, "settings": {"beta": 0.5}, "steps": 7})
     assert sorted(v.concepts) == sorted(TOY_VALIDATION) and not v.pairs and len(v.methods) == 1
     assert (v.methods[0].config, v.methods[0].settings, v.methods[0].sweep, v.methods[0].steps) == (
-        {"lr_values": 0.1}, {"beta": 0.5}, {}, 7)
+        {"lr_values": 0.1}, {**quick.methods[1].settings, "beta": 0.5}, {}, 7)   # merged over the entry's own
 
 
 # ------------------------------------------------------------------------------------------------ CLI, bench --tuned

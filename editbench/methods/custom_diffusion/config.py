@@ -19,11 +19,11 @@ class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     """Training settings of Custom Diffusion: the K/V projections of every cross-attention layer + one modifier
     token per concept (``"<new1> cat"``), resize augmentation with a masked loss, prior preservation.
 
-    Defaults are the toy-world scale (32x32 px): 100 steps of batch 4 (+4 class images), 16 class images, lr
-    4e-4 (the reference's ``1e-5 x batch`` rule gives 4e-5; x10 so that 100-step toy runs move: an untuned toy
-    choice). Everything else is the reference's: AdamW with weight decay 1e-2 and gradient clipping at 1.0, the
-    same lr for the modifier rows, augmentation p = 0.66, prior loss weight 1.0, modifier tokens initialised from
-    rare tokens.
+    Defaults are the toy world's (32x32 px), tuned by ``editbench tune`` on its validation concepts
+    (benchmarks/tuning/toy-quick/custom_diffusion/tuned.json): 194 steps of batch 4 (+4 class images), 16 class
+    images, lr 7.95e-4 (K/V and modifier rows), prior loss weight 0.49, modifier rows kept at <= 2.27 x the
+    superclass word's norm (``embedding_norm_cap``). Everything else is the reference's: AdamW with weight decay
+    1e-2 and gradient clipping at 1.0, augmentation p = 0.66, modifier tokens initialised from rare tokens.
 
     ``svd_rank`` / ``svd_energy`` store each K/V delta as a truncated SVD (rank, or the smallest rank keeping
     that fraction of the singular-value sum; the paper's compression uses 0.6). ``merge_ridge`` is the ridge
@@ -32,10 +32,10 @@ class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     over 10 d for SD 1.x's d = 768; the reference uses 200).
     """
 
-    steps: int = 100
+    steps: int = 194
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 4e-4
+    lr: float = 7.95e-4
     lr_modifier: float | None = None            # None: same as lr (the reference trains both with one lr)
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
@@ -46,17 +46,20 @@ class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     svd_energy: float | None = None
     merge_ridge: float = 1e-6
     merge_captions: int | None = 1000          # first N of default_captions() for C (None: all 3,000)
+    prior_loss_weight: float = 0.49
+    embedding_norm_cap: float | None = 2.27
 
     @classmethod
     def reference(cls, **overrides) -> CustomDiffusionConfig:
         """The paper's recipe (512 px): 250 steps (500 for two concepts), batch 8, lr 8e-5 (= 1e-5 x batch),
         200 regularization images, prior loss weight 1.0."""
-        return cls(**{"steps": 250, "batch_size": 8, "lr": 8e-5, "num_class_images": 200,
+        return cls(**{"steps": 250, "batch_size": 8, "lr": 8e-5, "num_class_images": 200, "prior_loss_weight": 1.0,
+                      "embedding_norm_cap": None,
                       "class_inference_steps": 50, "class_guidance_scale": 6.0, **overrides})
 
     @classmethod
     def search_space(cls) -> list[Param]:
-        """``editbench tune``'s space: the learning rate (log-uniform, /10 to x10 of the default), the prior loss
+        """``editbench tune``'s space: the learning rate (log-uniform, 4e-5 to 4e-3), the prior loss
         weight, the embedding-norm cap of the modifier rows (x the superclass word's norm) and the training steps."""
         return [Param("lr", "log", 4e-5, 4e-3), Param("prior_loss_weight", "float", 0.1, 1.5),
                 Param("embedding_norm_cap", "float", 0.75, 3.0),

@@ -20,31 +20,32 @@ class DreamBoothConfig(PriorConfigMixin, TrainConfig):
     """Training settings of DreamBooth: the whole UNet (and optionally the text encoder) is fine-tuned on prompts
     "<identifier> <class>" with prior preservation (``loss = instance + prior_loss_weight * prior``).
 
-    Defaults are the toy-world scale (32x32 px): 100 steps of batch 4 (+4 class images), 16 class images, lr 5e-5
-    (the reference's 5e-6 x10 for 100-step toy runs: an untuned toy choice). As in the reference: AdamW with
-    weight decay 1e-2, gradient clipping at 1.0, prior loss weight 1.0, text encoder frozen unless
-    ``train_text_encoder`` (then at ``lr_text_encoder``, default ``lr``).
+    Defaults are the toy world's (32x32 px), tuned by ``editbench tune`` on its validation concepts
+    (benchmarks/tuning/toy-quick/dreambooth/tuned.json): 197 steps of batch 4 (+4 class images), 16 class images,
+    lr 6.26e-5, prior loss weight 1.10. As in the reference: AdamW with weight decay 1e-2, gradient clipping at
+    1.0, text encoder frozen unless ``train_text_encoder`` (then at ``lr_text_encoder``, default ``lr``).
     """
 
-    steps: int = 100
+    steps: int = 197
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 5e-5
+    lr: float = 6.26e-5
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
     train_text_encoder: bool = False
     lr_text_encoder: float | None = None
+    prior_loss_weight: float = 1.10
 
     @classmethod
     def reference(cls, **overrides) -> DreamBoothConfig:
         """diffusers' ``train_dreambooth.py`` README recipe with prior preservation (512 px): 800 steps, batch 1,
         lr 5e-6, 200 class images (50 sampling steps, guidance 7.5), prior loss weight 1.0."""
-        return cls(**{"steps": 800, "batch_size": 1, "lr": 5e-6, "num_class_images": 200,
+        return cls(**{"steps": 800, "batch_size": 1, "lr": 5e-6, "num_class_images": 200, "prior_loss_weight": 1.0,
                       "class_inference_steps": 50, "class_guidance_scale": 7.5, **overrides})
 
     @classmethod
     def search_space(cls) -> list[Param]:
-        """``editbench tune``'s space: the learning rate (log-uniform, /10 to x10 of the default), the prior loss
+        """``editbench tune``'s space: the learning rate (log-uniform, 5e-6 to 5e-4), the prior loss
         weight and the training steps."""
         return [Param("lr", "log", 5e-6, 5e-4), Param("prior_loss_weight", "float", 0.1, 1.5),
                 Param("steps", "int", 40, 300, target="steps")]

@@ -21,19 +21,19 @@ class LoRAConfig(PriorConfigMixin, TrainConfig):
 
     ``rank`` / ``alpha``: the adapter's ``W + (alpha / rank) B A`` (reference r = 4, alpha = 4);
     ``target_modules``: peft's module-name suffixes; ``init_lora_weights``: peft's init ("gaussian" as diffusers'
-    scripts: A Gaussian, B zero). Defaults are the toy-world scale (32x32 px): 100 steps of batch 4, lr 1e-3 (the
-    reference's 1e-4 x10 for 100-step toy runs: an untuned toy choice); AdamW weight decay 1e-2, clipping at 1.0,
-    prior preservation off (as in diffusers' DreamBooth-LoRA example; switch it on with
-    ``with_prior_preservation=True``).
+    scripts: A Gaussian, B zero). Defaults are the toy world's (32x32 px), tuned by ``editbench tune`` on its
+    validation concepts (benchmarks/tuning/toy-quick/lora/tuned.json): 208 steps of batch 4, lr 1.25e-3, rank 2
+    (alpha 4); AdamW weight decay 1e-2, clipping at 1.0, prior preservation off (as in diffusers' DreamBooth-LoRA
+    example; switch it on with ``with_prior_preservation=True``). :meth:`reference` is diffusers' recipe.
     """
 
-    steps: int = 100
+    steps: int = 208
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float = 1.25e-3
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
-    rank: int = 4
+    rank: int = 2
     alpha: float = 4.0
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     init_lora_weights: str = "gaussian"
@@ -44,11 +44,11 @@ class LoRAConfig(PriorConfigMixin, TrainConfig):
     def reference(cls, **overrides) -> LoRAConfig:
         """diffusers' ``train_dreambooth_lora.py`` README recipe (512 px): 500 steps, batch 1, lr 1e-4, rank 4,
         alpha 4, no prior preservation."""
-        return cls(**{"steps": 500, "batch_size": 1, "lr": 1e-4, **overrides})
+        return cls(**{"steps": 500, "batch_size": 1, "lr": 1e-4, "rank": 4, **overrides})
 
     @classmethod
     def search_space(cls) -> list[Param]:
-        """``editbench tune``'s space: the learning rate (log-uniform, /10 to x10 of the default), the adapter rank
+        """``editbench tune``'s space: the learning rate (log-uniform, 1e-4 to 1e-2), the adapter rank
         and the training steps."""
         return [Param("lr", "log", 1e-4, 1e-2), Param("rank", "categorical", choices=(2, 4, 8, 16)),
                 Param("steps", "int", 40, 300, target="steps")]

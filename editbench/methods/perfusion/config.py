@@ -24,9 +24,13 @@ def _positive(name: str, v: float) -> None:
 
 @dataclass
 class PerfusionConfig(EmbeddingNormCap, TrainConfig):
-    """Training settings. Defaults are the toy-world scale (200 steps of batch 4); the paper's reference run is
-    ``PerfusionConfig.reference()`` (400 steps, batch 16 = 4 x 4 accumulation). Learning rates are the
-    reference ones: Adam step sizes per parameter group, so they do not depend on batch size.
+    """Training settings. Defaults are the toy world's (batch 4), tuned by ``editbench tune`` on its validation
+    concepts (benchmarks/tuning/toy-quick/perfusion/tuned.json): 122 steps, lr 0.0745 for ``o*_V`` and 7.9e-4
+    for the embedding row, training gate bias 0.768, the row kept at <= 2.25 x the superclass word's norm
+    (``embedding_norm_cap``); tuned inference point beta 0.505, tau 0.082 (the toy suites set them;
+    :class:`PerfusionSettings` keeps the paper's). The paper's reference run is ``PerfusionConfig.reference()``
+    (400 steps, batch 16 = 4 x 4 accumulation, lr 0.03 / 0.006, gate bias 0.75, no cap). Learning rates are Adam
+    step sizes per parameter group, so they do not depend on batch size.
 
     ``key_locking`` (default True, the paper's method): the key targets are locked to the superclass,
     ``o*_K = W_K i_super``, recomputed at inference and not stored. ``key_locking=False`` is the paper's ablation
@@ -40,27 +44,30 @@ class PerfusionConfig(EmbeddingNormCap, TrainConfig):
     encoders that carry the concept direction into all later tokens (measured on the toy world:
     docs/methods/perfusion.md). Stored in the artifact; :class:`PerfusionSettings` uses it unless overridden."""
 
-    steps: int = 200
+    steps: int = 122
     batch_size: int = 4
     grad_accum: int = 1
-    lr_values: float = 0.03        # o*_V of every cross-attention layer
-    lr_embedding: float = 0.006    # the concept word's embedding row
-    beta_train: float = 0.75       # sigmoid bias of the gate during training
+    lr_values: float = 0.0745      # o*_V of every cross-attention layer
+    lr_embedding: float = 7.9e-4   # the concept word's embedding row
+    beta_train: float = 0.768      # sigmoid bias of the gate during training
     tau_train: float = 0.10        # sigmoid temperature during training
     ema_decay: float = 0.99        # of i*, the concept token's encoding
     cov_ridge: float = 1e-4        # C + cov_ridge * tr(C) / d * I
     key_locking: bool = True       # False: the "trained keys" ablation (o*_K learned and stored per layer)
-    lr_keys: float = 0.03          # o*_K of every cross-attention layer, only when key_locking is False
+    lr_keys: float = 0.0745        # o*_K of every layer (= lr_values), only when key_locking is False
     gate_tokens: str = "all"       # "all" (paper) or "concept" (edit only the concept token's positions)
+    embedding_norm_cap: float | None = 2.25  # learned row <= 2.25 x |e(superclass)| (None: uncapped)
 
     @classmethod
     def reference(cls, **overrides) -> PerfusionConfig:
         """The paper's / reference implementation's settings: 400 steps, batch 16 as 4 x 4 accumulation."""
-        return cls(**{"steps": 400, "batch_size": 4, "grad_accum": 4, **overrides})
+        return cls(**{"steps": 400, "batch_size": 4, "grad_accum": 4, "lr_values": 0.03, "lr_embedding": 0.006,
+                      "lr_keys": 0.03, "beta_train": 0.75, "embedding_norm_cap": None,
+                      **overrides})
 
     @classmethod
     def search_space(cls) -> list[Param]:
-        """``editbench tune``'s space: both learning rates (log-uniform, /10 to x10 of the defaults), the training
+        """``editbench tune``'s space: both learning rates (log-uniform, 3e-3 to 0.3 and 6e-4 to 0.06), the training
         gate bias, the inference gate bias and temperature, the embedding-norm cap (x the superclass word's norm;
         uncapped rows end at about 2-4x) and the training steps."""
         return [Param("lr_values", "log", 3e-3, 0.3), Param("lr_embedding", "log", 6e-4, 0.06),
