@@ -1,7 +1,7 @@
 """The ``editbench`` command line.
 
 ``editbench world train|eval|data`` builds and measures the toy world; ``train``, ``generate``, ``compose``,
-``bench``, ``tune``, ``report`` and ``demo`` run methods and suites. A user mistake prints
+``export``, ``bench``, ``tune``, ``report`` and ``demo`` run methods and suites. A user mistake prints
 ``editbench: error: ...`` and exits with status 2, never a traceback.
 """
 

@@ -138,6 +138,47 @@ def cmd_compose(args) -> None:
     print(f"composed {len(arts)} {editor.name} artifacts into {path} ({merged.nbytes:,} bytes)")
 
 
+def _files(folder: Path) -> dict[Path, tuple[int, int]]:
+    return {f: (f.stat().st_mtime_ns, f.stat().st_size) for f in folder.rglob("*") if f.is_file()}
+
+
+def cmd_export(args) -> None:
+    from editbench import methods
+    from editbench.methods.base import Artifact
+    from editbench.safety import check_artifact_for
+
+    art = Artifact.load(args.artifact)
+    editor = methods.get(art.method)()
+    check_artifact_for(editor, art)
+    editor.check_artifact(art)
+    if not editor.can_export():
+        editor.export(art, args.out)  # raises the method's "no diffusers export format" error
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise EditbenchError(f"--out {out} is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise EditbenchError(f"--out {out} is not empty; give a new folder or pass --force to write into it")
+    pipe = None
+    if editor.export_needs_pipeline or args.model is not None:  # the base model: for its weights or to check fit
+        pipe = _pipeline(args)
+        base_fp = editor.fingerprint(pipe)
+        if art.base_fingerprint != base_fp:
+            raise EditbenchError(f"artifact {args.artifact} was trained on base model {art.base_fingerprint} but "
+                                 f"the model is {base_fp}; give the base model it was trained on with --model")
+        editor.check_artifact(art, pipe)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EditbenchError(f"cannot create --out {out}: {err.strerror or err}") from None
+    before = _files(out)
+    editor.export(art, out, pipe)
+    written = sorted(f for f, stat in _files(out).items() if before.get(f) != stat)
+    print(f"{editor.name} artifact exported to {out} in diffusers' format:")
+    print("\n".join(f"  {f} ({f.stat().st_size:,} bytes)" for f in written))
+    print("load it into a diffusers pipeline `pipe` with:")
+    print("\n".join(f"  {line}" for line in editor.export_usage(art, out).splitlines()))
+
+
 def cmd_bench(args) -> None:
     from editbench.eval.report import console_table, summary_table, write_report
     from editbench.eval.runner import run_suite
@@ -275,6 +316,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--out", required=True)
     model_args(c)
     c.set_defaults(func=cmd_compose)
+
+    x = sub.add_parser("export", help="write an artifact in diffusers' format (methods that have one)")
+    x.add_argument("artifact", help="artifact path (.safetensors)")
+    x.add_argument("--format", choices=["diffusers"], default="diffusers", help="output format (default: diffusers)")
+    x.add_argument("--out", required=True, help="output folder (new or empty)")
+    x.add_argument("--force", action="store_true", help="write into a non-empty --out (files of the same name are "
+                                                         "replaced, others kept)")
+    x.add_argument("--model", default=None,
+                   help="the base model the artifact was trained on, a local diffusers pipeline folder (default: the "
+                        "toy world); loaded when the format needs its weights (custom_diffusion) or to check the "
+                        "artifact fits it when given")
+    x.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="run a benchmark suite (bundled name or YAML file)")
     b.add_argument("--suite", required=True)

@@ -9,6 +9,7 @@ import dataclasses
 import pytest
 
 from editbench.cli import main
+from editbench.errors import EditbenchError
 from editbench.methods import get
 from editbench.methods.base import Artifact
 from editbench.methods.tokens import RARE_WORDS
@@ -107,3 +108,139 @@ def test_user_mistakes_are_one_line_errors(tmp_path, capsys):
                  "--out", str(tmp_path / "g")]) == 2
     err = capsys.readouterr().err
     assert err.count("editbench: error:") == 3 and "Traceback" not in err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# export: artifacts of the tiny pipeline (tests/_method_helpers.py), checked against a saved copy of it (--model)
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    from editbench.testing import tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_pipeline().save_pretrained(folder)
+    return str(folder)
+
+
+def _export(capsys, artifact, out, *extra: str) -> tuple[int, str, str]:
+    code = main(["export", str(artifact), "--out", str(out), *extra])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _same_images(pipe, method: str, art: Artifact, loaded, prompt: str) -> None:
+    """``loaded`` (a diffusers pipeline with the export loaded) draws what ``apply`` of ``art`` on ``pipe`` draws."""
+    import numpy as np
+    from _method_helpers import generate
+
+    with get(method)().apply(pipe, art):
+        ours = generate(pipe, prompt)
+    assert np.allclose(generate(loaded, prompt), ours, atol=1e-5)
+    assert not np.allclose(generate(pipe, prompt), ours, atol=1e-5)  # the edit acts
+
+
+def test_export_textual_inversion_loads_with_load_textual_inversion(tmp_path, capsys, tiny_model):
+    from _method_helpers import load, trained
+
+    from editbench.testing import tiny_pipeline
+
+    path = trained("textual_inversion", num_vectors=2)
+    code, out, _ = _export(capsys, path, tmp_path / "ti", "--model", tiny_model)
+    assert code == 0
+    assert str(tmp_path / "ti" / "learned_embeds.safetensors") in out
+    call = f"pipe.load_textual_inversion({str(tmp_path / 'ti')!r}, token='<toy-star>')"
+    assert call in out and "then prompt with '<toy-star>'" in out
+    pipe = tiny_pipeline()
+    pipe.load_textual_inversion(str(tmp_path / "ti"), token="<toy-star>")
+    _same_images(tiny_pipeline(), "textual_inversion", load("textual_inversion", path), pipe,
+                 "a photo of a <toy-star>")
+
+
+def test_export_lora_loads_with_load_lora_weights(tmp_path, capsys):
+    from _method_helpers import load, trained
+
+    from editbench.testing import tiny_pipeline
+
+    path = trained("lora")
+    code, out, _ = _export(capsys, path, tmp_path / "lora")  # no --model: LoRA's format needs no base weights
+    assert code == 0 and "pytorch_lora_weights.safetensors" in out
+    assert f"pipe.load_lora_weights({str(tmp_path / 'lora')!r}" in out and "prompt with 'sks star'" in out
+    pipe = tiny_pipeline()
+    pipe.load_lora_weights(str(tmp_path / "lora"))
+    art = load("lora", path)
+    _same_images(tiny_pipeline(), "lora", art, pipe, f"a photo of a {art.metadata['phrase']}")
+
+
+def test_export_dreambooth_loads_with_from_pretrained(tmp_path, capsys, tiny_model):
+    from _method_helpers import load, trained
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+
+    from editbench.testing import tiny_pipeline
+
+    path = trained("dreambooth", with_prior_preservation=False)
+    code, out, _ = _export(capsys, path, tmp_path / "db", "--model", tiny_model)
+    assert code == 0 and "diffusion_pytorch_model.safetensors" in out and "config.json" in out
+    assert f"UNet2DConditionModel.from_pretrained({str(tmp_path / 'db')!r}, subfolder='unet')" in out
+    base = tiny_pipeline()
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "db", subfolder="unet")
+    pipe = StableDiffusionPipeline(**{**base.components, "unet": unet})
+    pipe.set_progress_bar_config(disable=True)
+    art = load("dreambooth", path)
+    _same_images(tiny_pipeline(), "dreambooth", art, pipe, f"a photo of a {art.metadata['phrase']}")
+
+
+def test_export_custom_diffusion_needs_the_base_model_and_loads_with_editbench_loader(tmp_path, capsys, tiny_model):
+    from _method_helpers import load, trained
+
+    from editbench.methods.custom_diffusion import load_diffusers
+    from editbench.testing import tiny_pipeline
+
+    path = trained("custom_diffusion")
+    folder = tmp_path / "cd"
+    code, out, _ = _export(capsys, path, folder, "--model", tiny_model)
+    assert code == 0
+    assert "pytorch_custom_diffusion_weights.safetensors" in out and "<toy-star>.safetensors" in out
+    assert f"load_diffusers(pipe, {str(folder)!r})" in out and "load_attn_procs leaves the model unedited" in out
+    assert "prompt with '<toy-star> star'" in out
+    pipe = tiny_pipeline()
+    handle = load_diffusers(pipe, folder)
+    _same_images(tiny_pipeline(), "custom_diffusion", load("custom_diffusion", path), pipe,
+                 "a photo of a <toy-star> star")
+    handle.undo()
+    with pytest.raises(EditbenchError, match="needs the base pipeline"):
+        get("custom_diffusion")().export(load("custom_diffusion", path), tmp_path / "lib")
+
+
+def test_export_refusals_are_one_line_errors(tmp_path, capsys):
+    from _method_helpers import trained
+
+    lora = trained("lora")
+    code, _, err = _export(capsys, trained("perfusion"), tmp_path / "p")
+    assert code == 2 and "editbench: error: perfusion has no diffusers export format" in err
+    assert not (tmp_path / "p").exists()
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(lora.read_bytes()[:-10])
+    missing = tmp_path / "missing.safetensors"
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    (tmp_path / "file").write_text("")
+    for artifact, out, words in ((corrupt, "c", "corrupt.safetensors"), (missing, "m", "missing.safetensors"),
+                                 (lora, "full", "is not empty"), (lora, "file", "is a file")):
+        code, _, err = _export(capsys, artifact, tmp_path / out)
+        assert code == 2 and err.startswith("editbench: error:") and words in err and err.count("\n") == 1, err
+    assert main(["export", str(lora), "--out", str(tmp_path / "full"), "--force"]) == 0
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert (tmp_path / "full" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_export_against_another_base_model_is_refused(tmp_path, capsys, tiny_model):
+    from _method_helpers import trained
+
+    path = trained("lora", seed=1)
+    other = tmp_path / "other"
+    from editbench.testing import tiny_pipeline
+
+    tiny_pipeline(seed=1).save_pretrained(other)
+    code, _, err = _export(capsys, path, tmp_path / "x", "--model", str(other))
+    assert code == 2 and "was trained on base model" in err and not (tmp_path / "x").exists()

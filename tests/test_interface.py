@@ -152,6 +152,15 @@ def test_compose_without_merge_raises():
         DummyEditor().compose([])
 
 
+def test_export_without_a_format_raises():
+    assert not DummyEditor.can_export()
+    with pytest.raises(EditbenchError, match="dummy has no diffusers export format"):
+        DummyEditor().export(Artifact("dummy", {}), "unused")
+    exporters = {n for n in methods.available() if methods.get(n).can_export()}
+    assert {"textual_inversion", "lora", "dreambooth", "custom_diffusion"} <= exporters
+    assert "perfusion" not in exporters
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # ConceptData
 # ---------------------------------------------------------------------------------------------------------------

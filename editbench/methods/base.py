@@ -2,7 +2,8 @@
 
 An ``Editor`` trains a concept into an ``Artifact`` (``fit``), edits a pipeline with one or more artifacts
 (``apply``, returning an ``EditHandle`` whose ``undo`` restores the pipeline bitwise) and, where the method has
-one, merges artifacts (``compose``). See ``editbench/methods/INTERFACE.md`` for how to add a method.
+one, merges artifacts (``compose``) and writes them in diffusers' format (``export``). See
+``editbench/methods/INTERFACE.md`` for how to add a method.
 
 Artifact on-disk layout: ONE safetensors file (suggested suffix ``.safetensors``). Tensors are stored under the
 method's own documented keys; the safetensors header metadata holds a single entry ``"editbench"`` whose value
@@ -238,7 +239,7 @@ class Editor:
     """Base class of a personalization method. Subclass, set ``name``/``Config``/``Settings``, decorate with
     :func:`editbench.methods.register`, and implement the five hooks marked "method hook" below.
 
-    Public API: ``Editor(config=None, **overrides)``, :meth:`fit`, :meth:`apply`, :meth:`compose`,
+    Public API: ``Editor(config=None, **overrides)``, :meth:`fit`, :meth:`apply`, :meth:`compose`, :meth:`export`,
     :meth:`load`, :meth:`fingerprint`, :meth:`phrase`, :meth:`placeholder`.
     """
 
@@ -252,6 +253,8 @@ class Editor:
     """The method's own metadata entries: ``{key: (check, what it must be)}``, read by the safety checks."""
     transform_settings: ClassVar[tuple[str, ...]] = ()
     """Suite settings that :meth:`transform` the artifact before ``apply`` (e.g. Custom Diffusion's ``rank``)."""
+    export_needs_pipeline: ClassVar[bool] = False
+    """Whether :meth:`export` needs the base pipeline (a format storing full weights, e.g. Custom Diffusion's)."""
 
     def __init__(self, config: TrainConfig | None = None, **overrides: Any):
         if config is not None and not isinstance(config, self.Config):
@@ -407,6 +410,22 @@ class Editor:
     def can_compose(cls) -> bool:
         """Whether the method has a merge (overrides :meth:`compose`)."""
         return cls.compose is not Editor.compose
+
+    def export(self, artifact: Artifact, folder: str | os.PathLike, pipeline: Any = None) -> Path:
+        """Write ``artifact`` in diffusers' format into ``folder`` (method hook, only for methods with such a
+        format); returns the file or folder written. ``pipeline`` is the base model the artifact was trained on,
+        for a format that needs its weights (:attr:`export_needs_pipeline`). The base class raises EditbenchError."""
+        raise EditbenchError(f"{self.name} has no diffusers export format")
+
+    @classmethod
+    def can_export(cls) -> bool:
+        """Whether the method has a diffusers export (overrides :meth:`export`)."""
+        return cls.export is not Editor.export
+
+    def export_usage(self, artifact: Artifact, folder: str | os.PathLike) -> str:
+        """Method hook, with :meth:`export`: the diffusers code that loads what ``export`` wrote into ``folder``
+        (``pipe`` is the base pipeline), printed by ``editbench export``."""
+        return ""
 
     def transform(self, artifact: Artifact, **settings: Any) -> Artifact:
         """Method hook: a transformed copy of ``artifact`` for the :attr:`transform_settings` (e.g. compression).

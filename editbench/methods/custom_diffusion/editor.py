@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -143,10 +145,34 @@ class CustomDiffusionEditor(Editor):
         "compression": (_compression, "null or {rank: int >= 1 | null, energy: number in (0, 1] | null}"),
     }
     transform_settings = ("rank", "energy")
+    export_needs_pipeline = True  # diffusers' format stores full weights: W0 from the base pipeline + the deltas
 
     def transform(self, artifact: Artifact, **settings: Any) -> Artifact:
         """:func:`compress` the artifact (settings ``rank`` and/or ``energy``)."""
         return compress(artifact, **settings)
+
+    def export(self, artifact: Artifact, folder: str | os.PathLike, pipeline: Any = None) -> Path:
+        """diffusers' Custom Diffusion output (``folder/pytorch_custom_diffusion_weights.safetensors`` and one
+        ``folder/<token>.safetensors`` per modifier token; :func:`~editbench.methods.custom_diffusion.interop.
+        export_diffusers`). The format stores full K/V weights, so it needs the base ``pipeline`` the artifact was
+        trained on (EditbenchError if it is None or another base model)."""
+        from editbench.methods.custom_diffusion.interop import export_diffusers
+
+        if pipeline is None:
+            raise EditbenchError("custom_diffusion.export needs the base pipeline (diffusers' Custom Diffusion format "
+                                 "stores full K/V weights, W0 + delta): export(artifact, folder, pipeline)")
+        base_fp = self.fingerprint(pipeline)
+        if artifact.base_fingerprint != base_fp:
+            raise EditbenchError(f"artifact {artifact.path or ''} was trained on base model "
+                                 f"{artifact.base_fingerprint} but this pipeline is {base_fp}; export it with the "
+                                 "matching base model")
+        return export_diffusers(artifact, pipeline, folder)
+
+    def export_usage(self, artifact: Artifact, folder: str | os.PathLike) -> str:
+        return ("from editbench.methods.custom_diffusion import load_diffusers\n"
+                f"handle = load_diffusers(pipe, {str(folder)!r})  # K/V processors and modifier tokens; "
+                "diffusers' own unet.load_attn_procs leaves the model unedited\n"
+                f"# prompt with {' / '.join(repr(p) for p in artifact_phrases(artifact))}; handle.undo() removes it")
 
     def prepare_training(self, pipeline: Any, concept: ConceptData | Sequence[ConceptData], handle: EditHandle,
                          config: CustomDiffusionConfig) -> TrainingSession:

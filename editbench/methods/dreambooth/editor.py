@@ -118,6 +118,22 @@ class DreamBoothEditor(Editor):
             new.load_state_dict(state, strict=True)
             handle.set_attr(pipeline, name, new)
 
+    def export(self, artifact: Artifact, folder: str | os.PathLike, pipeline: Any = None) -> Path:
+        """The tuned components in diffusers' folder layout, ``folder/unet/`` (+ ``folder/text_encoder/``)
+        (:func:`export_diffusers`); returns ``folder``."""
+        return export_diffusers(artifact, folder)
+
+    def export_usage(self, artifact: Artifact, folder: str | os.PathLike) -> str:
+        f = str(folder)
+        lines = [f"unet = UNet2DConditionModel.from_pretrained({f!r}, subfolder='unet')"]
+        parts = ["unet=unet"]
+        if "text_encoder" in artifact.metadata["components"]:
+            lines.append(f"text_encoder = CLIPTextModel.from_pretrained({f!r}, subfolder='text_encoder')")
+            parts.append("text_encoder=text_encoder")
+        lines.append(f"pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL, {', '.join(parts)})  # prompt "
+                     f"with {self.phrase(artifact)!r}")
+        return "\n".join(lines)
+
 
 def export_diffusers(artifact: Artifact, folder: str | os.PathLike) -> Path:
     """Write the tuned components in diffusers' folder layout: ``folder/unet/{config.json,

@@ -173,6 +173,15 @@ class LoRAEditor(Editor):
         unet.set_adapters(names, settings.weights(len(artifacts)))
         handle.info["adapters"] = names
 
+    def export(self, artifact: Artifact, folder: str | os.PathLike, pipeline: Any = None) -> Path:
+        """diffusers' LoRA file ``folder/pytorch_lora_weights.safetensors`` (:func:`export_diffusers`)."""
+        return export_diffusers(artifact, folder)
+
+    def export_usage(self, artifact: Artifact, folder: str | os.PathLike) -> str:
+        return (f"pipe.load_lora_weights({str(folder)!r}, adapter_name='concept')  # prompt with "
+                f"{self.phrase(artifact)!r}; strength: pipe(..., cross_attention_kwargs={{'scale': s}}); several: "
+                "pipe.set_adapters([...], adapter_weights=[...])")
+
 
 def export_diffusers(artifact: Artifact, folder: str | os.PathLike) -> Path:
     """Write ``folder/pytorch_lora_weights.safetensors`` with diffusers' own writer

@@ -92,6 +92,15 @@ class TextualInversionEditor(Editor):
         rows = torch.cat([a.tensors["embeddings"] for a in artifacts]).to(ref.device, ref.dtype)  # (n, d)
         handle.info["token_ids"] = add_tokens(handle, pipeline, tokens, rows)
 
+    def export(self, artifact: Artifact, folder: str | os.PathLike, pipeline: Any = None) -> Path:
+        """diffusers' textual inversion file ``folder/learned_embeds.safetensors`` (:func:`export_diffusers`)."""
+        return export_diffusers(artifact, folder)
+
+    def export_usage(self, artifact: Artifact, folder: str | os.PathLike) -> str:
+        token = artifact.metadata["placeholder"]
+        return (f"pipe.load_textual_inversion({str(folder)!r}, token={token!r})  # then prompt with {token!r}; "
+                "diffusers expands it to the learned vectors")
+
 
 def export_diffusers(artifact: Artifact, folder: str | os.PathLike) -> Path:
     """Write ``folder/learned_embeds.safetensors`` = ``{placeholder: tensor(n, d)}``.
