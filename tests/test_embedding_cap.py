@@ -36,6 +36,12 @@ def test_cap_projects_long_rows_onto_their_limit_and_leaves_the_others_bitwise()
             assert torch.equal(rows[j], before[j])
 
 
+def test_no_limits_change_nothing():
+    rows = torch.randn(3, 4)
+    before = rows.clone()
+    assert cap_norms_(rows, None) is rows and torch.equal(rows, before)
+
+
 def test_cap_keeps_the_parameter_and_its_grad_flag():
     p = torch.nn.Parameter(torch.full((2, 4), 3.0))
     out = cap_norms_(p, torch.tensor([1.0, 100.0]))

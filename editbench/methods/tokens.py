@@ -187,11 +187,14 @@ def word_norms(pipeline: Any, words: Sequence[str]) -> torch.Tensor:
     return weight[ids].detach().float().norm(dim=-1)                              # (k,)
 
 
-def cap_norms_(rows: torch.Tensor, limits: torch.Tensor) -> torch.Tensor:
+def cap_norms_(rows: torch.Tensor, limits: torch.Tensor | None) -> torch.Tensor:
     """Project every row of ``rows`` ``(k, d)`` whose norm exceeds ``limits[j]`` ``(k,)`` back onto that norm
     (direction kept), in place, without recording gradients; returns ``rows``. Rows within their limit are left
-    bitwise unchanged."""
+    bitwise unchanged; ``limits=None`` (no cap, :meth:`EmbeddingNormCap.norm_limits`) changes nothing."""
+    if limits is None:
+        return rows
     with torch.no_grad():
+        limits = limits.to(rows.device)
         norms = rows.norm(dim=-1)                                                  # (k,)
         over = norms > limits
         if bool(over.any()):

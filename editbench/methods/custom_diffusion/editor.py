@@ -94,8 +94,7 @@ class _Session(ClassPromptSession):
         self.limits = config.norm_limits(pipeline, [x.superclass for x in concepts])  # (k,) or None
 
     def after_step(self, step: int) -> None:
-        if self.limits is not None:
-            cap_norms_(self.rows, self.limits.to(self.rows.device))
+        cap_norms_(self.rows, self.limits)
 
     def param_groups(self) -> list[ParamGroup]:
         c = self.config

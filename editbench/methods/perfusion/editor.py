@@ -177,8 +177,7 @@ class PerfusionSession(TrainingSession):
         return groups
 
     def after_step(self, step: int) -> None:
-        if self.limits is not None:
-            cap_norms_(self.embedding, self.limits.to(self.embedding.device))
+        cap_norms_(self.embedding, self.limits)
 
     def encode(self, prompts: list[str]) -> torch.Tensor:
         ids = tokenize(self.pipeline, prompts)                                    # (b, n)

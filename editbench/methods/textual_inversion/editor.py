@@ -40,8 +40,7 @@ class _Session(TrainingSession):
         self.limits = config.norm_limits(pipeline, [superclass] * len(tokens))  # (n,) or None
 
     def after_step(self, step: int) -> None:
-        if self.limits is not None:
-            cap_norms_(self.rows, self.limits.to(self.rows.device))
+        cap_norms_(self.rows, self.limits)
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("embeddings", [self.rows], self.config.lr, self.config.weight_decay)]
