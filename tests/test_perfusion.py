@@ -8,7 +8,6 @@ the run short; everything else is the real code path.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -243,12 +242,42 @@ def test_settings_and_artifacts_are_validated(pipe):
                                                             for m in pipe.unet.modules())
 
 
-def test_covariance_is_cached_per_text_encoder_and_never_stored_in_artifacts(pipe):
+def test_covariance_is_cached_per_text_encoder_and_never_stored_in_artifacts(pipe, trained, tmp_path):
+    import json
+    import shutil
+
+    from safetensors import safe_open
+
     moment = text_covariance(pipe)
     files = list((cache_root() / "cov").glob("*.safetensors"))
     assert len(files) == 1 and moment.dim == 32 and moment.count > 32
     again = text_covariance(pipe)
     assert torch.equal(again.matrix(), moment.matrix())
+    # a trained artifact, opened as a file: vectors only (embedding, i*, o*_V per layer), no (d, d) matrix, and
+    # no covariance entry in the header (its config names the ridge, nothing else)
+    trained_pipe, _, _, art = trained
+    path = art.save(tmp_path / "thing.safetensors")
+    with safe_open(str(path), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        header = json.loads(f.metadata()["editbench"])
+    sites = find_cross_attention_sites(trained_pipe.unet)
+    assert set(shapes) == {"embedding", "i_star", *(f"o_v.{s.name}" for s in sites)}
+    assert all(len(shape) == 1 for shape in shapes.values()), shapes
+    assert sum(n for (n,) in shapes.values()) < moment.dim ** 2                        # smaller than C alone
+
+    def keys(x, prefix=""):
+        if isinstance(x, dict):
+            return [k for key, v in x.items() for k in [prefix + key, *keys(v, prefix + key + ".")]]
+        return [k for v in x for k in keys(v, prefix)] if isinstance(x, list) else []
+
+    assert [k for k in keys(header) if "cov" in k.lower()] == ["config.cov_ridge"]
+    # so apply takes C from the text encoder: with the cache gone it is recomputed, and the images are the same
+    with PerfusionEditor().apply(trained_pipe, path):
+        cached = images(trained_pipe, "a <thing> in the snow")
+    shutil.rmtree(cache_root() / "cov")
+    with PerfusionEditor().apply(trained_pipe, path):
+        assert torch.equal(images(trained_pipe, "a <thing> in the snow"), cached)
+    assert [f.name for f in (cache_root() / "cov").glob("*.safetensors")] == [files[0].name]
     with torch.no_grad():
         pipe.text_encoder.get_input_embeddings().weight[0, 0] += 1.0                      # another base model
     text_covariance(pipe)
@@ -541,8 +570,3 @@ def test_trained_key_artifact_bytes_for_sd15_geometry(tmp_path):
         raw = path.read_bytes()
         assert len(raw) == 8 + int.from_bytes(raw[:8], "little") + width * (2 * 12480 + 768 + 768)
         PerfusionEditor().check_artifact(Artifact.load(path, method="perfusion"))
-
-
-def test_docs_exist():
-    doc = Path(__file__).parents[1] / "docs" / "methods" / "perfusion.md"
-    assert doc.is_file() and "110" in doc.read_text()

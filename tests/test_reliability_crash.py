@@ -303,7 +303,8 @@ def test_kill_suite_many_times(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ torn writes
 def _writers(tmp: Path):
-    """(label, path, write(version) -> None, read(path) -> comparable) for every atomic writer of the package."""
+    """(label, path, write(version) -> None, read(path) -> value, expect(version) -> the value ``write`` stored) for
+    every atomic writer of the package."""
     from editbench.moments import SecondMoment
     from editbench.storage import (
         read_json,
@@ -324,21 +325,35 @@ def _writers(tmp: Path):
         m.save(tmp / "m.safetensors")
 
     return [
-        ("Artifact.save", tmp / "a.safetensors", artifact, lambda p: Artifact.load(p).metadata["v"]),
+        ("Artifact.save", tmp / "a.safetensors", artifact,
+         lambda p: (Artifact.load(p).metadata["v"], Artifact.load(p).tensors["embeddings"].tolist()),
+         lambda v: (v, [[float(v)] * 8] * 2)),
         ("storage.write_safetensors", tmp / "w.safetensors",
          lambda v: write_safetensors(tmp / "w.safetensors", {"x": torch.full((3,), float(v))}, {"v": str(v)}),
-         lambda p: read_safetensors(p, "x")[1]["v"]),
+         lambda p: (read_safetensors(p, "x")[1]["v"], read_tensors(p)["x"].tolist()),
+         lambda v: (str(v), [float(v)] * 3)),
         ("storage.write_json", tmp / "j.json", lambda v: write_json(tmp / "j.json", {"v": v}),
-         lambda p: read_json(p)["v"]),
+         lambda p: read_json(p), lambda v: {"v": v}),
         ("storage.write_safetensors (no metadata)", tmp / "t.safetensors",
          lambda v: write_safetensors(tmp / "t.safetensors", {"x": torch.full((3,), float(v))}),
-         lambda p: float(read_tensors(p)["x"][0])),
+         lambda p: read_tensors(p)["x"].tolist(), lambda v: [float(v)] * 3),
         ("storage.write_csv", tmp / "c.csv", lambda v: write_csv(tmp / "c.csv", pd.DataFrame({"v": [v] * 3})),
-         lambda p: int(pd.read_csv(p)["v"].iloc[0])),
+         lambda p: pd.read_csv(p)["v"].tolist(), lambda v: [v] * 3),
         ("storage.write_json (default=str)", tmp / "s.json",
-         lambda v: write_json(tmp / "s.json", {"v": v}, default=str), lambda p: json.loads(p.read_text())["v"]),
-        ("SecondMoment.save", tmp / "m.safetensors", moment, lambda p: SecondMoment.load(p).metadata["v"]),
+         lambda v: write_json(tmp / "s.json", {"v": v}, default=str), lambda p: json.loads(p.read_text()),
+         lambda v: {"v": v}),
+        ("SecondMoment.save", tmp / "m.safetensors", moment,
+         lambda p: (SecondMoment.load(p).metadata["v"], SecondMoment.load(p).matrix().tolist()),
+         lambda v: (v, [[float(v + 1) ** 2] * 4] * 4)),
     ]
+
+
+def assert_read(got, expected, label: str) -> None:
+    """``got == expected`` with the same types all the way down (1 is not 1.0, "1" is not 1)."""
+    def shape(x):
+        return (type(x).__name__, [shape(y) for y in x] if isinstance(x, (list, tuple)) else
+                {k: shape(y) for k, y in x.items()} if isinstance(x, dict) else None)
+    assert got == expected and shape(got) == shape(expected), f"{label}: read {got!r}, wrote {expected!r}"
 
 
 @pytest.mark.parametrize("failure", ["rename", "write"])
@@ -347,7 +362,7 @@ def test_crash_mid_write_leaves_the_old_file(tmp_path, monkeypatch, failure):
     write/fsync raises): the old file is intact and no temporary file is left behind."""
     import safetensors.torch
 
-    for label, path, write, read in _writers(tmp_path):
+    for label, path, write, read, expect in _writers(tmp_path):
         write(1)
         old = path.read_bytes()
         with monkeypatch.context() as m:
@@ -363,10 +378,10 @@ def test_crash_mid_write_leaves_the_old_file(tmp_path, monkeypatch, failure):
             with pytest.raises(OSError):
                 write(2)
         assert path.read_bytes() == old, label
-        assert read(path) in (1, 1.0, "1"), label
+        assert_read(read(path), expect(1), label)                   # exactly the old version, nothing else
         assert not list(tmp_path.glob(".*.tmp")), f"{label} left a temporary file"
         write(3)
-        assert read(path) in (3, 4.0, "3", 3.0), label
+        assert_read(read(path), expect(3), label)
         FIGURES.add(f"torn_write[{failure}]", "writers_checked")
 
 

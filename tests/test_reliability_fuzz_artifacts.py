@@ -264,3 +264,30 @@ def test_hostile_metadata_is_refused_before_anything_changes(name, pipe, origina
             editor.apply(pipe, path)
         FIGURES.add(f"hostile_metadata[{name}]", f"refused:{type(info.value).__name__}")
         assert pipeline_state(pipe) == before, label
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_non_finite_tensor_values_are_refused(name, bad, pipe, originals, tmp_path):
+    """Fixed cases (no sampling): one NaN / inf entry in a tensor of a real artifact (first, middle and last tensor
+    by name), from a structurally valid file (checksum recomputed) and in memory: refused for that reason, the
+    pipeline untouched."""
+    _, tensors, meta = originals[name]
+    names = sorted(k for k, v in tensors.items() if v.is_floating_point() and v.numel())
+    before = pipeline_state(pipe)
+    editor = methods.get(name)()
+    for key in dict.fromkeys([names[0], names[len(names) // 2], names[-1]]):
+        t = dict(tensors)
+        v = t[key].clone().reshape(-1)
+        v[v.numel() // 2] = bad
+        t[key] = v.reshape(tensors[key].shape)
+        path = tmp_path / "bad.safetensors"
+        _save_raw(path, t, _stored(json.loads(json.dumps(meta)), t, fix=True))
+        with pytest.raises(EditbenchError, match="NaN or infinite"):
+            editor.load(path)
+        with pytest.raises(EditbenchError, match="NaN or infinite"):
+            editor.apply(pipe, path)
+        with pytest.raises(EditbenchError, match="NaN or infinite"):
+            editor.apply(pipe, Artifact(name, t, {**meta, "checksum": _checksum(t)}))
+        assert pipeline_state(pipe) == before, key
+        FIGURES.add(f"non_finite[{name}]", "refused")
