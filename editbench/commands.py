@@ -193,7 +193,8 @@ def cmd_bench(args) -> None:
     df = run_suite(suite, out, shard=args.shard, device=args.device, dtype=parse_dtype(args.dtype))
     report = write_report(out)
     print(console_table(summary_table(df)))
-    print(f"\nresults: {out / 'results.csv'}\nreport:  {report}")
+    print(f"\nresults: {out / 'results.csv'}\nreport:  {report}\n         {report.with_suffix('.html')} (one page, "
+          "opens offline)")
 
 
 def cmd_tune(args) -> None:
@@ -215,7 +216,8 @@ def cmd_tune(args) -> None:
 def cmd_report(args) -> None:
     from editbench.eval.report import write_report
 
-    print(f"report written to {write_report(Path(args.out))}")
+    path = write_report(Path(args.out))
+    print(f"report written to {path} and {path.with_suffix('.html')}")
 
 
 def cmd_demo(args) -> None:
@@ -348,7 +350,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                    "processes given the same URL share one study")
     u.set_defaults(func=cmd_tune)
 
-    r = sub.add_parser("report", help="write report.md and plots for a suite output folder")
+    r = sub.add_parser("report", help="write report.md, report.html and plots for a suite output folder")
     r.add_argument("out")
     r.set_defaults(func=cmd_report)
 

@@ -11,3 +11,9 @@ def test_ci_runs_the_readme_test_command():
     ci = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line and not line.startswith("#")]
     assert ci[-1] == command
     assert "ruff check ." in command.split("python -m pytest")[0]  # lint before the tests
+
+
+def test_ci_installs_chromium_for_the_report_browser_test():
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "command -v chromium" in ci and "apt-get install -y chromium" in ci
+    assert ci.index("apt-get install -y chromium") < ci.index("python -m pytest")

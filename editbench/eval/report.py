@@ -8,7 +8,8 @@ averaging, inside every resample); tables never mix scales.
 Outputs in ``out``: ``report.md``, ``summary.csv`` (the single-concept table), ``composition.csv``,
 ``plots/alignment.png`` (text vs image alignment; methods with a numeric sweep, e.g. Perfusion's ``beta``,
 drawn as a curve over it, as the papers plot their Pareto fronts), ``plots/storage.png`` (log scale),
-``plots/training_time.png``, ``grids/<method>.png`` (samples per prompt x setting).
+``plots/training_time.png``, ``grids/<method>.png`` (samples per prompt x setting), and ``report.html``: all of it
+on one self-contained page with every method's images side by side per prompt (:mod:`editbench.eval.html`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from editbench.errors import EditbenchError
+from editbench.eval.html import write_html
 from editbench.eval.results import collect
 from editbench.eval.spec import safe_name
 from editbench.eval.validity import disagreements, rank_agreement
@@ -334,13 +336,14 @@ def write_report(out: str | os.PathLike) -> Path:
         shown["train time"] = [f"{v:.1f} s" if not math.isnan(v) else "-" for v in summary["train_time_s"]]
         shown["peak memory"] = [_bytes(v) for v in summary["peak_memory_bytes"]]
     comp_shown = _display(comp, pair_cols)
+    extra: list[tuple[Path, str]] = []  # images report.html shows after the plots
     skipped = sorted((out / "cells").glob("*.skip.json")) if (out / "cells").is_dir() else []
     failed = sorted((out / "cells").glob("*.error.txt")) if (out / "cells").is_dir() else []
-    md = [f"# Results: {meta.get('name', out.name)}", "",
-          (f"Model `{meta.get('model', '?')}`, CLIP `{_one(df, 'clip_model', 'CLIP model')}`; text alignment on the "
-          f"**{text_scale}** scale, image alignment on the **{image_scale}** scale (see docs/evaluation.md). "
-          f"{df['cell'].nunique()} finished cells, {len(df)} images. Means with 95% cluster-bootstrap intervals "
-          "(clusters: concept(s) x seed x prompt)."), "",
+    intro = (f"Model `{meta.get('model', '?')}`, CLIP `{_one(df, 'clip_model', 'CLIP model')}`; text alignment on "
+             f"the **{text_scale}** scale, image alignment on the **{image_scale}** scale (see docs/evaluation.md). "
+             f"{df['cell'].nunique()} finished cells, {len(df)} images. Means with 95% cluster-bootstrap intervals "
+             "(clusters: concept(s) x seed x prompt).")
+    md = [f"# Results: {meta.get('name', out.name)}", "", intro, "",
           *([("Tuned with `editbench tune` (equal budget per method): " + "; ".join(  # suite.json of bench --tuned
               f"{t['method']} trial {t['trial']} of {t['trials_used']} (budget {t['budget']}; validation concepts of "
               f"{t['suite']}: {', '.join(t['validation'] or [])})" for t in meta["tuned"]) + "."), ""]
@@ -375,6 +378,7 @@ def write_report(out: str | os.PathLike) -> Path:
         dis = disagreements(df)
         if not dis.empty:
             path = _strip(out, dis, out / "grids" / "clip_vs_ground_truth.png")
+            extra.append((path, "Where CLIP image alignment and identity disagree most"))
             md += [(f"Where CLIP image alignment and identity disagree most: ![disagreements]"
                     f"({path.relative_to(out).as_posix()})"), ""]
     if notes:
@@ -390,4 +394,10 @@ def write_report(out: str | os.PathLike) -> Path:
         md += [f"* `{p.name.removesuffix('.error.txt')}`" for p in failed] + [""]
     path = out / "report.md"
     path.write_text("\n".join(md))
+    write_html(out, df, summary, comp, title=f"Results: {meta.get('name', out.name)}",
+               intro=intro.replace("*", "").replace("`", ""),
+               single_cols=single_cols, pair_cols=pair_cols, plots=plots, notes=notes, extra_images=extra,
+               skipped=[f"{json.loads(p.read_text())['cell']}: {json.loads(p.read_text())['reason']}"
+                        for p in skipped],
+               failed=[p.name.removesuffix(".error.txt") for p in failed])
     return path
