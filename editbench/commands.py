@@ -10,15 +10,16 @@ from editbench.errors import EditbenchError
 
 
 def _kv(items: list[str] | None) -> dict:
-    """``["beta=0.7", "scale=1"]`` -> ``{"beta": 0.7, "scale": 1}`` (values parsed as YAML scalars)."""
-    import yaml
+    """``["beta=0.7", "lr=1e-4"]`` -> ``{"beta": 0.7, "lr": 0.0001}``: values parsed like suite YAML files
+    (:func:`editbench.values.parse_value`, which reads ``1e-4`` as a number)."""
+    from editbench.values import parse_value
 
     out = {}
     for item in items or []:
-        if "=" not in item:
+        if "=" not in item or not item.split("=", 1)[0].strip():
             raise EditbenchError(f"--set expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out[k.strip()] = yaml.safe_load(v)
+        out[k.strip()] = parse_value(v)
     return out
 
 

@@ -321,13 +321,15 @@ def load_suite(suite: str | os.PathLike | dict) -> Suite:
     Relative data paths resolve against the suite file's folder. EditbenchError names any problem."""
     import yaml
 
+    from editbench.values import load_yaml
+
     path = None
     if isinstance(suite, dict):
         raw, base = suite, Path.cwd()
     else:
         path = _suite_path(suite)
         try:
-            raw = yaml.safe_load(path.read_text())
+            raw = load_yaml(path.read_text())  # the --set parser: 1e-4 is a number (YAML 1.1 reads a string)
         except yaml.YAMLError as err:
             raise EditbenchError(f"suite {path} is not valid YAML: {err}") from None
         base = path.parent
