@@ -180,6 +180,30 @@ def cmd_export(args) -> None:
     print("\n".join(f"  {line}" for line in editor.export_usage(art, out).splitlines()))
 
 
+def bench_shard(shard: str) -> str:
+    """``--shard`` as given, or for ``auto`` the ``i/N`` read from the launcher's environment
+    (:func:`editbench.eval.spec.shard_from_env`), said on stderr. Under torchrun / ``accelerate launch`` the
+    processes then run different cells, so none may wait for the others in a data-parallel fit: training keeps
+    the plain loop (``EDITBENCH_ACCELERATE=0``; EditbenchError if it was set on)."""
+    import os
+    import sys
+
+    from editbench.eval.spec import shard_from_env
+    from editbench.training.parallel import ACCELERATE_ENV
+
+    if shard.strip().lower() != "auto":
+        return shard
+    i, n, how = shard_from_env()
+    if n > 1 and any(v in os.environ for v in ("RANK", "LOCAL_RANK")):
+        if os.environ.get(ACCELERATE_ENV, "auto").strip().lower() in ("1", "on", "true", "yes"):
+            raise EditbenchError(f"--shard auto splits the suite over the launched processes, so they cannot "
+                                 f"also train data-parallel ({ACCELERATE_ENV}=1): unset {ACCELERATE_ENV} or give "
+                                 "--shard 0/1")
+        os.environ[ACCELERATE_ENV] = "0"
+    print(f"editbench: --shard auto: shard {i}/{n} ({how})", file=sys.stderr)
+    return f"{i}/{n}"
+
+
 def cmd_bench(args) -> None:
     from editbench.eval.report import console_table, summary_table, write_report
     from editbench.eval.runner import run_suite
@@ -191,7 +215,7 @@ def cmd_bench(args) -> None:
         from editbench.eval.tune import apply_tuned
 
         suite = apply_tuned(suite, args.tuned)
-    df = run_suite(suite, out, shard=args.shard, device=args.device, dtype=parse_dtype(args.dtype))
+    df = run_suite(suite, out, shard=bench_shard(args.shard), device=args.device, dtype=parse_dtype(args.dtype))
     report = write_report(out)
     print(console_table(summary_table(df)))
     print(f"\nresults: {out / 'results.csv'}\nreport:  {report}\n         {report.with_suffix('.html')} (one page, "
@@ -335,7 +359,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     b = sub.add_parser("bench", help="run a benchmark suite (bundled name or YAML file)")
     b.add_argument("--suite", required=True)
     b.add_argument("--out", required=True)
-    b.add_argument("--shard", default="0/1", help="run slice i of N (e.g. 0/4)")
+    b.add_argument("--shard", default="0/1",
+                   help="run slice i of N (e.g. 0/4), or 'auto': i and N from the launcher's environment (SLURM job "
+                        "array, torchrun / accelerate launch, srun)")
     b.add_argument("--tuned", action="append", metavar="DIR",
                    help="a folder written by `editbench tune` (repeatable, one per method): its tuned config, "
                         "settings and steps replace the defaults of that method's entries")

@@ -3,7 +3,8 @@
 A *cell* is one (method, concept(s), seed, inference setting) unit: apply the trained artifact(s) with that
 setting, generate ``images_per_prompt`` images for every prompt, score them (:mod:`editbench.eval.runner`).
 A cell's id hashes everything that determines its rows, so a changed suite makes new cells. ``--shard i/N``
-runs a deterministic slice: the (concepts, seed) units in sorted order, every N-th from the i-th.
+runs a deterministic slice: the (concepts, seed) units in sorted order, every N-th from the i-th; ``--shard auto``
+reads i and N from the launcher's environment (:func:`shard_from_env`: SLURM arrays, torchrun, srun).
 
 See ``docs/evaluation.md`` for the YAML schema.
 """
@@ -36,7 +37,7 @@ from editbench.eval.sources import (
 
 __all__ = ["BASE_METHOD", "BUNDLED", "MULTI_MODES", "Cell", "ConceptSpec", "MethodSpec", "PairSpec", "Suite",
            "bundled_suites", "inside", "load_suite", "parse_shard", "run_order", "safe_name", "setting_label",
-           "shard_cells", "spec_hash", "split_settings"]
+           "shard_cells", "shard_from_env", "spec_hash", "split_settings"]
 
 BUNDLED = Path(__file__).parent / "suites"
 BASE_METHOD = "base"
@@ -86,6 +87,51 @@ def parse_shard(shard: str | Sequence[int]) -> tuple[int, int]:
     if n < 1 or not 0 <= i < n:
         raise EditbenchError(f"shard {i}/{n}: need N >= 1 and 0 <= i < N (shards are numbered from 0)")
     return i, n
+
+
+def _env_int(env: dict, name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError:
+        raise EditbenchError(f"--shard auto: {name}={env[name]!r} is not an integer") from None
+
+
+def shard_from_env(env: dict | None = None) -> tuple[int, int, str]:
+    """``--shard auto``: ``(i, N, how)`` read from the launcher's environment (``os.environ`` by default).
+
+    Two levels, multiplied: a SLURM job array (``SLURM_ARRAY_TASK_ID`` counted from ``SLURM_ARRAY_TASK_MIN`` in
+    steps of ``SLURM_ARRAY_TASK_STEP``, of ``SLURM_ARRAY_TASK_COUNT`` tasks: one task per node, say) and, inside
+    each task, the processes of a launch: ``RANK`` / ``WORLD_SIZE`` (torchrun, ``accelerate launch``), else
+    ``LOCAL_RANK`` / ``WORLD_SIZE``, else ``SLURM_PROCID`` / ``SLURM_NTASKS`` (``srun --ntasks``). Array task ``a``
+    of ``A`` with process ``r`` of ``W`` runs shard ``a * W + r`` of ``A * W``. No launcher variables: ``0/1``
+    (everything). ``how`` names the variables read. EditbenchError on values that are not a valid shard."""
+    env = dict(os.environ if env is None else env)
+    levels, how = [], []
+    if "SLURM_ARRAY_TASK_ID" in env:
+        if "SLURM_ARRAY_TASK_COUNT" not in env:
+            raise EditbenchError("--shard auto: SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not; give "
+                                 "--shard i/N")
+        task, count = _env_int(env, "SLURM_ARRAY_TASK_ID"), _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+        first = _env_int(env, "SLURM_ARRAY_TASK_MIN") if "SLURM_ARRAY_TASK_MIN" in env else 0
+        step = _env_int(env, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in env else 1
+        if step < 1 or (task - first) % step:
+            raise EditbenchError(f"--shard auto: SLURM array task {task} is not on the array's grid (min {first}, "
+                                 f"step {step})")
+        levels.append(((task - first) // step, count))
+        how.append(f"SLURM_ARRAY_TASK_ID={task} of SLURM_ARRAY_TASK_COUNT={count}"
+                   + (f" from SLURM_ARRAY_TASK_MIN={first}" if first else "")
+                   + (f" step {step}" if step != 1 else ""))
+    for rank, size in (("RANK", "WORLD_SIZE"), ("LOCAL_RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if rank in env and size in env:
+            levels.append((_env_int(env, rank), _env_int(env, size)))
+            how.append(f"{rank}={env[rank]} of {size}={env[size]}")
+            break
+    i, n = 0, 1
+    for k, m in levels:
+        if m < 1 or not 0 <= k < m:
+            raise EditbenchError(f"--shard auto: {'; '.join(how)} is not a shard (need 0 <= index < count)")
+        i, n = i * m + k, n * m
+    return i, n, "; ".join(how) or "no launcher variables (SLURM_ARRAY_TASK_ID, RANK, LOCAL_RANK, SLURM_PROCID)"
 
 
 # ------------------------------------------------------------------------------------------------ suite
