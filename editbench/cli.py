@@ -1,6 +1,6 @@
 """The ``editbench`` command line.
 
-``editbench world train|eval|data`` builds and measures the toy world; ``train``, ``generate``, ``compose``,
+``editbench world train|eval|data|prior`` builds and measures the toy world; ``train``, ``generate``, ``compose``,
 ``export``, ``bench``, ``tune``, ``report`` and ``demo`` run methods and suites. A user mistake prints
 ``editbench: error: ...`` and exits with status 2, never a traceback.
 """
@@ -54,6 +54,14 @@ def cmd_world_data(args) -> None:
     print(f"wrote {len(files)} concepts to {args.out or DATA}")
 
 
+def cmd_world_prior(args) -> None:
+    from editbench.toyworld.retrieval import write_retrieval
+
+    out = write_retrieval(Path(args.out), args.category, args.n, seed=args.seed)
+    print(f"wrote {args.n} {args.category} scenes with their captions to {out} (caption.txt, images.txt, images/); "
+          f"train with --set class_data_dir={out}")
+
+
 # --------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="editbench", description=__doc__.split("\n\n")[0])
@@ -83,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
     d = wsub.add_parser("data", help="write the personal concepts in DreamBench / CustomConcept101 layouts")
     d.add_argument("--out", default=None)
     d.set_defaults(func=cmd_world_data)
+    r = wsub.add_parser("prior", help="real class images of a category with their captions, for prior preservation "
+                                      "(diffusers' retrieval layout: caption.txt, images.txt, images/)")
+    r.add_argument("--category", required=True, help="a toy-world category (heart, star, ...)")
+    r.add_argument("--n", type=int, default=200, help="number of images (default 200, as Custom Diffusion)")
+    r.add_argument("--out", required=True, help="a new or empty folder")
+    r.add_argument("--seed", type=int, default=0)
+    r.set_defaults(func=cmd_world_prior)
 
     _add_method_commands(sub)
     return p

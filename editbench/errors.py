@@ -20,3 +20,8 @@ class ConceptDataError(EditbenchError):
 
 class TrainingError(EditbenchError):
     """Training cannot go on (non-finite loss, incompatible checkpoint, ...)."""
+
+
+class ClassDataError(ConceptDataError):
+    """A folder of class (regularization) images for prior preservation cannot be used: captions and images that
+    do not pair up, a listed image that is missing, an unreadable image, no images at all."""

@@ -187,6 +187,16 @@ def _phrase(x: Any) -> bool:
     return _one_phrase(x) or (isinstance(x, list) and 0 < len(x) <= 4096 and all(_one_phrase(p) for p in x))
 
 
+def _prior_entry(x: Any) -> bool:
+    return (isinstance(x, dict) and x.get("source") in ("generated", "folder", "toyworld")
+            and is_int(x.get("images")) and 0 <= x["images"] <= 10**7
+            and all(isinstance(v, (str, int, float, bool)) or v is None for v in x.values()))
+
+
+def _prior(x: Any) -> bool:
+    return _prior_entry(x) or (isinstance(x, list) and 0 < len(x) <= 4096 and all(_prior_entry(c) for c in x))
+
+
 _SCHEMA: dict[str, tuple[Any, str]] = {
     # common entries (editbench.methods.base)
     "method": (identifier, "an identifier of at most 64 characters"),
@@ -199,6 +209,7 @@ _SCHEMA: dict[str, tuple[Any, str]] = {
     "training": (lambda x: isinstance(x, dict), "an object"),
     "concept": (_concept, "{placeholder, superclass[, images]} (or a list of them) with one-word strings"),
     "phrase": (_phrase, "the words to type in a prompt (a string, or a list of them, one per concept)"),
+    "prior": (_prior, "{source: generated|folder|toyworld, images: int, ...} (or a list of them, one per concept)"),
     # a method's own entries: its Editor.metadata_schema (checked by check_artifact_for)
 }
 

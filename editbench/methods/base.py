@@ -315,6 +315,8 @@ class Editor:
             result = train(pipeline, subject, session, config, seed=seed, progress=progress,
                            checkpoint_dir=checkpoint_dir, signature=signature, desc=f"{self.name} training")
             artifact = session.artifact(result)
+            for key, value in session.artifact_metadata().items():
+                artifact.metadata.setdefault(key, value)
             phrases = [session.phrase_for(c) for c in concepts]
         return _finish(artifact, concepts, phrases, base_fp, cfg, seed, result)
 

@@ -6,14 +6,24 @@ diffusion loss on a batch of class images with the class prompt (one class image
 reference scripts concatenate them into one batch). Generation is the slow part, so the images are cached on
 disk under a key made of everything that determines them (base weights, prompt, count, size, sampler settings).
 
+Custom Diffusion's recipe regularizes with *real* images instead, each with its own caption (diffusers'
+``--class_data_dir`` with ``--real_prior``). ``class_data_dir`` selects the source (:func:`class_data_folder`):
+None generates; a folder is read by :func:`parse_class_folder` / :func:`load_class_folder`, either in the layout
+of diffusers' retrieval output (``caption.txt`` + ``images.txt`` + ``images/``, paired by line) or as plain image
+files prompted with the class prompt; ``"toyworld"`` is the toy world's retrieval
+(:mod:`editbench.toyworld.retrieval`, rendered once into the cache folder); ``"auto"`` is the toy world's retrieval
+where it applies and generated images elsewhere. Each class image is trained with its own caption.
+
 Shape legend: n images, b batch, c latent channels, h/w latent size, H/W pixel size.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +32,21 @@ from typing import Any
 import torch
 
 from editbench.concepts import ConceptData, model_resolution
-from editbench.errors import EditbenchError
+from editbench.errors import ClassDataError, EditbenchError
 from editbench.fingerprint import fingerprint, module_tensors
 from editbench.storage import atomic_target, cache_root
 from editbench.training import StepContext, TrainingSession, encode_prompts
 
-__all__ = ["ClassPromptSession", "PriorConfigMixin", "PriorPreservation", "class_images", "default_cache_dir",
-           "make_prior", "resize_images"]
+__all__ = ["AUTO", "IMAGE_SUFFIXES", "TOYWORLD", "ClassFolder", "ClassPromptSession", "ClassSource", "PriorConfigMixin",
+           "PriorPreservation", "class_data_folder", "class_images", "default_cache_dir", "load_class_folder",
+           "make_prior", "parse_class_folder", "resize_images"]
 
 _MANIFEST = "manifest.json"
+TOYWORLD, AUTO = "toyworld", "auto"
+"""``class_data_dir`` values naming a source instead of a folder (:func:`class_data_folder`)."""
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+"""The image files a plain class-image folder is read for."""
+_TOY_MAX_RESOLUTION = 64  # the toy world's scenes are 32 px: "toyworld" refuses models working at a larger size
 
 
 def default_cache_dir() -> Path:
@@ -45,6 +61,12 @@ class PriorConfigMixin:
     ``class_prompt`` is a template: ``{}`` becomes the concept's superclass word. ``num_class_images`` class
     images per concept are generated at ``class_resolution`` px (None: the training resolution, i.e.
     ``TrainConfig.resolution`` or the model's own) and resized to the training resolution before encoding.
+
+    ``class_data_dir`` takes real class images instead (:func:`class_data_folder`): a folder (``{}`` in the path
+    becomes the superclass, for one folder per category) in diffusers' retrieval layout (each image with its own
+    caption) or of plain images (all prompted with the class prompt), of which the first ``num_class_images`` are
+    used; ``"toyworld"``: the toy world's retrieval of the category; ``"auto"``: ``"toyworld"`` where it applies
+    (a toy-world category on a model of at most 64 px), generated images elsewhere; None: generated images.
     """
 
     with_prior_preservation: bool = True
@@ -56,6 +78,7 @@ class PriorConfigMixin:
     class_seed: int = 0
     class_cache_dir: str | None = None
     class_resolution: int | None = None
+    class_data_dir: str | None = None
 
     def validate_prior(self) -> None:
         if isinstance(self.num_class_images, bool) or not isinstance(self.num_class_images, int) \
@@ -72,6 +95,11 @@ class PriorConfigMixin:
         if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r < 1):
             raise EditbenchError(f"class_resolution must be a positive int (pixels) or None (the training "
                                  f"resolution), got {r!r}")
+        d = self.class_data_dir
+        if d is not None and (not isinstance(d, str) or not d.strip() or "\n" in d or "\x00" in d
+                              or d.count("{}") > 1):
+            raise EditbenchError(f"class_data_dir must be None (generate class images), {TOYWORLD!r}, {AUTO!r} or a "
+                                 f"folder path ('{{}}' at most once: the superclass), got {d!r}")
 
 
 def _cache_key(pipeline: Any, prompt: str, n: int, size: int, steps: int, guidance: float, seed: int) -> str:
@@ -161,6 +189,162 @@ def _write_cache(folder: Path, images: torch.Tensor, prompt: str) -> None:
         tmp.write_text(json.dumps({"prompt": prompt, "files": names}))
 
 
+# ------------------------------------------------------------------------------------ real class images
+@dataclass(frozen=True)
+class ClassFolder:
+    """A parsed folder of real class images: ``images[i]`` is trained with ``captions[i]``.
+
+    ``layout``: ``"retrieval"`` (diffusers' retrieval output: ``caption.txt`` + ``images.txt`` + ``images/``) or
+    ``"plain"`` (the image files in the folder, all with the class prompt)."""
+
+    folder: Path
+    layout: str
+    images: tuple[Path, ...]
+    captions: tuple[str, ...]
+
+
+def _lines(path: Path) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ClassDataError(f"{path} is not UTF-8 text ({err}); write one entry per line in UTF-8") from None
+    except OSError as err:
+        raise ClassDataError(f"{path} cannot be read ({err.strerror or err})") from None
+    lines = [x.strip() for x in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    for k, line in enumerate(lines, 1):
+        if not line:
+            raise ClassDataError(f"{path} line {k} is empty; every line is one image's entry (they pair by line)")
+    return lines
+
+
+def _listed_image(folder: Path, line: str, k: int, listing: Path) -> Path:
+    """Where line ``k`` of ``images.txt`` points: relative to the folder, as written (diffusers' ``retrieve.py``
+    writes paths that start with the folder as it was given then), or ``images/<file name>`` of the folder."""
+    p = Path(line)
+    candidates = [p] if p.is_absolute() else [folder / p, p]
+    candidates.append(folder / "images" / p.name)
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ClassDataError(f"{listing} line {k} lists image {line!r}, which does not exist (looked for "
+                         f"{', '.join(str(c) for c in dict.fromkeys(candidates))}); fix the line or add the image")
+
+
+def parse_class_folder(folder: str | os.PathLike, prompt: str) -> ClassFolder:
+    """The images of a class-image folder and their captions (nothing decoded yet).
+
+    With ``caption.txt`` and ``images.txt`` (diffusers' retrieval layout) the two files pair by line: line ``i``
+    of ``images.txt`` is an image path and line ``i`` of ``caption.txt`` its caption. Otherwise the folder's image
+    files (:data:`IMAGE_SUFFIXES`, by name) are the class images, each captioned ``prompt``. ClassDataError (naming
+    the file) if the folder is missing or empty, only one of the two lists exists, their line counts differ, a
+    line is empty or a listed image is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ClassDataError(f"class_data_dir {folder} does not exist or is not a folder; give a folder of class "
+                             "images (caption.txt + images.txt + images/, or plain image files)")
+    captions, listing = folder / "caption.txt", folder / "images.txt"
+    if captions.exists() or listing.exists():
+        missing = listing if captions.exists() else captions
+        if not missing.is_file():
+            present = captions if missing == listing else listing
+            raise ClassDataError(f"{missing} is missing: a class-image folder with {present.name} needs both "
+                                 "caption.txt and images.txt (one line per image, paired by line)")
+        caps, lines = _lines(captions), _lines(listing)
+        if len(caps) != len(lines):
+            raise ClassDataError(f"{captions} has {len(caps)} captions but {listing} lists {len(lines)} images; "
+                                 "they pair by line (line i of each is one image): give both one line per image")
+        if not lines:
+            raise ClassDataError(f"{listing} lists no images; class_data_dir {folder} is empty")
+        images = tuple(_listed_image(folder, line, k, listing) for k, line in enumerate(lines, 1))
+        return ClassFolder(folder, "retrieval", images, tuple(caps))
+    images = tuple(sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+    if not images:
+        hint = " (an images/ folder needs caption.txt and images.txt beside it)" if (folder / "images").is_dir() else ""
+        raise ClassDataError(f"class_data_dir {folder} holds no images ({'/'.join(IMAGE_SUFFIXES)}) and no "
+                             f"caption.txt + images.txt{hint}; add the class images")
+    return ClassFolder(folder, "plain", images, (prompt,) * len(images))
+
+
+def load_class_folder(data: ClassFolder, size: int, n: int | None = None) -> tuple[torch.Tensor, list[str], str]:
+    """The first ``n`` (None: all) images of ``data`` center-cropped and resized to ``size`` px as concept images
+    are: ``(images (k, 3, size, size) float32 in [-1, 1], captions (k,), fingerprint)``.
+
+    The fingerprint (16 hex digits) hashes the layout and every used caption and image file's bytes: it changes
+    when the folder's content does, not when it moves. ClassDataError naming the file for an unreadable or corrupt
+    image."""
+    from PIL import Image, UnidentifiedImageError
+
+    from editbench.concepts import _square, _to_tensor
+    from editbench.safety import open_image
+
+    k = len(data.images) if n is None else min(n, len(data.images))
+    h = hashlib.sha256(f"class-data:{data.layout}".encode())
+    out = []
+    for path, caption in zip(data.images[:k], data.captions[:k]):
+        try:
+            raw = path.read_bytes()
+            img = open_image(io.BytesIO(raw), "RGB")
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError
+                ) as err:
+            raise ClassDataError(f"class image {path} is unreadable or corrupt ({err}); replace or remove it") from None
+        h.update(json.dumps([caption, hashlib.sha256(raw).hexdigest()]).encode())
+        out.append(_to_tensor(_square(img, size)))
+    return torch.stack(out) * 2 - 1, list(data.captions[:k]), h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ClassSource:
+    """Where one concept's class images come from: ``kind`` ``"generated"`` (``folder`` None), ``"folder"`` or
+    ``"toyworld"`` (``folder``: the cached retrieval of ``category``)."""
+
+    kind: str
+    folder: Path | None = None
+    category: str | None = None
+
+
+def class_data_folder(config: PriorConfigMixin, superclass: str, pipeline: Any) -> ClassSource:
+    """The source of one concept's class images under ``config.class_data_dir``: generated, a folder (``{}`` in
+    the path replaced by ``superclass``), or the toy world's retrieval of ``superclass`` (written on first use to
+    ``class_cache_dir`` / :func:`default_cache_dir` under a key of the category, count, seed and world).
+    ``"auto"`` is ``"toyworld"`` if ``superclass`` is a toy-world category and the model works at <= 64 px, else
+    generated. ClassDataError if ``"toyworld"`` does not apply."""
+    d = config.class_data_dir
+    if d is None:
+        return ClassSource("generated")
+    if d not in (TOYWORLD, AUTO):
+        return ClassSource("folder", Path(os.path.expanduser(d.replace("{}", superclass))))
+    from editbench.toyworld.scenes import CATEGORIES
+
+    res = model_resolution(pipeline)
+    why = (f"the toy world has no category {superclass!r} (it has {', '.join(CATEGORIES)})"
+           if superclass not in CATEGORIES else
+           f"this model works at {res} px and the toy world's scenes are 32 px" if res > _TOY_MAX_RESOLUTION else None)
+    if why is None:
+        return ClassSource(TOYWORLD, _toyworld_folder(superclass, config), superclass)
+    if d == AUTO:
+        return ClassSource("generated")
+    raise ClassDataError(f"class_data_dir={TOYWORLD!r} is the toy world's retrieval, but {why}; pass a folder of "
+                         "real class images (e.g. diffusers' retrieve.py output: caption.txt, images.txt, images/) "
+                         "or class_data_dir=None to generate them")
+
+
+def _toyworld_folder(category: str, config: PriorConfigMixin, refresh: bool = False) -> Path:
+    from editbench.toyworld.retrieval import CAPTIONS, retrieval_key, write_retrieval
+
+    root = Path(config.class_cache_dir) if config.class_cache_dir is not None else default_cache_dir()
+    n, seed = config.num_class_images, config.class_seed
+    folder = root / f"toyworld-{category}-{retrieval_key(category, n, seed)}"
+    if refresh and folder.exists():
+        shutil.rmtree(folder)
+    if not (folder / CAPTIONS).is_file():  # written whole or not at all (write_retrieval renames a finished folder)
+        if folder.exists():
+            shutil.rmtree(folder)  # not one of ours, or damaged: write it again
+        write_retrieval(folder, category, n, seed=seed)
+    return folder
+
+
 class PriorPreservation:
     """The prior-preservation term of one or more concepts.
 
@@ -169,26 +353,66 @@ class PriorPreservation:
             before the method changes the pipeline).
         prompts: one class prompt per concept (e.g. ``["a photo of a dog"]``).
         config: a config with the :class:`PriorConfigMixin` fields.
+        sources: per concept, the :class:`ClassSource` of :func:`class_data_folder` (default: generated images).
+
+    ``captions[j][i]`` is the prompt class image ``i`` of concept ``j`` is trained with (its own caption for a
+    retrieval folder, the class prompt otherwise); ``sources`` holds what :meth:`metadata` records.
     """
 
-    def __init__(self, pipeline: Any, prompts: Sequence[str], config: PriorConfigMixin):
+    def __init__(self, pipeline: Any, prompts: Sequence[str], config: PriorConfigMixin,
+                 sources: Sequence[ClassSource] | None = None):
         from editbench.training.loop import encode_images  # the loop's own VAE encoding (posterior mean, std)
 
         self.prompts = list(prompts)
         self.weight = float(config.prior_loss_weight)
         self.pipeline = pipeline
         self.stats: list[tuple[torch.Tensor, torch.Tensor]] = []  # per concept: (n, c, h, w) mean, std
+        self.captions: list[list[str]] = []
+        self.sources: list[dict] = []
         train_size = getattr(config, "resolution", None) or model_resolution(pipeline)
         size = config.class_resolution or train_size
-        for p in self.prompts:
-            imgs = class_images(pipeline, p, config.num_class_images, steps=config.class_inference_steps,
-                                guidance_scale=config.class_guidance_scale, seed=config.class_seed,
-                                cache_dir=config.class_cache_dir, size=size)
-            self.stats.append(encode_images(pipeline, resize_images(imgs, train_size)))
+        for j, p in enumerate(self.prompts):
+            source = sources[j] if sources is not None else ClassSource("generated")
+            if source.folder is None:
+                imgs = class_images(pipeline, p, config.num_class_images, steps=config.class_inference_steps,
+                                    guidance_scale=config.class_guidance_scale, seed=config.class_seed,
+                                    cache_dir=config.class_cache_dir, size=size)
+                imgs, caps = resize_images(imgs, train_size), [p] * imgs.shape[0]
+                info = {"source": "generated", "images": len(caps), "prompt": p}
+            else:
+                imgs, caps, info = self._real(source, p, config, train_size)
+            self.stats.append(encode_images(pipeline, imgs))
+            self.captions.append(caps)
+            self.sources.append(info)
+
+    @staticmethod
+    def _real(source: ClassSource, prompt: str, config: PriorConfigMixin, size: int
+              ) -> tuple[torch.Tensor, list[str], dict]:
+        try:
+            data = parse_class_folder(source.folder, prompt)
+            imgs, caps, fp = load_class_folder(data, size, config.num_class_images)
+        except ClassDataError:
+            if source.kind != TOYWORLD:
+                raise
+            # the cached retrieval was damaged from outside (editbench writes it whole): write it again
+            data = parse_class_folder(_toyworld_folder(source.category, config, refresh=True), prompt)
+            imgs, caps, fp = load_class_folder(data, size, config.num_class_images)
+        info = {"source": source.kind, "layout": data.layout, "images": len(caps), "fingerprint": fp}
+        if source.kind == TOYWORLD:
+            info["category"] = source.category
+        if source.kind == "folder":
+            info["path"] = str(source.folder)
+        return imgs, caps, info
+
+    def metadata(self) -> dict | list[dict]:
+        """What the artifact records about the class images: per concept ``source`` (generated / folder /
+        toyworld), ``images`` (count) and, for real images, ``layout`` and the folder's ``fingerprint``."""
+        return self.sources[0] if len(self.sources) == 1 else list(self.sources)
 
     def loss(self, ctx: StepContext, encode: Callable[[list[str]], torch.Tensor],
              concept_of: torch.Tensor | None = None) -> torch.Tensor:
-        """``weight *`` the diffusion loss on a batch of class images as large as the instance batch.
+        """``weight *`` the diffusion loss on a batch of class images as large as the instance batch, each image
+        prompted with its own caption.
 
         ``concept_of`` ``(b,)`` says which concept's class set each batch item draws from (default: the first).
         """
@@ -202,7 +426,7 @@ class PriorPreservation:
             i = int(torch.randint(0, mean.shape[0], (1,), generator=ctx.generator))
             means.append(mean[i])
             stds.append(std[i])
-            prompts.append(self.prompts[j])
+            prompts.append(self.captions[j][i])
         mean, std = torch.stack(means), torch.stack(stds)                    # (b, c, h, w)
         z = mean + std * torch.randn(mean.shape, generator=ctx.generator).to(mean)
         latents = scale_latents(ctx.pipeline, z).to(ctx.latents)
@@ -211,17 +435,20 @@ class PriorPreservation:
 
 def make_prior(pipeline: Any, concepts: ConceptData | Sequence[ConceptData],
                config: PriorConfigMixin) -> PriorPreservation | None:
-    """The prior term of ``concepts`` (class prompt = ``config.class_prompt`` with each superclass), or None if
-    ``config.with_prior_preservation`` is off. Call before the method edits the pipeline."""
+    """The prior term of ``concepts`` (class prompt = ``config.class_prompt`` with each superclass; class images
+    from ``config.class_data_dir``, :func:`class_data_folder`), or None if ``config.with_prior_preservation`` is
+    off. Call before the method edits the pipeline."""
     if not config.with_prior_preservation:
         return None
     concepts = [concepts] if isinstance(concepts, ConceptData) else list(concepts)
-    return PriorPreservation(pipeline, [config.class_prompt.format(c.superclass) for c in concepts], config)
+    sources = [class_data_folder(config, c.superclass, pipeline) for c in concepts]
+    return PriorPreservation(pipeline, [config.class_prompt.format(c.superclass) for c in concepts], config, sources)
 
 
 class ClassPromptSession(TrainingSession):
     """Session base of the methods prompted with ``"<identifier> <class>"`` (DreamBooth's "a photo of sks dog",
-    LoRA, Custom Diffusion's "<new1> cat"): prompts encoded as the pipeline does, plus the optional prior term."""
+    LoRA, Custom Diffusion's "<new1> cat"): prompts encoded as the pipeline does, plus the optional prior term
+    (recorded in the artifact's metadata as ``prior``)."""
 
     def __init__(self, pipeline: Any, prior: PriorPreservation | None):
         self.pipeline, self.prior = pipeline, prior
@@ -234,3 +461,6 @@ class ClassPromptSession(TrainingSession):
 
     def extra_loss(self, ctx: StepContext) -> torch.Tensor | None:
         return None if self.prior is None else self.prior.loss(ctx, self.encode, ctx.owners)
+
+    def artifact_metadata(self) -> dict:
+        return {} if self.prior is None else {"prior": self.prior.metadata()}

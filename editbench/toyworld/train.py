@@ -384,12 +384,16 @@ def stage_unet(cfg, work, data, latents, progress=True):
     return ema_unet.eval(), ema_text.eval(), noise_sched
 
 
+def base_spec(cfg: WorldConfig, i: int) -> R.SceneSpec:
+    """The spec of base-model training scene ``i`` (:func:`base_scene` without the rendering)."""
+    return R.sample_scene(_scene_rng(cfg.seed, i, "base"), split="train", pattern_prob=cfg.pattern_prob,
+                          excluded=EXCLUDED_APPEARANCES)
+
+
 def base_scene(cfg: WorldConfig, i: int) -> R.Rendered:
     """Base-model training scene ``i``: every pattern, never a personal concept's exact appearance nor a held-out
     (category, color, background) triple."""
-    spec = R.sample_scene(_scene_rng(cfg.seed, i, "base"), split="train", pattern_prob=cfg.pattern_prob,
-                          excluded=EXCLUDED_APPEARANCES)
-    return R.render(spec, cfg.image_size)
+    return R.render(base_spec(cfg, i), cfg.image_size)
 
 
 def evaluator_scene(cfg: WorldConfig, i: int) -> R.Rendered:

@@ -112,7 +112,7 @@ class TrainConfig:
     # fields added after checkpoints existed: left out of a run's signature while at their defaults, so that a
     # checkpoint written before them still resumes (a method's own later fields may be listed by its Config)
     LATER_FIELDS = ("mixed_precision", "resolution", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
-                    "class_resolution")
+                    "class_resolution", "class_data_dir")
 
     def run_signature(self) -> dict:
         """The config entries (JSON types) a training checkpoint must match to be resumed: every field but
@@ -281,6 +281,11 @@ class TrainingSession:
 
     def after_step(self, step: int) -> None:
         """Called after every optimizer step (e.g. to restore embedding rows that must not change)."""
+
+    def artifact_metadata(self) -> dict:
+        """Metadata entries the session adds to the trained artifact beside :meth:`artifact`'s own (which win on a
+        clash), e.g. where prior preservation's class images came from (``prior``). Default: none."""
+        return {}
 
     def backprop_modules(self, pipeline: Any) -> dict[str, torch.nn.Module]:
         """The pipeline components the gradients flow through (``config.gradient_checkpointing`` checkpoints them).

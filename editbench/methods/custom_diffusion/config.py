@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from editbench.errors import EditbenchError
-from editbench.methods.prior import PriorConfigMixin
+from editbench.methods.prior import AUTO, PriorConfigMixin
 from editbench.methods.tokens import EmbeddingNormCap
 from editbench.training import Param, TrainConfig
 
@@ -23,7 +23,10 @@ class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     (benchmarks/tuning/toy-quick/custom_diffusion/tuned.json): 194 steps of batch 4 (+4 class images), 16 class
     images, lr 7.95e-4 (K/V and modifier rows), prior loss weight 0.49, modifier rows kept at <= 2.27 x the
     superclass word's norm (``embedding_norm_cap``). Everything else is the reference's: AdamW with weight decay
-    1e-2 and gradient clipping at 1.0, augmentation p = 0.66, modifier tokens initialised from rare tokens.
+    1e-2 and gradient clipping at 1.0, augmentation p = 0.66, modifier tokens initialised from rare tokens, and
+    *real* class images with their own captions (``class_data_dir="auto"``: the toy world's retrieval of the
+    category, :mod:`editbench.toyworld.retrieval`; on a model that is not toy-sized, or for a category the toy
+    world lacks, generated images unless ``class_data_dir`` names a folder; :mod:`editbench.methods.prior`).
 
     ``svd_rank`` / ``svd_energy`` store each K/V delta as a truncated SVD (rank, or the smallest rank keeping
     that fraction of the singular-value sum; the paper's compression uses 0.6). ``merge_ridge`` is the ridge
@@ -48,13 +51,23 @@ class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     merge_captions: int | None = 1000          # first N of default_captions() for C (None: all 3,000)
     prior_loss_weight: float = 0.49
     embedding_norm_cap: float | None = 2.27
+    class_data_dir: str | None = AUTO           # real class images (the toy world's retrieval); None: generated
+
+    # class_data_dir is not a "later field" here: its default changed from generated to real images, so a
+    # checkpoint written with generated class images must not resume with real ones
+    LATER_FIELDS = tuple(f for f in TrainConfig.LATER_FIELDS if f != "class_data_dir")
 
     @classmethod
     def reference(cls, **overrides) -> CustomDiffusionConfig:
         """The paper's recipe (512 px): 250 steps (500 for two concepts), batch 8, lr 8e-5 (= 1e-5 x batch),
-        200 regularization images, prior loss weight 1.0."""
+        200 real regularization images with their own captions, prior loss weight 1.0.
+
+        The paper retrieves the images from LAION; pass them as ``class_data_dir=FOLDER`` (diffusers' retrieve.py
+        output; ``{}`` in the path becomes the category). Without it, ``"auto"`` takes the toy world's retrieval on
+        the toy world and generates the images elsewhere (50 sampling steps, guidance 6: the paper's "w/ Gen"
+        ablation); the artifact's ``prior`` metadata says which."""
         return cls(**{"steps": 250, "batch_size": 8, "lr": 8e-5, "num_class_images": 200, "prior_loss_weight": 1.0,
-                      "embedding_norm_cap": None,
+                      "embedding_norm_cap": None, "class_data_dir": AUTO,
                       "class_inference_steps": 50, "class_guidance_scale": 6.0, **overrides})
 
     @classmethod
