@@ -161,6 +161,7 @@ def test_dtype_and_device_preserved(dtype, tol):
     assert out1.dtype == dtype and out1.device == weight.device
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_device_preserved():
     w0, k, v, c = problem(11, 2, 8, 4)

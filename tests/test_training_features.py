@@ -236,6 +236,7 @@ def _dtype_probe(pipe):
     return seen, hooks
 
 
+@pytest.mark.cuda
 @pytest.mark.parametrize("name", METHODS)
 def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_trained_parameters_float32(pipe, name, recording):
     before = snapshot(pipe)
@@ -263,6 +264,7 @@ def test_no_mixed_precision_runs_float32(pipe):
     assert seen == {"unet": {torch.float32}, "text": {torch.float32}}
 
 
+@pytest.mark.cuda
 def test_fp16_scales_the_loss_and_unscales_before_the_step(pipe, monkeypatch):
     calls = []
 
@@ -291,6 +293,7 @@ def test_fp16_scales_the_loss_and_unscales_before_the_step(pipe, monkeypatch):
     assert art.metadata["training"]["fp16_skipped_steps"] == 0
 
 
+@pytest.mark.cuda
 def test_fp16_skips_the_steps_whose_gradients_overflow(pipe, monkeypatch):
     class Huge(torch.amp.GradScaler):
         def __init__(self, device="cuda", init_scale=2.0 ** 16, *a, **kw):
@@ -302,6 +305,7 @@ def test_fp16_skips_the_steps_whose_gradients_overflow(pipe, monkeypatch):
     assert torch.equal(art.tensors["embeddings"], initial_rows(pipe, ["star"]))   # no step was taken
 
 
+@pytest.mark.cuda
 def test_mixed_precision_the_device_cannot_run_is_a_clear_error(pipe, monkeypatch):
     monkeypatch.setattr(torch.amp, "is_autocast_available", lambda device_type: False)
     with pytest.raises(EditbenchError, match=r"mixed_precision='fp16' cannot run on cpu.*no autocast"):
