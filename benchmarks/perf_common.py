@@ -204,10 +204,12 @@ def bench_pipeline(kind: str = "auto"):
     if kind == "toy":
         from diffusers import StableDiffusionPipeline
 
+        from editbench.models import dtype_kwargs
+
         folder = toy_model_dir()
         if folder is None:
             raise RuntimeError("the toy world's weights are not there yet")
-        pipe = StableDiffusionPipeline.from_pretrained(str(folder), torch_dtype=torch.float32)  # as load_pipeline()
+        pipe = StableDiffusionPipeline.from_pretrained(str(folder), **dtype_kwargs(torch.float32))  # as load_pipeline()
         pipe.set_progress_bar_config(disable=True)
         return pipe, "toy world (32x32 px, SD architecture)"
     from editbench.testing import tiny_pipeline

@@ -27,15 +27,18 @@ def _pipeline(args):
     import torch
     from diffusers import StableDiffusionPipeline
 
+    from editbench.models import dtype_kwargs
+    from editbench.progress import quiet_loading
     from editbench.storage import parse_dtype
 
+    quiet_loading()
     if args.model is None:
         from editbench.toyworld import load_pipeline
 
         return load_pipeline(args.device, parse_dtype(args.dtype))
     if not Path(args.model, "model_index.json").exists():
         raise EditbenchError(f"--model {args.model!r} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, torch_dtype=parse_dtype(args.dtype) or torch.float32,
+    pipe = StableDiffusionPipeline.from_pretrained(args.model, **dtype_kwargs(parse_dtype(args.dtype) or torch.float32),
                                                    safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device or "cpu")

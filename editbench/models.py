@@ -77,3 +77,13 @@ def clip_tokenizer(cache_dir: str | os.PathLike | None = None):
     if not (folder / "merges.txt").exists():
         write_clip_tokenizer_files(folder)
     return CLIPTokenizer.from_pretrained(str(folder), model_max_length=CLIP_MAX_LENGTH)
+
+
+def dtype_kwargs(dtype) -> dict:
+    """The dtype keyword of diffusers' ``from_pretrained`` for the installed diffusers: ``{"dtype": dtype}`` where
+    ``torch_dtype`` is deprecated (diffusers PR #14205, 2026-07: it warns ``FutureWarning: torch_dtype is
+    deprecated ... use dtype``; diffusers 0.42 here), ``{"torch_dtype": dtype}`` in older releases, which do not
+    know ``dtype`` (pyproject allows diffusers >= 0.30)."""
+    from diffusers.utils import deprecation_utils
+
+    return {"dtype" if hasattr(deprecation_utils, "_resolve_dtype") else "torch_dtype": dtype}

@@ -69,7 +69,7 @@ def estimate_text_covariance(text_encoder: torch.nn.Module, tokenizer: Any, capt
     if not isinstance(text_encoder, torch.nn.Module) or not isinstance(dim, int):
         raise EditbenchError("text_encoder must be a transformers text model with config.hidden_size "
                              "(e.g. CLIPTextModel)")
-    from tqdm.auto import tqdm
+    from editbench.progress import progress as progress_bar
 
     from editbench.models import CLIP_MAX_LENGTH
 
@@ -88,8 +88,8 @@ def estimate_text_covariance(text_encoder: torch.nn.Module, tokenizer: Any, capt
     was_training = text_encoder.training
     text_encoder.eval()
     try:
-        with torch.no_grad(), tqdm(total=len(captions) if hasattr(captions, "__len__") else None,
-                                   disable=not progress, desc="text covariance", unit="caption") as bar:
+        with torch.no_grad(), progress_bar(total=len(captions) if hasattr(captions, "__len__") else None,
+                                           disable=not progress, desc="text covariance", unit="caption") as bar:
             for batch in _batches(captions, batch_size):
                 # padded to the batch's longest caption, not to 77: the kept tokens' vectors do not depend on the
                 # padding (causal encoder, attention mask passed), and computing 77 positions for ~10 real tokens

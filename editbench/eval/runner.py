@@ -67,11 +67,11 @@ def generate(pipeline: Any, prompts: Sequence[tuple[int, str]], *, images_per_pr
 
     Image ``j`` of prompt index ``p`` starts from noise seeded by ``(seed, p, j)`` alone, so every method and
     setting sees the same starting noise and batching does not change the result."""
-    from tqdm.auto import tqdm
+    from editbench.progress import progress as progress_bar
 
     jobs = [(p, text, j) for p, text in prompts for j in range(images_per_prompt)]
     out = []
-    for k in tqdm(range(0, len(jobs), batch_size), desc="generating", leave=False, disable=not progress):
+    for k in progress_bar(range(0, len(jobs), batch_size), desc="generating", leave=False, disable=not progress):
         chunk = jobs[k:k + batch_size]
         gens = [torch.Generator("cpu").manual_seed(_image_seed(seed, p, j)) for p, _, j in chunk]
         with torch.no_grad():
@@ -115,7 +115,11 @@ class Runner:
                                          "diffusers folder (or 'toyworld')")
                 from diffusers import DiffusionPipeline
 
-                self._pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=self.dtype or torch.float32,
+                from editbench.models import dtype_kwargs
+                from editbench.progress import quiet_loading
+
+                quiet_loading()
+                self._pipe = DiffusionPipeline.from_pretrained(model, **dtype_kwargs(self.dtype or torch.float32),
                                                                local_files_only=True).to(self.device)
                 self._pipe.set_progress_bar_config(disable=True)
         return self._pipe
@@ -332,7 +336,7 @@ def run_suite(suite: str | os.PathLike | Suite, out: str | os.PathLike, *, shard
     Cells that raise are recorded in ``cells/<cell>.error.txt`` and the others still run; an EditbenchError
     listing them is raised at the end (re-running retries them).
     """
-    from tqdm.auto import tqdm
+    from editbench.progress import progress as progress_bar
 
     suite = suite if isinstance(suite, Suite) else load_suite(suite)
     shard = parse_shard(shard)
@@ -351,7 +355,7 @@ def run_suite(suite: str | os.PathLike | Suite, out: str | os.PathLike, *, shard
                     dino=dino)
     todo = run_order([c for c in shard_cells(cells, shard) if not runner.done(c)])
     failed, group = [], None
-    for cell in tqdm(todo, desc=f"{suite.name} shard {shard[0]}/{shard[1]}", disable=not progress):
+    for cell in progress_bar(todo, desc=f"{suite.name} shard {shard[0]}/{shard[1]}", disable=not progress):
         if cell.group != group:  # keep only the current group's artifacts in memory (DreamBooth's are big)
             runner._artifacts.clear()
             group = cell.group

@@ -278,7 +278,7 @@ def tune(suite: str | Any, method: str, trials: int, out: str | Any, storage: st
     with the same storage share the study. ``pipeline`` / ``clip`` inject ready models (tests)."""
     from optuna.study import MaxTrialsCallback
     from optuna.trial import TrialState
-    from tqdm.auto import tqdm
+    from editbench.progress import progress as progress_bar
 
     if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
         raise EditbenchError(f"--trials must be a positive int (the study's total budget), got {trials!r}")
@@ -333,7 +333,8 @@ def tune(suite: str | Any, method: str, trials: int, out: str | Any, storage: st
 
     failed = [0]
     if len(complete()) < trials:
-        with tqdm(total=trials, initial=len(complete()), desc=f"tune {study_name}", disable=not progress) as bar:
+        with progress_bar(total=trials, initial=len(complete()), desc=f"tune {study_name}",
+                          disable=not progress) as bar:
             def after(st: Any, t: Any) -> None:
                 failed[0] = failed[0] + 1 if t.state == TrialState.FAIL else 0
                 if failed[0] >= MAX_FAILED_IN_A_ROW:

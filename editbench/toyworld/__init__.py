@@ -51,7 +51,11 @@ def load_pipeline(device=None, dtype=None, path=None):
     import torch
     from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(str(path or model_path()), torch_dtype=dtype or torch.float32)
+    from editbench.models import dtype_kwargs
+    from editbench.progress import quiet_loading
+
+    quiet_loading()
+    pipe = StableDiffusionPipeline.from_pretrained(str(path or model_path()), **dtype_kwargs(dtype or torch.float32))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device or "cpu")
 

@@ -15,11 +15,11 @@ import random
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from editbench.toyworld import scenes as R
 from editbench.toyworld.checker import check, heldout_specs
 from editbench.toyworld.personal import PERSONAL_CONCEPTS
+from editbench.progress import progress as progress_bar
 
 GATE = {"category": 0.85, "color": 0.85, "background": 0.90, "position": 0.75, "both_present": 0.60,
         "one_object": 0.90}
@@ -30,7 +30,7 @@ DESCRIBE_GATE = {"described": 0.60, "superclass_max": 0.10}  # mean over the eig
 def generate(pipe, prompts: list[str], *, seed: int = 0, batch_size: int = 50, steps: int = 25,
              guidance_scale: float = 4.0, guidance_rescale: float = 0.7, progress=True) -> list:
     images = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc="sample", disable=not progress):
+    for i in progress_bar(range(0, len(prompts), batch_size), desc="sample", disable=not progress):
         chunk = prompts[i:i + batch_size]
         gens = [torch.Generator(pipe.device).manual_seed(seed * 100003 + i + j) for j in range(len(chunk))]
         out = pipe(chunk, num_inference_steps=steps, guidance_scale=guidance_scale,

@@ -29,7 +29,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from editbench.errors import TrainingError
 from editbench.storage import (load_optimizer_state, load_rng_state, optimizer_state, read_json, read_tensors,
@@ -38,6 +37,7 @@ from editbench.models import CLIP_MAX_LENGTH, CLIP_VOCAB_SIZE, clip_tokenizer, w
 from editbench.toyworld import scenes as R
 from editbench.toyworld.personal import EXCLUDED_APPEARANCES, PERSONAL_CONCEPTS
 from editbench.training import masked_mse
+from editbench.progress import progress as progress_bar
 
 
 @dataclass
@@ -183,7 +183,7 @@ def stage_data(cfg: WorldConfig, work: Path, tokenizer, progress=True) -> dict:
     if path.exists():
         return read_tensors(path)
     images, ids, masks = [], [], []
-    for i in tqdm(range(cfg.n_scenes), desc="render scenes", disable=not progress):
+    for i in progress_bar(range(cfg.n_scenes), desc="render scenes", disable=not progress):
         r = base_scene(cfg, i)
         images.append(r.image)
         ids.append(r.caption)
@@ -214,7 +214,7 @@ def _train_loop(name, work, cfg, steps, modules: dict, opt, sched, step_fn, prog
         start, losses, wall = meta["step"], meta["losses"], meta["wall_s"]
     if start >= steps:
         return meta
-    bar = tqdm(range(start, steps), desc=f"train {name}", disable=not progress, initial=start, total=steps)
+    bar = progress_bar(range(start, steps), desc=f"train {name}", disable=not progress, initial=start, total=steps)
     t0 = time.time()
     run = []
     for step in bar:
@@ -284,7 +284,7 @@ def stage_vae(cfg, work, data, progress=True):
         return vae, lat["latents"], float(lat["scale"])
     chunks = []
     with torch.no_grad():
-        for i in tqdm(range(0, len(images), 256), desc="encode latents", disable=not progress):
+        for i in progress_bar(range(0, len(images), 256), desc="encode latents", disable=not progress):
             chunks.append(vae.encode(_pixels(images[i:i + 256])).latent_dist.mean)
     latents = torch.cat(chunks)
     scale = float(1.0 / latents.std())

@@ -384,7 +384,7 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
             gen.manual_seed(par.seed(seed, start))
     if par is not None:
         par.sync_params(params)
-    from tqdm.auto import tqdm
+    from editbench.progress import progress as progress_bar
 
     t0, mem = time.perf_counter(), _Memory(device)
     n_img, n_tpl = len(images), math.lcm(*(len(c.templates) for c in concepts))
@@ -425,8 +425,8 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
                 m = F.interpolate(m.to(device, torch.float32), size=pred.shape[-2:], mode="area")  # (b, 1, h, w)
             return masked_mse(pred, target, m)
 
-        bar = tqdm(total=config.steps, initial=start, disable=not progress or (par is not None and not par.main),
-                   desc=desc, unit="step")
+        bar = progress_bar(total=config.steps, initial=start, desc=desc, unit="step",
+                           disable=not progress or (par is not None and not par.main))
         try:
             for step in range(start + 1, config.steps + 1):
                 step_loss = 0.0
