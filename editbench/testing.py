@@ -2,7 +2,9 @@
 
 ``tiny_unet(geometry)`` builds a ``UNet2DConditionModel`` whose block layout follows SD 1.x, SD 2.x or SDXL
 at a fraction of the width; ``tiny_pipeline()`` assembles a complete ``StableDiffusionPipeline`` from tiny
-parts with the real CLIP tokenizer. ``unet_config(geometry, full=True)`` gives the real-size configs, for
+parts with the real CLIP tokenizer, ``tiny_sd2_pipeline()`` one of SD 2.x's shape (OpenCLIP-shaped text encoder,
+v-prediction) and ``tiny_sdxl_pipeline()`` a ``StableDiffusionXLPipeline`` (two text encoders, pooled text
+embeddings, time ids). ``unet_config(geometry, full=True)`` gives the real-size configs, for
 geometry-only measurements (build those on the ``meta`` device).
 """
 
@@ -83,23 +85,28 @@ def tiny_unet(geometry: str = "sd15", *, seed: int = 0):
     return UNet2DConditionModel(**unet_config(geometry))
 
 
-def tiny_text_encoder(hidden_size: int = 32, *, seed: int = 0):
-    from transformers import CLIPTextConfig, CLIPTextModel
+def tiny_text_encoder(hidden_size: int = 32, *, seed: int = 0, hidden_act: str = "quick_gelu",
+                      projection_dim: int | None = None, num_hidden_layers: int = 2, pad_token_id: int = 49407):
+    """A random ``CLIPTextModel`` of width ``hidden_size`` (``CLIPTextModelWithProjection`` with ``projection_dim``:
+    SDXL's second encoder, whose projected end-token output is the pooled text embedding)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     cfg = CLIPTextConfig(vocab_size=CLIP_VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                         num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=CLIP_MAX_LENGTH,
-                         bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-    return CLIPTextModel(cfg)
+                         num_hidden_layers=num_hidden_layers, num_attention_heads=2,
+                         max_position_embeddings=CLIP_MAX_LENGTH, hidden_act=hidden_act,
+                         projection_dim=projection_dim or hidden_size, bos_token_id=49406, eos_token_id=49407,
+                         pad_token_id=pad_token_id)
+    return CLIPTextModel(cfg) if projection_dim is None else CLIPTextModelWithProjection(cfg)
 
 
-def tiny_vae(*, seed: int = 0):
+def tiny_vae(*, seed: int = 0, scaling_factor: float = 0.18215):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
                          up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=4,
-                         layers_per_block=1, sample_size=16)
+                         layers_per_block=1, sample_size=16, scaling_factor=scaling_factor)
 
 
 def tiny_pipeline(*, seed: int = 0):
@@ -116,6 +123,68 @@ def tiny_pipeline(*, seed: int = 0):
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _open_clip_tokenizer():
+    """The CLIP tokenizer as SD 2.x and SDXL's second encoder use it: OpenCLIP pads with "!" (id 0), not with the
+    end token."""
+    tok = clip_tokenizer()
+    tok.pad_token = "!"
+    return tok
+
+
+def tiny_sd2_pipeline(*, seed: int = 0):
+    """A randomly initialised ``StableDiffusionPipeline`` of SD 2.x's shape (16x16 px, 8x8 latents): an
+    OpenCLIP-shaped text encoder (``CLIPTextModel`` with ``gelu``, width 48, padding "!"; like the converted SD 2.x
+    checkpoints it ends at OpenCLIP's penultimate layer, so the pipeline reads its ``last_hidden_state``), the SD 2.x
+    UNet layout (linear projections, per-block head widths) and a v-prediction DDIM scheduler (SD 2.x 768 px)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=tiny_vae(seed=seed),
+        text_encoder=tiny_text_encoder(48, seed=seed, hidden_act="gelu", pad_token_id=0),
+        tokenizer=_open_clip_tokenizer(),
+        unet=tiny_unet("sd21", seed=seed),
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                                steps_offset=1, prediction_type="v_prediction"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+SDXL_TEXT_WIDTHS = (24, 40)
+"""Widths of the tiny SDXL pipeline's two text encoders (CLIP-L and OpenCLIP-bigG: 768 and 1280 in SDXL); their
+concatenation is the UNet's cross-attention width (64; 2048 in SDXL)."""
+
+
+def tiny_sdxl_pipeline(*, seed: int = 0):
+    """A randomly initialised ``StableDiffusionXLPipeline`` (16x16 px, 8x8 latents), built offline: a CLIP-L-shaped
+    ``CLIPTextModel`` (width 24, quick_gelu) with the CLIP tokenizer, an OpenCLIP-bigG-shaped
+    ``CLIPTextModelWithProjection`` (width 40, gelu, pooled projection 32) with the tokenizer padding "!", the SDXL
+    UNet layout (``text_time`` added conditioning: pooled embedding + 6 time ids) and SDXL's Euler scheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    d1, d2 = SDXL_TEXT_WIDTHS
+    unet = tiny_unet("sdxl", seed=seed)
+    cfg = unet.config
+    pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    assert d1 + d2 == cfg.cross_attention_dim, (d1, d2, cfg.cross_attention_dim)
+    pipe = StableDiffusionXLPipeline(
+        vae=tiny_vae(seed=seed, scaling_factor=0.13025),
+        text_encoder=tiny_text_encoder(d1, seed=seed),
+        text_encoder_2=tiny_text_encoder(d2, seed=seed + 1, hidden_act="gelu", projection_dim=pooled,
+                                         pad_token_id=0),
+        tokenizer=clip_tokenizer(),
+        tokenizer_2=_open_clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                         steps_offset=1, timestep_spacing="leading"),
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -455,11 +455,20 @@ class Editor:
     # ---- method hooks --------------------------------------------------------------------------------------
 
     def affected_tensors(self, pipeline: Any) -> dict[str, torch.Tensor]:
-        """Method hook: the base weights the method reads or edits (fingerprinted). Default: text encoder + UNet."""
-        return {**module_tensors(pipeline.text_encoder, "text_encoder."), **module_tensors(pipeline.unet, "unet.")}
+        """Method hook: the base weights the method reads or edits (fingerprinted). Default: the text encoder(s)
+        (SDXL: ``text_encoder`` and ``text_encoder_2``) + UNet."""
+        second = getattr(pipeline, "text_encoder_2", None)
+        return {**module_tensors(pipeline.text_encoder, "text_encoder."),
+                **({} if second is None else module_tensors(second, "text_encoder_2.")),
+                **module_tensors(pipeline.unet, "unet.")}
 
     def check_pipeline(self, pipeline: Any) -> None:
-        """Method hook: raise EditbenchError if the method cannot work with this pipeline. Default: accept."""
+        """Method hook: raise EditbenchError if the method cannot work with this pipeline. Default: accept the
+        pipelines :func:`editbench.pipelines.text_stack` accepts (SD 1.x / 2.x and SDXL), refuse any other class
+        by name. Overrides call ``super().check_pipeline(pipeline)`` first."""
+        from editbench.pipelines import text_stack
+
+        text_stack(pipeline, self.name)
 
     def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,
                          config: TrainConfig) -> TrainingSession:

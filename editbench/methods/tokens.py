@@ -24,7 +24,7 @@ from editbench.concepts import vocabulary_id
 from editbench.errors import ConceptDataError, EditbenchError
 
 __all__ = ["RARE_WORDS", "EmbeddingNormCap", "ExtendedEmbedding", "add_tokens", "base_tokenizer", "cap_norms_",
-           "initial_rows", "rare_word", "single_token_id", "token_position", "word_norms"]
+           "initial_rows", "n_encoders", "rare_word", "single_token_id", "token_position", "word_norms"]
 
 RARE_WORDS = ("sks", "olis", "bnha", "hta", "ucd", "pll", "rcn", "waj", "httr", "shld", "omd", "adl", "nlwx", "ucn")
 """Rare words used as placeholders by methods that reuse a word (``Editor.new_token = False``)."""
@@ -128,18 +128,37 @@ def _clone(tok: Any) -> Any:
     return clone
 
 
-def add_tokens(handle: Any, pipeline: Any, tokens: Sequence[str], rows: torch.Tensor) -> list[int]:
+def _names(encoder: int) -> tuple[str, str]:
+    """The (tokenizer, text encoder) attribute names of text encoder ``encoder`` (0: ``tokenizer`` /
+    ``text_encoder``; 1: SDXL's ``tokenizer_2`` / ``text_encoder_2``)."""
+    from editbench.pipelines import ENCODER_NAMES
+
+    if encoder not in range(len(ENCODER_NAMES)):
+        raise EditbenchError(f"encoder must be 0 or 1 (text_encoder, text_encoder_2), got {encoder!r}")
+    return ENCODER_NAMES[encoder]
+
+
+def n_encoders(pipeline: Any) -> int:
+    """How many text encoders a pipeline has (1: SD 1.x / 2.x; 2: SDXL, ``text_encoder_2`` set)."""
+    return 2 if getattr(pipeline, "text_encoder_2", None) is not None else 1
+
+
+def add_tokens(handle: Any, pipeline: Any, tokens: Sequence[str], rows: torch.Tensor, *,
+               encoder: int = 0) -> list[int]:
     """Make ``tokens`` new single-token words of ``pipeline`` with embedding ``rows`` ``(k, d)``; return their ids.
 
+    ``encoder``: which text encoder and tokenizer learn the words (0: ``text_encoder``/``tokenizer``; 1: SDXL's
+    ``text_encoder_2``/``tokenizer_2``, with rows of that encoder's width); SDXL methods call it once per encoder.
     Recorded on ``handle`` (an :class:`~editbench.methods.base.EditHandle`): undo restores the original
     tokenizer object and embedding module. Raises ConceptDataError if a word already is a token.
     """
+    tok_name, enc_name = _names(encoder)
     tokens = list(tokens)
-    emb = pipeline.text_encoder.get_input_embeddings()
+    emb = getattr(pipeline, enc_name).get_input_embeddings()
     if rows.untyped_storage().data_ptr() == emb.weight.untyped_storage().data_ptr():
         raise EditbenchError("rows share memory with the base embedding matrix (a view of it), so training them "
                              "would change the base rows; pass a copy: weight[i].detach().clone()")
-    tok = _clone(pipeline.tokenizer)
+    tok = _clone(getattr(pipeline, tok_name))
     existing = [t for t in tokens
                 if vocabulary_id(tok, t) is not None or len(tok(t, add_special_tokens=False).input_ids) == 1]
     if existing or len(set(tokens)) != len(tokens):
@@ -153,36 +172,40 @@ def add_tokens(handle: Any, pipeline: Any, tokens: Sequence[str], rows: torch.Te
         if list(got).count(i) != 1:
             raise ConceptDataError(f"placeholder {word!r} is not recognised as one token in a prompt (got ids {got}); "
                                    "use a lower-case string without spaces, such as '<my-teddy>'")
-    tok._editbench_base_tokenizer = base_tokenizer(pipeline.tokenizer)
-    encoder = pipeline.text_encoder
-    handle.set_attr(pipeline, "tokenizer", tok)
+    tok._editbench_base_tokenizer = base_tokenizer(getattr(pipeline, tok_name))
+    module = getattr(pipeline, enc_name)
+    handle.set_attr(pipeline, tok_name, tok)
     ext = ExtendedEmbedding(emb, ids, rows)
-    encoder.set_input_embeddings(ext)
-    handle.on_undo("text encoder input embedding", lambda: encoder.set_input_embeddings(emb),
-                   check=lambda: None if encoder.get_input_embeddings() is ext else "replaced by a later edit")
+    module.set_input_embeddings(ext)
+    handle.on_undo(f"{enc_name} input embedding", lambda: module.set_input_embeddings(emb),
+                   check=lambda: None if module.get_input_embeddings() is ext else "replaced by a later edit")
     return ids
 
 
-def initial_rows(pipeline: Any, words: Sequence[str]) -> torch.nn.Parameter:
-    """Trainable float32 ``(k, d)`` rows for new tokens, row j copied from the embedding of the one-token ``words[j]``.
+def initial_rows(pipeline: Any, words: Sequence[str], *, encoder: int = 0) -> torch.nn.Parameter:
+    """Trainable float32 ``(k, d)`` rows for new tokens, row j copied from the embedding of the one-token ``words[j]``
+    (in text encoder ``encoder``'s embedding: 0 ``text_encoder``, 1 SDXL's ``text_encoder_2``).
 
     Pass the result to :func:`add_tokens`: only these rows are then trained (textual inversion's and Custom
     Diffusion's initialisation from a coarse word or a rare token). A word that is not one token but is an entry
     of the vocabulary (Custom Diffusion's "ktn": the word-internal piece, as the reference's
     ``tokenizer.encode([word])`` looks it up) uses that entry. ConceptDataError otherwise.
     """
-    tok = base_tokenizer(pipeline.tokenizer)
-    weight = pipeline.text_encoder.get_input_embeddings().weight               # (V, d)
+    tok_name, enc_name = _names(encoder)
+    tok = base_tokenizer(getattr(pipeline, tok_name))
+    weight = getattr(pipeline, enc_name).get_input_embeddings().weight         # (V, d)
     vocab = tok.get_vocab() if any(len(tok(w, add_special_tokens=False).input_ids) != 1 for w in words) else {}
     ids = [vocab[w] if w in vocab else single_token_id(tok, w) for w in words]
     return torch.nn.Parameter(weight[ids].detach().to(torch.float32).clone())  # (k, d)
 
 
 # ----------------------------------------------------------------------------------------------- norm cap
-def word_norms(pipeline: Any, words: Sequence[str]) -> torch.Tensor:
-    """float32 ``(k,)`` norms of the base embedding rows of the one-token ``words`` (ConceptDataError otherwise)."""
-    tok = base_tokenizer(pipeline.tokenizer)
-    weight = pipeline.text_encoder.get_input_embeddings().weight                  # (V, d)
+def word_norms(pipeline: Any, words: Sequence[str], *, encoder: int = 0) -> torch.Tensor:
+    """float32 ``(k,)`` norms of the base embedding rows of the one-token ``words`` (ConceptDataError otherwise) in
+    text encoder ``encoder`` (0 ``text_encoder``, 1 SDXL's ``text_encoder_2``)."""
+    tok_name, enc_name = _names(encoder)
+    tok = base_tokenizer(getattr(pipeline, tok_name))
+    weight = getattr(pipeline, enc_name).get_input_embeddings().weight            # (V, d)
     ids = [single_token_id(tok, w) for w in words]
     return weight[ids].detach().float().norm(dim=-1)                              # (k,)
 
@@ -222,8 +245,9 @@ class EmbeddingNormCap:
                               or v <= 0):
             raise EditbenchError(f"embedding_norm_cap must be a finite number > 0 or None, got {v!r}")
 
-    def norm_limits(self, pipeline: Any, superclasses: Sequence[str]) -> torch.Tensor | None:
-        """``(k,)`` limits of the learned rows of concepts with these superclass words (None: no cap)."""
+    def norm_limits(self, pipeline: Any, superclasses: Sequence[str], *, encoder: int = 0) -> torch.Tensor | None:
+        """``(k,)`` limits of the learned rows of concepts with these superclass words (None: no cap), in text
+        encoder ``encoder``'s embedding scale (SDXL: each encoder's rows are capped by its own word norms)."""
         if self.embedding_norm_cap is None:
             return None
-        return float(self.embedding_norm_cap) * word_norms(pipeline, superclasses)
+        return float(self.embedding_norm_cap) * word_norms(pipeline, superclasses, encoder=encoder)

@@ -28,6 +28,7 @@ from typing_extensions import Self
 from editbench.concepts import ConceptData, model_resolution
 from editbench.errors import EditbenchError, TrainingError
 from editbench.fingerprint import update_with_tensor
+from editbench.pipelines import TextConditioning, TextStack, added_cond_kwargs, text_stack
 from editbench.training.checkpoint import CHECKPOINT_FILE, kept, load_checkpoint, save_checkpoint
 from editbench.training.parallel import DataParallel, make_accelerator, use_accelerate
 from editbench.training.session import (
@@ -266,6 +267,25 @@ def _validation_images(pipeline: Any, folder: Path, step: int, prompts: list[str
     write_json(out / "prompts.json", {f"{i:02d}.png": p for i, p in enumerate(prompts)})
 
 
+def _unet_conditioning(pipeline: Any, stack: TextStack, cond: torch.Tensor | TextConditioning, size: int,
+                       extra: dict) -> tuple[torch.Tensor, dict]:
+    """The UNet's ``encoder_hidden_states`` and keyword arguments for a session's encoding ``cond``: for SDXL
+    (``stack.pooled``) the pooled embeddings and time ids of the training resolution go into
+    ``added_cond_kwargs`` (:func:`editbench.pipelines.added_cond_kwargs`)."""
+    if isinstance(cond, TextConditioning):
+        hidden, pooled = cond.hidden, cond.pooled
+    else:
+        hidden, pooled = cond, None
+    if not stack.pooled:
+        return hidden, extra
+    if pooled is None:
+        raise TrainingError(f"this {type(pipeline).__name__}'s UNet needs the pooled text embeddings and time ids "
+                            "(SDXL); the session's encode() returned hidden states only: return "
+                            "training.encode_prompts(pipeline, prompts) or an editbench.pipelines.TextConditioning")
+    added = added_cond_kwargs(pipeline, pooled.to(pipeline.unet.dtype), size)
+    return hidden, {**extra, "added_cond_kwargs": {**added, **extra.get("added_cond_kwargs", {})}}
+
+
 def _noise_schedule(pipeline: Any):
     """A DDPM scheduler with the pipeline scheduler's training schedule (betas, prediction type, SNR rescale)."""
     from diffusers import DDPMScheduler
@@ -337,6 +357,7 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     return.
     """
     check_training(pipeline, config, checkpoint_dir)
+    stack = text_stack(pipeline)
     device = pipeline_device(pipeline)
     size = training_resolution(pipeline, config)
     amp_dtype = _autocast_dtype(device, config.mixed_precision)
@@ -411,16 +432,17 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     with _Freeze(pipeline, params), checkpointing:
         cache = None if session.augments else encode_images(pipeline, images)  # (N, c, h, w) x 2
 
-        def diffusion_loss(latents: torch.Tensor, cond: torch.Tensor, m: torch.Tensor | None = None) -> torch.Tensor:
+        def diffusion_loss(latents: torch.Tensor, cond: torch.Tensor | TextConditioning,
+                           m: torch.Tensor | None = None) -> torch.Tensor:
             b = latents.shape[0]
+            hidden, kwargs = _unet_conditioning(pipeline, stack, cond, size, session.unet_kwargs(b))
             noise = torch.randn(latents.shape, generator=gen).to(latents)          # (b, c, h, w)
             t = torch.randint(0, T, (b,), generator=gen).to(device)                 # (b,)
             noisy = sched.add_noise(latents, noise, t)
             target = {"epsilon": noise, "sample": latents}.get(ptype)
             if target is None:
                 target = sched.get_velocity(latents, noise, t)
-            pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype),
-                        **session.unet_kwargs(b)).sample
+            pred = unet(noisy.to(unet.dtype), t, encoder_hidden_states=hidden.to(unet.dtype), **kwargs).sample
             if m is not None:
                 m = F.interpolate(m.to(device, torch.float32), size=pred.shape[-2:], mode="area")  # (b, 1, h, w)
             return masked_mse(pred, target, m)

@@ -16,6 +16,7 @@ import torch
 
 from editbench.concepts import ConceptData
 from editbench.errors import EditbenchError, TrainingError
+from editbench.pipelines import TextConditioning, encode_text
 
 if TYPE_CHECKING:
     from editbench.methods.base import Artifact
@@ -262,8 +263,9 @@ class TrainingSession:
         """The parameters to optimise, grouped by learning rate."""
         raise NotImplementedError
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Encoder hidden states ``(b, n, d)`` for ``prompts`` (with gradients where the method trains)."""
+    def encode(self, prompts: list[str]) -> torch.Tensor | TextConditioning:
+        """Encoder hidden states ``(b, n, d)`` for ``prompts`` (with gradients where the method trains); for SDXL a
+        :class:`~editbench.pipelines.TextConditioning` with the pooled embeddings too (:func:`encode_prompts`)."""
         raise NotImplementedError
 
     def augment(self, images: torch.Tensor, masks: torch.Tensor, prompts: list[str],
@@ -336,9 +338,13 @@ def tokenize(pipeline: Any, prompts: Sequence[str]) -> torch.Tensor:
                return_tensors="pt").input_ids.to(pipeline_device(pipeline))
 
 
-def encode_prompts(pipeline: Any, prompts: Sequence[str]) -> torch.Tensor:
-    """Encoder hidden states ``(b, n, d)`` of ``prompts``, exactly as ``StableDiffusionPipeline`` computes them."""
-    return pipeline.text_encoder(tokenize(pipeline, prompts))[0]
+def encode_prompts(pipeline: Any, prompts: Sequence[str]) -> torch.Tensor | TextConditioning:
+    """What the pipeline conditions its UNet on for ``prompts``, exactly as the pipeline computes it: encoder hidden
+    states ``(b, n, d)`` (``StableDiffusionPipeline``), or for a UNet with SDXL's added conditioning a
+    :class:`~editbench.pipelines.TextConditioning` (both encoders' concatenated penultimate hidden states and the
+    pooled embeddings; :func:`editbench.pipelines.encode_text`), which the training loop also accepts."""
+    enc = encode_text(pipeline, prompts)
+    return enc if enc.pooled is not None else enc.hidden
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:

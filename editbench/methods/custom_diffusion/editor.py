@@ -5,7 +5,10 @@ Artifact tensors (``P`` = the dotted name of a projection, e.g.
 
 * ``P.delta`` ``(o, d)``: ``W_tuned - W0`` for every cross-attention K and V projection, or, when compressed,
   ``P.delta_up`` ``(o, r)`` and ``P.delta_down`` ``(r, d)`` with ``delta = up @ down``;
-* ``modifier_embeddings`` ``(k, d)``: one row per modifier token (metadata ``modifier_tokens``, ``categories``).
+* ``modifier_embeddings`` ``(k, d)``: one row per modifier token (metadata ``modifier_tokens``, ``categories``);
+  SDXL: the token is new in both tokenizers, ``modifier_embeddings`` ``(k, d_1)`` holds its rows in ``text_encoder``
+  and ``modifier_embeddings_2`` ``(k, d_2)`` in ``text_encoder_2``. The K/V projections read the concatenated
+  context (``d = d_1 + d_2``, 2048 in SDXL).
 
 Shape legend: b batch, d text width, o output width, r rank, k concepts.
 """
@@ -30,14 +33,17 @@ from editbench.methods.custom_diffusion.config import CustomDiffusionConfig
 from editbench.methods.custom_diffusion.layers import KVLinear, low_rank, resize_augment
 from editbench.methods.custom_diffusion.merge import MergeResult, concept_keys, merge_projections
 from editbench.methods.prior import ClassPromptSession, PriorPreservation, make_prior
-from editbench.methods.tokens import add_tokens, base_tokenizer, cap_norms_, initial_rows
+from editbench.methods.tokens import add_tokens, cap_norms_, initial_rows, n_encoders
 from editbench.safety import MAX_DIM, is_int, is_number, words
 from editbench.sites import find_cross_attention_sites
 from editbench.training import ParamGroup, TrainingSession, TrainResult
 
-__all__ = ["EMBEDDINGS", "CustomDiffusionEditor", "compress", "deltas", "projections"]
+__all__ = ["EMBEDDINGS", "EMBEDDINGS_2", "CustomDiffusionEditor", "compress", "deltas", "projections"]
 
 EMBEDDINGS = "modifier_embeddings"
+EMBEDDINGS_2 = "modifier_embeddings_2"
+ROWS = (EMBEDDINGS, EMBEDDINGS_2)
+"""The artifact tensor of each text encoder's modifier rows (SDXL: two)."""
 
 
 def projections(unet: nn.Module) -> dict[str, nn.Linear]:
@@ -70,7 +76,7 @@ def compress(artifact: Artifact, *, rank: int | None = None, energy: float | Non
     """A copy of ``artifact`` whose K/V deltas are truncated SVDs (see :func:`~.layers.low_rank`)."""
     if rank is None and energy is None:
         raise EditbenchError("pass rank and/or energy")
-    tensors = {EMBEDDINGS: artifact.tensors[EMBEDDINGS]}
+    tensors = {k: artifact.tensors[k] for k in ROWS if k in artifact.tensors}
     for name, d in deltas(artifact).items():
         tensors.update(_delta_tensors(name, d, rank, energy))
     meta = dict(artifact.metadata, compression={"rank": rank, "energy": energy})
@@ -85,21 +91,23 @@ def _compression(x: Any) -> bool:
 
 class _Session(ClassPromptSession):
     def __init__(self, pipeline: Any, concepts: list[ConceptData], layers: dict[str, KVLinear],
-                 base: dict[str, torch.Tensor], rows: nn.Parameter, prior: PriorPreservation | None,
+                 base: dict[str, torch.Tensor], rows: list[nn.Parameter], prior: PriorPreservation | None,
                  config: CustomDiffusionConfig):
         super().__init__(pipeline, prior)
         self.concepts, self.layers, self.base, self.rows, self.config = concepts, layers, base, rows, config
         self.augments = config.augment or config.hflip
         self.factor = int(pipeline.vae_scale_factor)
-        self.limits = config.norm_limits(pipeline, [x.superclass for x in concepts])  # (k,) or None
+        self.limits = [config.norm_limits(pipeline, [x.superclass for x in concepts], encoder=e)
+                       for e in range(len(rows))]                                # per encoder: (k,) or None
 
     def after_step(self, step: int) -> None:
-        cap_norms_(self.rows, self.limits)
+        for rows, limits in zip(self.rows, self.limits):
+            cap_norms_(rows, limits)
 
     def param_groups(self) -> list[ParamGroup]:
         c = self.config
         return [ParamGroup("kv", [m.weight for m in self.layers.values()], c.lr, c.weight_decay),
-                ParamGroup("modifier", [self.rows], c.lr_modifier or c.lr, c.weight_decay)]
+                ParamGroup("modifier", list(self.rows), c.lr_modifier or c.lr, c.weight_decay)]
 
     def augment(self, images: torch.Tensor, masks: torch.Tensor, prompts: list[str],
                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -117,7 +125,7 @@ class _Session(ClassPromptSession):
 
     def artifact(self, result: TrainResult) -> Artifact:
         c = self.config
-        tensors: dict[str, torch.Tensor] = {EMBEDDINGS: self.rows.detach().clone()}
+        tensors: dict[str, torch.Tensor] = {k: r.detach().clone() for k, r in zip(ROWS, self.rows)}
         for name, layer in self.layers.items():
             tensors.update(_delta_tensors(name, layer.weight.detach() - self.base[name].float(),
                                           c.svd_rank, c.svd_energy))
@@ -160,6 +168,7 @@ class CustomDiffusionEditor(Editor):
         if pipeline is None:
             raise EditbenchError("custom_diffusion.export needs the base pipeline (diffusers' Custom Diffusion format "
                                  "stores full K/V weights, W0 + delta): export(artifact, folder, pipeline)")
+        self.check_pipeline(pipeline)
         base_fp = self.fingerprint(pipeline)
         if artifact.base_fingerprint != base_fp:
             raise EditbenchError(f"artifact {artifact.path or ''} was trained on base model "
@@ -183,8 +192,10 @@ class CustomDiffusionEditor(Editor):
             layers[name] = KVLinear(lin)
             handle.swap_module(pipeline.unet, name, layers[name])
         inits = [config.initializers[j % len(config.initializers)] for j in range(len(concepts))]
-        rows = initial_rows(pipeline, inits)                                     # (k, d)
-        add_tokens(handle, pipeline, [c.placeholder for c in concepts], rows)
+        rows = []
+        for e in range(n_encoders(pipeline)):  # SDXL: the modifier is new in both encoders, rows in each
+            rows.append(initial_rows(pipeline, inits, encoder=e))                # (k, d_e)
+            add_tokens(handle, pipeline, [c.placeholder for c in concepts], rows[-1], encoder=e)
         return _Session(pipeline, concepts, layers, base, rows, prior, config)
 
     def check_artifact(self, artifact: Artifact, pipeline: Any = None) -> None:
@@ -196,10 +207,14 @@ class CustomDiffusionEditor(Editor):
         if not isinstance(tokens, list) or not isinstance(cats, list) or not len(tokens) == len(cats) == len(emb):
             raise ArtifactError(f"metadata modifier_tokens/categories must list one entry per embedding row "
                                 f"({len(emb)}), got {tokens!r} / {cats!r}")
+        second = t.get(EMBEDDINGS_2)
+        if second is not None and (second.ndim != 2 or second.shape[0] != emb.shape[0]):
+            raise ArtifactError(f"'{EMBEDDINGS_2}' must be (k={emb.shape[0]}, d_2) like '{EMBEDDINGS}', got "
+                                f"{tuple(second.shape)}")
         names = set()
         for key, v in t.items():
             stem, _, kind = key.rpartition(".")
-            if key == EMBEDDINGS:
+            if key in ROWS:
                 continue
             if kind not in ("delta", "delta_up", "delta_down") or v.ndim != 2:
                 raise ArtifactError(f"unexpected tensor {key!r} {tuple(v.shape)} in a custom_diffusion artifact")
@@ -221,9 +236,14 @@ class CustomDiffusionEditor(Editor):
             if tuple(shapes[n]) != tuple(lin.weight.shape):
                 raise ArtifactError(f"{n}: the artifact's delta is {tuple(shapes[n])} but the UNet's weight is "
                                     f"{tuple(lin.weight.shape)}: it was trained for another base model")
-        d = pipeline.text_encoder.get_input_embeddings().weight.shape[1]
-        if emb.shape[1] != d:
-            raise ArtifactError(f"modifier embeddings have width {emb.shape[1]}, the text encoder {d}")
+        n = n_encoders(pipeline)
+        if len([k for k in ROWS if k in t]) != n:
+            raise ArtifactError(f"the artifact holds modifier rows for {len([k for k in ROWS if k in t])} text "
+                                f"encoder(s) but this pipeline has {n}: it was trained for another base model")
+        for key, enc in zip(ROWS, ("text_encoder", "text_encoder_2")[:n]):
+            d = getattr(pipeline, enc).get_input_embeddings().weight.shape[1]
+            if t[key].shape[1] != d:
+                raise ArtifactError(f"modifier embeddings {key} have width {t[key].shape[1]}, the {enc} {d}")
 
     def install(self, pipeline: Any, artifacts: list[Artifact], handle: EditHandle, settings: Any) -> None:
         art = artifacts[0]
@@ -237,9 +257,8 @@ class CustomDiffusionEditor(Editor):
                     new.bias.copy_(old.bias)
             new.requires_grad_(old.weight.requires_grad)
             handle.swap_module(pipeline.unet, name, new)
-        ref = pipeline.text_encoder.get_input_embeddings().weight
-        handle.info["token_ids"] = add_tokens(handle, pipeline, art.metadata["modifier_tokens"],
-                                              art.tensors[EMBEDDINGS].to(ref.device, ref.dtype))
+        _add_modifiers(handle, pipeline, art.metadata["modifier_tokens"], [art.tensors[k] for k in ROWS
+                                                                          if k in art.tensors])
 
     # ---- the closed-form merge ------------------------------------------------------------------------------
 
@@ -250,7 +269,7 @@ class CustomDiffusionEditor(Editor):
         ``cov``: the ``(d, d)`` text second moment; default: estimated from the pipeline's text encoder over
         :func:`editbench.text_covariance.default_captions` (plus ``config.merge_ridge``).
         """
-        from editbench.text_covariance import default_captions, estimate_text_covariance
+        from editbench.text_covariance import default_captions, estimate_pipeline_covariance
 
         arts = list(artifacts)
         if len(arts) < 1:
@@ -268,17 +287,16 @@ class CustomDiffusionEditor(Editor):
             raise EditbenchError(f"the artifacts share modifier tokens {tokens}; concepts merged together need "
                                  "distinct placeholders (train them as '<new1>', '<new2>', ...)")
         if cov is None:
-            moment = estimate_text_covariance(pipeline.text_encoder, base_tokenizer(pipeline.tokenizer),
-                                              default_captions()[: self.config.merge_captions], progress=False,
-                                              corpus=f"default_captions[:{self.config.merge_captions}]")
+            moment = estimate_pipeline_covariance(pipeline, default_captions()[: self.config.merge_captions],
+                                                  progress=False,
+                                                  corpus=f"default_captions[:{self.config.merge_captions}]")
             cov = moment.matrix(ridge=self.config.merge_ridge)
         proj = projections(pipeline.unet)
         base = {n: m.weight.detach() for n, m in proj.items()}
         tuned = [{n: base[n].double() + d.double() for n, d in deltas(a).items()} for a in arts]
         with EditHandle(pipeline, "custom_diffusion merge keys") as handle:
-            ref = pipeline.text_encoder.get_input_embeddings().weight
-            rows = torch.cat([a.tensors[EMBEDDINGS] for a in arts]).to(ref.device, ref.dtype)
-            add_tokens(handle, pipeline, tokens, rows)
+            _add_modifiers(handle, pipeline, tokens, [torch.cat([a.tensors[k] for a in arts]) for k in ROWS
+                                                      if k in arts[0].tensors])
             keys = [torch.cat([concept_keys(pipeline, t, c) for t, c in zip(a.metadata["modifier_tokens"],
                                                                            a.metadata["categories"])])
                     for a in arts]
@@ -294,7 +312,8 @@ class CustomDiffusionEditor(Editor):
         arts = list(artifacts)
         result = self.merge(pipeline, arts, cov=cov)
         n = result.keys.shape[0]
-        tensors: dict[str, torch.Tensor] = {EMBEDDINGS: torch.cat([a.tensors[EMBEDDINGS].float() for a in arts])}
+        tensors: dict[str, torch.Tensor] = {k: torch.cat([a.tensors[k].float() for a in arts]) for k in ROWS
+                                            if k in arts[0].tensors}
         proj = projections(pipeline.unet)
         for name, w in result.weights.items():
             tensors.update(_delta_tensors(name, (w - proj[name].weight.double()).float(), n, None))
@@ -309,3 +328,14 @@ class CustomDiffusionEditor(Editor):
                 "merge": {"keys": n, "captions": "default_captions" if cov is None else "given",
                           "ridge": self.config.merge_ridge}}
         return Artifact(self.name, tensors, meta)
+
+
+def _add_modifiers(handle: EditHandle, pipeline: Any, tokens: list[str], rows: list[torch.Tensor]) -> list[int]:
+    """Install modifier ``tokens`` with ``rows[e]`` ``(k, d_e)`` in text encoder ``e`` (SDXL: both); the ids in
+    the first tokenizer go to ``handle.info["token_ids"]`` (and ``"token_ids_2"``)."""
+    ids = []
+    for e, r in enumerate(rows):
+        ref = getattr(pipeline, ("text_encoder", "text_encoder_2")[e]).get_input_embeddings().weight
+        ids.append(add_tokens(handle, pipeline, tokens, r.to(ref.device, ref.dtype), encoder=e))
+        handle.info["token_ids" if e == 0 else "token_ids_2"] = ids[-1]
+    return ids[0]

@@ -8,6 +8,10 @@ builds the processors but only installs them when the private ``_pipeline`` argu
 silently stays the base model; with ``_pipeline`` it fails on its own safetensors file, which lacks the (empty)
 self-attention entries. :func:`load_diffusers` installs the same diffusers processors for the cross-attention
 layers and keeps every other processor, so the edit takes effect, and returns an undoable handle.
+
+SDXL (diffusers has no Custom Diffusion script for it): the same processor file, with K/V weights reading the
+2048-wide concatenated context, and one ``<token>.safetensors`` per modifier token in the layout of diffusers' SDXL
+textual-inversion files, ``{"clip_l": (d_1,), "clip_g": (d_2,)}`` (the token is the file name).
 """
 
 from __future__ import annotations
@@ -21,12 +25,20 @@ import torch
 
 from editbench.errors import ArtifactError
 from editbench.methods.base import Artifact, EditHandle
-from editbench.methods.custom_diffusion.editor import EMBEDDINGS, CustomDiffusionEditor, deltas, projections
-from editbench.methods.tokens import add_tokens
+from editbench.methods.custom_diffusion.editor import (
+    EMBEDDINGS,
+    EMBEDDINGS_2,
+    CustomDiffusionEditor,
+    _add_modifiers,
+    deltas,
+    projections,
+)
 from editbench.safety import load_weights, safe_join
 from editbench.storage import write_safetensors
 
-__all__ = ["WEIGHT_NAME", "export_diffusers", "load_diffusers"]
+__all__ = ["SDXL_KEYS", "WEIGHT_NAME", "export_diffusers", "load_diffusers"]
+
+SDXL_KEYS = ("clip_l", "clip_g")
 
 WEIGHT_NAME = "pytorch_custom_diffusion_weights.safetensors"
 _SUFFIX = {"to_k": "to_k_custom_diffusion.weight", "to_v": "to_v_custom_diffusion.weight"}
@@ -80,9 +92,11 @@ def export_diffusers(artifact: Artifact, pipeline: Any, folder: str | os.PathLik
         w0 = proj[name].weight.detach()
         weights[f"{attn}.processor"][_SUFFIX[which]] = (w0.float() + delta).to(w0.dtype)
     folder = Path(folder)
-    for token, row in zip(artifact.metadata["modifier_tokens"], artifact.tensors[EMBEDDINGS]):
+    second = artifact.tensors.get(EMBEDDINGS_2)
+    for j, (token, row) in enumerate(zip(artifact.metadata["modifier_tokens"], artifact.tensors[EMBEDDINGS])):
         # the token comes from the artifact's metadata: it must not name a path outside ``folder``
-        write_safetensors(safe_join(folder, f"{token}.safetensors", "modifier token file"), {token: row},
+        entries = {token: row} if second is None else {SDXL_KEYS[0]: row, SDXL_KEYS[1]: second[j]}
+        write_safetensors(safe_join(folder, f"{token}.safetensors", "modifier token file"), entries,
                           {"format": "pt"})
     with EditHandle(pipeline, "custom_diffusion export") as handle:
         _install(pipeline, handle, weights, fill=True)
@@ -96,7 +110,8 @@ def load_diffusers(pipeline: Any, folder: str | os.PathLike, *, weight_name: str
 
     Every cross-attention layer named in the file gets a processor holding the stored K/V (and Q/out, if the
     run trained them) weights; all other processors are kept. Modifier tokens: ``tokens`` (default: every
-    ``*.safetensors`` file of ``folder`` other than the weights, each ``{token: embedding}``). ArtifactError if
+    ``*.safetensors`` file of ``folder`` other than the weights, each ``{token: embedding}``, or for SDXL
+    ``{"clip_l": (d_1,), "clip_g": (d_2,)}`` named ``<token>.safetensors``). ArtifactError if
     the file is unreadable, names a layer the UNet does not have, or its shapes do not fit. ``undo()`` on the
     returned handle restores the processors, tokenizer and embedding.
 
@@ -115,25 +130,29 @@ def load_diffusers(pipeline: Any, folder: str | os.PathLike, *, weight_name: str
         grouped[f"{proc}.processor"][sub] = value
     files = sorted(p for p in folder.glob("*.safetensors") if p.name != weight_name) if tokens is None else \
         [safe_join(folder, f"{t}.safetensors", "token file") for t in tokens]
-    words, rows = [], []
+    encoders = [e for e in ("text_encoder", "text_encoder_2") if getattr(pipeline, e, None) is not None]
+    words, rows = [], [[] for _ in encoders]
     for path in files:
         emb = load_weights(path, "modifier token embedding", allow_pickle=allow_pickle)
-        if len(emb) != 1 or next(iter(emb.values())).ndim not in (1, 2):
-            raise ArtifactError(f"{path} must hold exactly one {{token: embedding (d,)}} entry, got "
+        sdxl = len(encoders) == 2
+        if (sdxl and set(emb) != set(SDXL_KEYS)) or (not sdxl and len(emb) != 1) or \
+                any(v.ndim not in (1, 2) for v in emb.values()):
+            want = '{"clip_l": (d_1,), "clip_g": (d_2,)}' if sdxl else "exactly one {token: embedding (d,)} entry"
+            raise ArtifactError(f"{path} must hold {want} for this pipeline, got "
                                 f"{ {k: tuple(v.shape) for k, v in emb.items()} }")
-        (word, row), = emb.items()
-        words.append(word)
-        rows.append(row.reshape(-1, row.shape[-1]))                        # (1, d)
-    emb_w = pipeline.text_encoder.get_input_embeddings().weight
-    widths = sorted({r.shape[1] for r in rows} - {emb_w.shape[1]})
-    if widths:
-        raise ArtifactError(f"modifier embeddings have width {widths[0]}, the text encoder {emb_w.shape[1]}")
+        words.append(path.stem if sdxl else next(iter(emb)))
+        for e, vec in enumerate([emb[k] for k in SDXL_KEYS] if sdxl else list(emb.values())):
+            rows[e].append(vec.reshape(-1, vec.shape[-1]))                 # (1, d_e)
+    for e, enc in enumerate(encoders):
+        width = getattr(pipeline, enc).get_input_embeddings().weight.shape[1]
+        widths = sorted({r.shape[1] for r in rows[e]} - {width})
+        if widths:
+            raise ArtifactError(f"modifier embeddings have width {widths[0]}, the {enc} {width}")
     handle = EditHandle(pipeline, "custom_diffusion (diffusers format)")
     try:
         _install(pipeline, handle, grouped)
         if words:
-            handle.info["token_ids"] = add_tokens(handle, pipeline, words,
-                                                  torch.cat(rows).to(emb_w.device, emb_w.dtype))
+            _add_modifiers(handle, pipeline, words, [torch.cat(r) for r in rows])
     except BaseException:
         handle.undo()
         raise

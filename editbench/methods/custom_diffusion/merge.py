@@ -25,7 +25,7 @@ import torch
 from editbench.errors import EditbenchError
 from editbench.methods.tokens import token_position
 from editbench.solver import Whitener, closed_form_edit_many
-from editbench.training import tokenize
+from editbench.pipelines import encode_text
 
 __all__ = ["MergeResult", "concept_keys", "merge_projections"]
 
@@ -43,13 +43,14 @@ class MergeResult:
 
 
 def concept_keys(pipeline: Any, token: str, category: str) -> torch.Tensor:
-    """Float64 ``(t, d)`` token features of the key captions of one concept (the token must be installed)."""
+    """Float64 ``(t, d)`` token features of the key captions of one concept (the token must be installed); ``d`` is
+    the cross-attention context width (SDXL: both encoders' penultimate states concatenated)."""
     captions = [c.format(f"{token} {category}") for c in KEY_CAPTIONS]
     tok = pipeline.tokenizer
-    ids = tokenize(pipeline, captions)                                   # (2, 77)
-    tid, eos = tok.convert_tokens_to_ids(token), tok.eos_token_id
     with torch.no_grad():
-        hidden = pipeline.text_encoder(ids)[0].double()                  # (2, 77, d)
+        enc = encode_text(pipeline, captions)  # as the pipeline encodes them (SDXL: both encoders concatenated)
+    ids, hidden = enc.ids[0], enc.hidden.double()                        # (2, 77), (2, 77, d)
+    tid, eos = tok.convert_tokens_to_ids(token), tok.eos_token_id
     start, end = token_position(ids, tid), token_position(ids, eos)      # (2,), (2,)
     if (start < 0).any() or (end < 0).any():
         raise EditbenchError(f"modifier token {token!r} is not a single token of the pipeline's tokenizer")

@@ -1,8 +1,10 @@
 """DreamBooth (Ruiz et al., CVPR 2023): fine-tune the whole UNet on "<identifier> <class>" with prior preservation.
 
 Artifact tensors: ``unet.<name>`` for every entry of the tuned UNet's state dict (in the base UNet's dtype) and,
-with ``train_text_encoder``, ``text_encoder.<name>`` for the text encoder's. Metadata ``unet_config`` /
-``text_encoder_config`` hold the model configs so that :func:`export_diffusers` can write diffusers' folders.
+with ``train_text_encoder``, ``text_encoder.<name>`` for the text encoder's (SDXL: both text encoders,
+``text_encoder.<name>`` and ``text_encoder_2.<name>``, as diffusers' SDXL scripts train them). Metadata
+``unet_config`` / ``text_encoder_config`` (/ ``text_encoder_2_config``) hold the model configs so that
+:func:`export_diffusers` can write diffusers' folders.
 The artifact is as large as the model: that is the method's storage cost, reported as it is.
 """
 
@@ -27,7 +29,15 @@ from editbench.training import ParamGroup, TrainingSession, TrainResult
 
 __all__ = ["COMPONENTS", "DreamBoothEditor", "export_diffusers"]
 
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def _components(pipeline: Any, train_text_encoder: bool) -> list[str]:
+    """The components a run tunes: the UNet, plus every text encoder with ``train_text_encoder`` (SDXL: two)."""
+    if not train_text_encoder:
+        return ["unet"]
+    return ["unet", "text_encoder"] + (["text_encoder_2"] if getattr(pipeline, "text_encoder_2", None) is not None
+                                       else [])
 
 
 def _config_of(module: torch.nn.Module) -> dict:
@@ -44,7 +54,7 @@ class _Session(ClassPromptSession):
 
     def param_groups(self) -> list[ParamGroup]:
         c = self.config
-        lrs = {"unet": c.lr, "text_encoder": c.lr_text_encoder or c.lr}
+        lrs = {"unet": c.lr, "text_encoder": c.lr_text_encoder or c.lr, "text_encoder_2": c.lr_text_encoder or c.lr}
         return [ParamGroup(name, list(m.parameters()), lrs[name], c.weight_decay) for name, m in self.tuned.items()]
 
     def artifact(self, result: TrainResult) -> Artifact:
@@ -68,11 +78,12 @@ class DreamBoothEditor(Editor):
                        "a list of component names"),
         "unet_config": (lambda x: isinstance(x, dict), "an object"),
         "text_encoder_config": (lambda x: isinstance(x, dict), "an object"),
+        "text_encoder_2_config": (lambda x: isinstance(x, dict), "an object"),
     }
 
     def shaped_session(self, pipeline: Any, concept: ConceptData, handle: EditHandle) -> TrainingSession:
         """The session around the pipeline's own modules, in their dtypes (no float32 copy)."""
-        names = ["unet"] + (["text_encoder"] if self.config.train_text_encoder else [])
+        names = _components(pipeline, self.config.train_text_encoder)
         modules = {name: getattr(pipeline, name) for name in names}
         return _Session(pipeline, None, modules, {n: next(m.parameters()).dtype for n, m in modules.items()},
                         self.config)
@@ -80,7 +91,7 @@ class DreamBoothEditor(Editor):
     def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,
                          config: DreamBoothConfig) -> TrainingSession:
         prior = make_prior(pipeline, concept, config)  # class images from the unedited base model, first
-        names = ["unet"] + (["text_encoder"] if config.train_text_encoder else [])
+        names = _components(pipeline, config.train_text_encoder)
         tuned, dtypes = {}, {}
         for name in names:  # train a float32 copy; the base module is put back by the handle afterwards
             base = getattr(pipeline, name)
@@ -94,13 +105,17 @@ class DreamBoothEditor(Editor):
     def check_artifact(self, artifact: Artifact, pipeline: Any = None) -> None:
         comps = artifact.metadata.get("components")
         if not isinstance(comps, list) or "unet" not in comps or not set(comps) <= set(COMPONENTS):
-            raise ArtifactError(f"a dreambooth artifact lists its components (unet[, text_encoder]), got {comps!r}")
+            raise ArtifactError(f"a dreambooth artifact lists its components (unet[, text_encoder[, text_encoder_2]]), "
+                                f"got {comps!r}")
         stray = [k for k in artifact.tensors if k.partition(".")[0] not in comps]
         if stray:
             raise ArtifactError(f"unexpected tensors in a dreambooth artifact: {stray[:3]}")
         if pipeline is None:
             return
         for name in comps:
+            if getattr(pipeline, name, None) is None:
+                raise ArtifactError(f"the artifact tunes a {name} but this pipeline has none: it was trained for "
+                                    "another base model")
             want = {k: tuple(v.shape) for k, v in getattr(pipeline, name).state_dict().items()}
             have = {k[len(name) + 1:]: tuple(v.shape) for k, v in artifact.tensors.items() if k.startswith(name + ".")}
             if want != have:
@@ -127,30 +142,40 @@ class DreamBoothEditor(Editor):
         f = str(folder)
         lines = [f"unet = UNet2DConditionModel.from_pretrained({f!r}, subfolder='unet')"]
         parts = ["unet=unet"]
-        if "text_encoder" in artifact.metadata["components"]:
+        comps = artifact.metadata["components"]
+        if "text_encoder" in comps:
             lines.append(f"text_encoder = CLIPTextModel.from_pretrained({f!r}, subfolder='text_encoder')")
             parts.append("text_encoder=text_encoder")
-        lines.append(f"pipe = StableDiffusionPipeline.from_pretrained(BASE_MODEL, {', '.join(parts)})  # prompt "
+        if "text_encoder_2" in comps:
+            lines.append(f"text_encoder_2 = CLIPTextModelWithProjection.from_pretrained({f!r}, "
+                         "subfolder='text_encoder_2')")
+            parts.append("text_encoder_2=text_encoder_2")
+        sdxl = "addition_embed_type" in artifact.metadata["unet_config"] and \
+            artifact.metadata["unet_config"]["addition_embed_type"] == "text_time"
+        cls = "StableDiffusionXLPipeline" if sdxl else "StableDiffusionPipeline"
+        lines.append(f"pipe = {cls}.from_pretrained(BASE_MODEL, {', '.join(parts)})  # prompt "
                      f"with {self.phrase(artifact)!r}")
         return "\n".join(lines)
 
 
 def export_diffusers(artifact: Artifact, folder: str | os.PathLike) -> Path:
     """Write the tuned components in diffusers' folder layout: ``folder/unet/{config.json,
-    diffusion_pytorch_model.safetensors}`` (+ ``folder/text_encoder/{config.json, model.safetensors}``).
+    diffusion_pytorch_model.safetensors}`` (+ ``folder/text_encoder/{config.json, model.safetensors}``, + for
+    SDXL ``folder/text_encoder_2/`` as a ``CLIPTextModelWithProjection``).
 
     Load with ``UNet2DConditionModel.from_pretrained(folder, subfolder="unet")`` and pass it to the base
     pipeline (``StableDiffusionPipeline.from_pretrained(base, unet=unet)`` or ``StableDiffusionPipeline(**{
     **pipe.components, "unet": unet})``). Returns ``folder``.
     """
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     DreamBoothEditor().check_artifact(artifact)
     folder = Path(folder)
+    text_classes = {"text_encoder": CLIPTextModel, "text_encoder_2": CLIPTextModelWithProjection}
     for name in artifact.metadata["components"]:
         cfg = artifact.metadata[f"{name}_config"]
-        model = UNet2DConditionModel.from_config(cfg) if name == "unet" else CLIPTextModel(CLIPTextConfig(**cfg))
+        model = UNet2DConditionModel.from_config(cfg) if name == "unet" else text_classes[name](CLIPTextConfig(**cfg))
         state = {k[len(name) + 1:]: v for k, v in artifact.tensors.items() if k.startswith(name + ".")}
         model.load_state_dict(state, strict=True)
         dtype = next(iter(state.values())).dtype

@@ -2,8 +2,10 @@
 
 Artifact tensors (float32 or float16):
 
-* ``embedding`` ``(d_emb,)``: the concept word's token embedding;
-* ``i_star`` ``(d,)``: the EMA of the concept token's encoding (the gate direction);
+* ``embedding`` ``(d_emb,)``: the concept word's token embedding (SDXL: its row in ``text_encoder``, and
+  ``embedding_2`` ``(d_emb_2,)`` its row in ``text_encoder_2``);
+* ``i_star`` ``(d,)``: the EMA of the concept token's encoding (the gate direction; SDXL: of the concatenated
+  encoding ``[h_1 ; h_2]`` the K/V projections read, ``d = d_1 + d_2``);
 * ``o_v.<site>`` ``(o_site,)``: the learned value target of every cross-attention layer ``<site>``
   (e.g. ``o_v.down_blocks.0.attentions.0.transformer_blocks.0.attn2``);
 * ``o_k.<site>`` ``(k_site,)``: only in "trained keys" artifacts (``config.key_locking`` False in the metadata):
@@ -26,18 +28,22 @@ import torch.nn.functional as F
 
 from editbench.concepts import DEFAULT_TEMPLATES, ConceptData
 from editbench.errors import ArtifactError, EditbenchError, TrainingError
-from editbench.fingerprint import module_tensors, text_encoder_fingerprint
+from editbench.fingerprint import fingerprint, module_tensors, text_encoder_fingerprint
 from editbench.methods import register
 from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.perfusion.config import GATE_TOKENS, PerfusionConfig, PerfusionSettings
-from editbench.methods.perfusion.layers import ConceptBank, GatedRank1Linear
+from editbench.methods.perfusion.layers import ConceptBank, EncoderSlot, GatedRank1Linear
 from editbench.methods.tokens import add_tokens, base_tokenizer, cap_norms_, single_token_id, token_position
+from editbench.pipelines import TextStack, encode_text, text_stack
 from editbench.safety import is_number
 from editbench.sites import CrossAttentionSite, find_cross_attention_sites
 from editbench.storage import cache_root
-from editbench.training import ParamGroup, TrainingSession, TrainResult, tokenize
+from editbench.training import ParamGroup, TrainingSession, TrainResult
 
 __all__ = ["PerfusionEditor", "superclass_encoding", "text_covariance"]
+
+_EMBEDDINGS = ("embedding", "embedding_2")
+"""The artifact tensor of the concept word's row in each text encoder (SDXL: two)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -45,16 +51,21 @@ __all__ = ["PerfusionEditor", "superclass_encoding", "text_covariance"]
 # ----------------------------------------------------------------------------------------------------------------
 
 def text_covariance(pipeline: Any, *, progress: bool = False):
-    """Second moment ``C`` of ``pipeline``'s text encoder over :func:`editbench.text_covariance.default_captions`.
+    """Second moment ``C`` of the context ``pipeline``'s K/V projections read (its text encoder's token vectors; SDXL:
+    both encoders' concatenated penultimate states) over :func:`editbench.text_covariance.default_captions`.
 
-    Cached at ``<cache_root>/cov/<text-encoder fingerprint>.safetensors``; recomputed if the file is unreadable or
-    was built from another caption corpus.
+    Cached at ``<cache_root>/cov/<text-encoder fingerprint>.safetensors`` (SDXL: of both encoders); recomputed if
+    the file is unreadable or was built from another caption corpus.
     """
     from editbench.moments import SecondMoment
-    from editbench.text_covariance import default_captions, estimate_text_covariance
+    from editbench.text_covariance import default_captions, estimate_pipeline_covariance
 
     tok = base_tokenizer(pipeline.tokenizer)
-    path = cache_root() / "cov" / f"{text_encoder_fingerprint(pipeline.text_encoder, tok)}.safetensors"
+    second = getattr(pipeline, "text_encoder_2", None)
+    key = text_encoder_fingerprint(pipeline.text_encoder, tok) if second is None else fingerprint(
+        {**module_tensors(pipeline.text_encoder, "text_encoder."), **module_tensors(second, "text_encoder_2."),
+         "penultimate": torch.tensor([-2])}, tok)
+    path = cache_root() / "cov" / f"{key}.safetensors"
     captions = default_captions()
     corpus = hashlib.sha256(("\n".join(captions) + "\n").encode()).hexdigest()
     if path.is_file():
@@ -64,8 +75,8 @@ def text_covariance(pipeline: Any, *, progress: bool = False):
                 return moment
         except ArtifactError:
             pass
-    moment = estimate_text_covariance(pipeline.text_encoder, tok, captions, progress=progress,
-                                      corpus="editbench default captions")
+    moment = estimate_pipeline_covariance(pipeline, captions, progress=progress,
+                                          corpus="editbench default captions")
     moment.save(path)
     return moment
 
@@ -79,11 +90,12 @@ def _cholesky(pipeline: Any, ridge: float) -> torch.Tensor:
 
 
 def superclass_encoding(pipeline: Any, superclass: str, templates=DEFAULT_TEMPLATES) -> torch.Tensor:
-    """Mean encoding ``(d,)`` float32 of the superclass token over ``templates`` filled with the superclass word."""
+    """Mean encoding ``(d,)`` float32 of the superclass token over ``templates`` filled with the superclass word
+    (SDXL: the concatenated encoding of both encoders at its position)."""
     superclass_id = single_token_id(pipeline.tokenizer, superclass)
-    ids = tokenize(pipeline, [t.format(superclass) for t in templates])              # (b, n)
     with torch.no_grad():
-        hidden = pipeline.text_encoder(ids)[0]                                       # (b, n, d)
+        enc = encode_text(pipeline, [t.format(superclass) for t in templates])
+    ids, hidden = enc.ids[0], enc.hidden                                             # (b, n), (b, n, d)
     pos = token_position(ids, superclass_id)                                         # (b,)
     if bool((pos < 0).any()):
         raise EditbenchError(f"superclass word {superclass!r} did not survive tokenization of the templates")
@@ -98,6 +110,14 @@ def _trained_keys(artifact: Artifact) -> bool:
         raise ArtifactError(f"{artifact.path or 'artifact'}: metadata config.key_locking must be true or false, "
                             f"got {value!r}")
     return not value
+
+
+def _slots(pipeline: Any, stack: TextStack, token_ids: list[list[int]], superclasses: list[str]) -> list[EncoderSlot]:
+    """One :class:`EncoderSlot` per text encoder: its columns of the context, the hidden state the pipeline takes,
+    and per concept its token id (``token_ids[e]``) and superclass id in that encoder's tokenizer."""
+    return [EncoderSlot(p.start, p.stop, tuple(token_ids[e]),
+                        tuple(single_token_id(p.get_tokenizer(pipeline), w) for w in superclasses), p.layer)
+            for e, p in enumerate(stack.parts)]
 
 
 def _sites(pipeline: Any) -> list[CrossAttentionSite]:
@@ -132,7 +152,9 @@ def _install_layers(handle: EditHandle, pipeline: Any, sites: list[CrossAttentio
     for path, layer in layers.items():
         handle.swap_module(pipeline.unet, path, layer)
     if not bank.all_keys_trained or bank.any_concept_only:
-        handle.add_hook(pipeline.text_encoder.register_forward_hook(bank.hook, with_kwargs=True), "key-lock hook")
+        for e, part in enumerate(text_stack(pipeline).parts):
+            handle.add_hook(part.get_encoder(pipeline).register_forward_hook(bank.hook_for(e), with_kwargs=True),
+                            f"key-lock hook ({part.encoder})")
     handle.info.update(bank=bank, layers=layers)
     return layers
 
@@ -148,17 +170,24 @@ class PerfusionSession(TrainingSession):
     def __init__(self, pipeline: Any, concept: ConceptData, handle: EditHandle, config: PerfusionConfig):
         self.pipeline, self.concept, self.config = pipeline, concept, config
         sites = _sites(pipeline)
-        encoder = pipeline.text_encoder
+        self.stack = stack = text_stack(pipeline, PerfusionEditor.name)
         sup_id = single_token_id(pipeline.tokenizer, concept.superclass)
-        base_row = encoder.get_input_embeddings().weight[sup_id]
-        self.embedding = torch.nn.Parameter(base_row.detach().float().clone()[None])           # (1, d_emb)
         i_super = superclass_encoding(pipeline, concept.superclass, concept.templates)[None]  # (1, d)
-        self.token_id = add_tokens(handle, pipeline, [concept.placeholder], self.embedding)[0]
-        self.limits = config.norm_limits(pipeline, [concept.superclass])                      # (1,) or None
+        # the concept word: one learned row per text encoder (SDXL: two), initialised from the superclass row
+        self.embeddings, token_ids, self.limits = [], [], []
+        for e, part in enumerate(stack.parts):
+            sup_e = single_token_id(part.get_tokenizer(pipeline), concept.superclass)
+            base_row = part.get_encoder(pipeline).get_input_embeddings().weight[sup_e]
+            self.embeddings.append(torch.nn.Parameter(base_row.detach().float().clone()[None]))  # (1, d_emb_e)
+            token_ids.append(add_tokens(handle, pipeline, [concept.placeholder], self.embeddings[-1], encoder=e))
+            self.limits.append(config.norm_limits(pipeline, [concept.superclass], encoder=e))   # (1,) or None
+        self.embedding = self.embeddings[0]
+        self.token_id = token_ids[0][0]
         self.bank = ConceptBank(_cholesky(pipeline, config.cov_ridge), [self.token_id], [sup_id],
                                 [config.beta_train], [config.tau_train],
                                 trained_keys=[not config.key_locking],
-                                concept_only=[config.gate_tokens == "concept"])
+                                concept_only=[config.gate_tokens == "concept"],
+                                slots=_slots(pipeline, stack, token_ids, [concept.superclass]))
         self.o_v = {s.name: torch.nn.Parameter(F.linear(i_super.to(s.value.weight), s.value.weight).detach().float())
                     for s in sites}                                                           # site -> (1, o)
         # trained keys (ablation): o*_K learned per layer, initialised from W_K i_super exactly like o*_V
@@ -171,17 +200,18 @@ class PerfusionSession(TrainingSession):
 
     def param_groups(self) -> list[ParamGroup]:
         groups = [ParamGroup("values", list(self.o_v.values()), self.config.lr_values),
-                  ParamGroup("embedding", [self.embedding], self.config.lr_embedding)]
+                  ParamGroup("embedding", list(self.embeddings), self.config.lr_embedding)]
         if self.o_k is not None:
             groups.append(ParamGroup("keys", list(self.o_k.values()), self.config.lr_keys))
         return groups
 
     def after_step(self, step: int) -> None:
-        cap_norms_(self.embedding, self.limits)
+        for rows, limits in zip(self.embeddings, self.limits):
+            cap_norms_(rows, limits)
 
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        ids = tokenize(self.pipeline, prompts)                                    # (b, n)
-        hidden = self.pipeline.text_encoder(ids)[0]                               # (b, n, d); hook stashes superclass
+    def encode(self, prompts: list[str]) -> Any:
+        enc = encode_text(self.pipeline, prompts, self.stack)   # the hooks stash the superclass encodings
+        ids, hidden = enc.ids[0], enc.hidden                                      # (b, n), (b, n, d)
         pos = token_position(ids, self.token_id)                                  # (b,)
         if bool((pos < 0).any()):
             raise EditbenchError(f"a training prompt lost the placeholder {self.concept.placeholder!r} "
@@ -191,7 +221,7 @@ class PerfusionSession(TrainingSession):
             d = self.config.ema_decay
             self.ema = mean.detach().clone() if self.ema is None else d * self.ema + (1 - d) * mean.detach()
         self.bank.set_i_star((self.ema + (mean - mean.detach()))[None])           # value: EMA; gradient: the batch
-        return hidden
+        return hidden if enc.pooled is None else enc                              # SDXL: + pooled embeddings
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         return {} if self.ema is None else {"ema_i_star": self.ema}
@@ -209,7 +239,8 @@ class PerfusionSession(TrainingSession):
     def artifact(self, result: TrainResult) -> Artifact:
         if self.ema is None:
             raise EditbenchError("no training step ran; nothing to save")
-        tensors = {"embedding": self.embedding.detach()[0].clone(), "i_star": self.ema.float().clone(),
+        tensors = {**{_EMBEDDINGS[e]: r.detach()[0].clone() for e, r in enumerate(self.embeddings)},
+                   "i_star": self.ema.float().clone(),
                    **{f"o_v.{name}": p.detach()[0].clone() for name, p in self.o_v.items()}}
         if self.o_k is not None:
             tensors.update({f"o_k.{name}": p.detach()[0].clone() for name, p in self.o_k.items()})
@@ -242,17 +273,15 @@ class PerfusionEditor(Editor):
 
     def affected_tensors(self, pipeline: Any) -> dict[str, torch.Tensor]:
         tensors = module_tensors(pipeline.text_encoder, "text_encoder.")
+        if getattr(pipeline, "text_encoder_2", None) is not None:
+            tensors.update(module_tensors(pipeline.text_encoder_2, "text_encoder_2."))
         for s in find_cross_attention_sites(pipeline.unet):
             tensors[f"unet.{s.key_name}.weight"] = s.key.weight
             tensors[f"unet.{s.value_name}.weight"] = s.value.weight
         return tensors
 
     def check_pipeline(self, pipeline: Any) -> None:
-        for part in ("tokenizer", "text_encoder", "unet"):
-            if getattr(pipeline, part, None) is None:
-                raise EditbenchError(f"Perfusion needs a pipeline with a {part}")
-        if getattr(pipeline, "text_encoder_2", None) is not None:
-            raise EditbenchError("Perfusion supports single-text-encoder pipelines (SD 1.x / 2.x), not SDXL")
+        super().check_pipeline(pipeline)  # SD 1.x / 2.x and SDXL; any other pipeline class refused by name
         _sites(pipeline)
 
     def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,
@@ -269,11 +298,12 @@ class PerfusionEditor(Editor):
             raise ArtifactError(f"{where} is not a complete Perfusion artifact"
                                 f"{' (trained keys: config.key_locking is false)' if trained else ''}: "
                                 f"missing {missing}")
-        unknown = sorted(k for k in t if k not in ("embedding", "i_star") and not k.startswith(prefixes))
+        unknown = sorted(k for k in t if k not in (*_EMBEDDINGS, "i_star") and not k.startswith(prefixes))
         if unknown:
             hint = ("" if trained or not any(k.startswith("o_k.") for k in unknown) else
                     "; o_k.<layer> tensors belong to trained-key artifacts (metadata config.key_locking false)")
-            raise ArtifactError(f"{where} has unknown tensors {unknown[:5]}; expected embedding, i_star, "
+            raise ArtifactError(f"{where} has unknown tensors {unknown[:5]}; expected embedding (SDXL: and "
+                                "embedding_2), i_star, "
                                 f"{', '.join(p + '<layer>' for p in prefixes)}{hint}")
         for k, v in t.items():
             if v.ndim != 1 or not v.is_floating_point() or not bool(torch.isfinite(v).all()):
@@ -291,14 +321,22 @@ class PerfusionEditor(Editor):
                 extra, lacking = sorted(names - set(sites)), sorted(set(sites) - names)
                 raise ArtifactError(f"{where} does not fit this UNet: {prefix}* layers not in the model {extra[:3]}, "
                                     f"model layers without a {what} target {lacking[:3]}")
-        d, d_emb = sites[next(iter(sites))].in_features, pipeline.text_encoder.get_input_embeddings().weight.shape[1]
+        stack = text_stack(pipeline, self.name)
+        rows = [k for k in _EMBEDDINGS if k in t]
+        if len(rows) != len(stack.parts):
+            raise ArtifactError(f"{where} holds concept-word rows {rows} but this pipeline has {len(stack.parts)} "
+                                "text encoder(s) (SDXL: embedding and embedding_2): it was trained for another base "
+                                "model")
+        d = sites[next(iter(sites))].in_features
+        d_emb = {k: p.get_encoder(pipeline).get_input_embeddings().weight.shape[1]
+                 for k, p in zip(_EMBEDDINGS, stack.parts)}
         bad = [(k, tuple(v.shape)) for k, v in t.items()
-               if v.shape != ((d_emb,) if k == "embedding" else (d,) if k == "i_star"
+               if v.shape != ((d_emb[k],) if k in d_emb else (d,) if k == "i_star"
                               else (sites[k[4:]].key_features,) if k.startswith("o_k.")
                               else (sites[k[4:]].value_features,))]
         if bad:
-            raise ArtifactError(f"{where} does not fit this model (text width {d}, embedding width {d_emb}): "
-                                f"wrong shapes {bad[:3]}")
+            raise ArtifactError(f"{where} does not fit this model (text width {d}, embedding widths "
+                                f"{list(d_emb.values())}): wrong shapes {bad[:3]}")
 
     def install(self, pipeline: Any, artifacts: list[Artifact], handle: EditHandle,
                 settings: PerfusionSettings) -> None:
@@ -316,18 +354,23 @@ class PerfusionEditor(Editor):
             raise EditbenchError(f"lock='global' replaces every key with the superclass prompt's keys, but {names} "
                                  "were trained with key_locking=False (trained keys); apply them with lock='local'")
         sites = _sites(pipeline)
+        stack = text_stack(pipeline, self.name)
         device = pipeline.text_encoder.device
         sup_ids = [single_token_id(pipeline.tokenizer, w["superclass"]) for w in words]
         i_super = torch.stack([superclass_encoding(pipeline, w["superclass"]) for w in words])  # (c, d)
-        emb = pipeline.text_encoder.get_input_embeddings().weight
-        rows = torch.stack([a.tensors["embedding"] for a in artifacts]).to(emb)             # (c, d_emb)
-        token_ids = add_tokens(handle, pipeline, placeholders, rows)
+        ids_per_encoder = []
+        for e, part in enumerate(stack.parts):  # the concept words in every text encoder (SDXL: two rows each)
+            emb = part.get_encoder(pipeline).get_input_embeddings().weight
+            rows = torch.stack([a.tensors[_EMBEDDINGS[e]] for a in artifacts]).to(emb)      # (c, d_emb_e)
+            ids_per_encoder.append(add_tokens(handle, pipeline, placeholders, rows, encoder=e))
+        token_ids = ids_per_encoder[0]
         gates = [settings.gate_tokens or a.metadata.get("config", {}).get("gate_tokens", "all") for a in artifacts]
         if bad := sorted({g for g in gates if g not in GATE_TOKENS}, key=str):
             raise ArtifactError(f"artifact metadata has config.gate_tokens {bad}; expected one of {GATE_TOKENS}")
         bank = ConceptBank(_cholesky(pipeline, ridges.pop()), token_ids, sup_ids, settings.per_concept("beta", n),
                            settings.per_concept("tau", n), settings.lock, trained_keys=trained,
-                           concept_only=[g == "concept" for g in gates])
+                           concept_only=[g == "concept" for g in gates],
+                           slots=_slots(pipeline, stack, ids_per_encoder, [w["superclass"] for w in words]))
         bank.set_i_star(torch.stack([a.tensors["i_star"] for a in artifacts]).to(device))
         o_v = {s.name: torch.stack([a.tensors[f"o_v.{s.name}"] for a in artifacts]).to(s.value.weight)
                for s in sites}                                                               # site -> (c, o)

@@ -16,10 +16,15 @@ world's does: the gate then fires on "on", "a" and every padding token, and the 
 For one concept ``s(x) = x^T C^-1 i* / (i*^T C^-1 i*)``. Everything that does not depend on ``x`` is computed
 once in float64 (``G = (U^T C^-1 U)^-1 U^T C^-1`` and ``W U``); the per-call work is ``x G^T``, a sigmoid and two
 small matmuls in the input dtype. Shape legend: b batch, n tokens, d text width, o output width, c concepts.
+
+With two text encoders (SDXL) ``x`` is the concatenated context ``[h_1 ; h_2]`` the K/V projections read
+(``d = d_1 + d_2``); ``i*``, ``C`` and the gate live in that space (docs/methods/perfusion.md, "SDXL"), and the
+key-lock stash keeps one :class:`EncoderSlot` per encoder (its columns of ``x``).
 """
 
 from __future__ import annotations
 
+import functools
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -31,7 +36,8 @@ import torch.nn.functional as F
 
 from editbench.errors import EditbenchError
 
-__all__ = ["ConceptBank", "GatedRank1Linear", "KeyLock", "gate_projection", "gated_output", "gated_rank1"]
+__all__ = ["ConceptBank", "EncoderSlot", "GatedRank1Linear", "KeyLock", "gate_projection", "gated_output",
+           "gated_rank1"]
 
 
 def _wide(device: torch.device) -> torch.dtype:
@@ -111,6 +117,27 @@ def _flags(name: str, values: Sequence[bool] | None, n: int) -> list[bool]:
     return flags
 
 
+@dataclass(frozen=True)
+class EncoderSlot:
+    """One text encoder's share of the context ``x`` the K/V layers read: columns ``[start, stop)``, the hidden
+    state the pipeline takes from it (``layer`` None: ``last_hidden_state``; -2: SDXL's ``hidden_states[-2]``), and
+    per concept its token id and its superclass word's id in that encoder's tokenizer."""
+
+    start: int
+    stop: int
+    token_ids: tuple[int, ...]
+    superclass_ids: tuple[int, ...]
+    layer: int | None = None
+
+
+def _hidden(output: Any, layer: int | None) -> torch.Tensor | None:
+    """The hidden states ``(b, n, d)`` a pipeline takes from a text-encoder output (None: not returned)."""
+    if layer is None:
+        return output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state
+    states = getattr(output, "hidden_states", None)  # (a tuple output, return_dict=False, is not read)
+    return None if states is None else states[layer]
+
+
 @dataclass
 class KeyLock:
     """Superclass information for the rows of one encoder-hidden-states tensor ``(b, n, d)``."""
@@ -141,16 +168,31 @@ class ConceptBank:
         trained_keys: one bool per concept (default all False): True for a concept whose key target ``o*_K`` is
             learned (the "trained keys" ablation); its keys are never locked to the superclass, and
             ``lock="global"`` is refused (EditbenchError) if any concept has trained keys.
+        slots: the text encoders whose concatenated outputs the K/V layers read (:class:`EncoderSlot`; default:
+            one encoder, ``last_hidden_state``, ``token_ids``/``superclass_ids``, every column). SDXL: two; hook
+            encoder ``i`` with :meth:`hook_for` ``(i)``; a row of the K/V input is matched when every slot's columns
+            equal a remembered concept prompt of that encoder.
     """
 
     STASH_SIZE = 64
 
     def __init__(self, chol: torch.Tensor, token_ids: Sequence[int], superclass_ids: Sequence[int],
                  beta: Sequence[float], tau: Sequence[float], lock: str = "local",
-                 trained_keys: Sequence[bool] | None = None, concept_only: Sequence[bool] | None = None):
+                 trained_keys: Sequence[bool] | None = None, concept_only: Sequence[bool] | None = None,
+                 slots: Sequence[EncoderSlot] | None = None):
         self.chol = chol.to(_wide(chol.device))
         self.device = chol.device
         self.token_ids, self.superclass_ids = list(token_ids), list(superclass_ids)
+        d = self.chol.shape[0]
+        self.slots = list(slots) if slots is not None else \
+            [EncoderSlot(0, d, tuple(self.token_ids), tuple(self.superclass_ids))]
+        edges = [0] + [s.stop for s in self.slots]
+        if [s.start for s in self.slots] != edges[:-1] or edges[-1] != d or \
+                any(len(s.token_ids) != len(self.token_ids) or len(s.superclass_ids) != len(self.token_ids)
+                    for s in self.slots) or list(self.slots[0].token_ids) != self.token_ids:
+            raise EditbenchError(f"slots must cover the {d} context columns in order, each with one token id and "
+                                 f"one superclass id per concept ({len(self.token_ids)}), the first with token_ids; "
+                                 f"got {self.slots}")
         self.beta = torch.tensor(beta, dtype=torch.float64, device=self.device)   # (c,)
         self.tau = torch.tensor(tau, dtype=torch.float64, device=self.device)     # (c,)
         self.lock = lock
@@ -166,7 +208,8 @@ class ConceptBank:
         self.version = 0
         self.generation = 0          # bumped whenever the key-lock stash changes (see GatedRank1Linear's cache)
         self._busy = False
-        self._stash: OrderedDict[bytes, list] = OrderedDict()   # ids bytes -> [ids (n,), out (n, d), sup (n, d)]
+        # per slot: ids bytes -> [ids (n,), out (n, d_slot), sup (n, d_slot)]
+        self._stash: list[OrderedDict[bytes, list]] = [OrderedDict() for _ in self.slots]
         self._last: tuple[Any, int, KeyLock | None] | None = None
         self._cast: dict[torch.dtype, tuple[torch.Tensor, ...]] = {}
 
@@ -196,45 +239,60 @@ class ConceptBank:
 
     # ---- key-locking stash ---------------------------------------------------------------------------------
 
-    def superclass_ids_of(self, ids: torch.Tensor) -> torch.Tensor:
-        """``ids`` ``(b, n)`` with every concept token replaced by its superclass token."""
+    def superclass_ids_of(self, ids: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """``ids`` ``(b, n)`` of encoder ``slot``'s tokenizer with every concept token replaced by its superclass
+        token."""
         out = ids.clone()
-        for t, s in zip(self.token_ids, self.superclass_ids):
-            out[ids == t] = s
+        s = self.slots[slot]
+        for t, sup in zip(s.token_ids, s.superclass_ids):
+            out[ids == t] = sup
         return out
 
     def hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Text-encoder forward hook (``register_forward_hook(bank.hook, with_kwargs=True)``); output untouched."""
+        """Text-encoder forward hook (``register_forward_hook(bank.hook, with_kwargs=True)``) of the first (or only)
+        encoder; output untouched. :meth:`hook_for` gives the hook of encoder ``i``."""
+        self._hook(0, module, args, kwargs, output)
+
+    def hook_for(self, slot: int) -> Any:
+        """The forward hook of text encoder ``slot`` (SDXL: 0 for ``text_encoder``, 1 for ``text_encoder_2``)."""
+        return functools.partial(self._hook, slot)
+
+    def _hook(self, slot: int, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         if self._busy:
             return
         ids = kwargs.get("input_ids", args[0] if args else None)
         if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
             return
+        spec, stash = self.slots[slot], self._stash[slot]
         concept = torch.zeros_like(ids, dtype=torch.bool)
-        for t in self.token_ids:
+        for t in spec.token_ids:
             concept |= ids == t
         rows = concept.any(-1)                                               # (b,)
         if not bool(rows.any()):
             return
-        hidden = (output[0] if isinstance(output, (tuple, list)) else output.last_hidden_state).detach()
+        hidden = _hidden(output, spec.layer)
+        if hidden is None:  # called without output_hidden_states: not the encoding the pipeline hands on
+            return
+        hidden = hidden.detach()
         mask = kwargs.get("attention_mask")
+        extra = {} if spec.layer is None else {"output_hidden_states": True}
         for b in rows.nonzero().flatten().tolist():
             key = ids[b].cpu().numpy().tobytes()
-            entry = self._stash.pop(key, None)
+            entry = stash.pop(key, None)
             if entry is None:
                 self._busy = True
                 try:
                     with torch.no_grad():
-                        sup = module(self.superclass_ids_of(ids[b : b + 1]),
-                                     attention_mask=None if mask is None else mask[b : b + 1])
+                        sup = module(self.superclass_ids_of(ids[b : b + 1], slot),
+                                     attention_mask=None if mask is None else mask[b : b + 1], **extra)
                 finally:
                     self._busy = False
-                sup = (sup[0] if isinstance(sup, (tuple, list)) else sup.last_hidden_state)[0].detach()
-                entry = [ids[b].clone(), None, sup]                           # (n,), -, (n, d)
-            entry[1] = hidden[b]                                              # (n, d) latest concept encoding
-            self._stash[key] = entry
-            while len(self._stash) > self.STASH_SIZE:
-                self._stash.popitem(last=False)
+                sup = _hidden(sup, spec.layer)[0].detach()
+                entry = [ids[b].clone(), None, sup]                           # (n,), -, (n, d_slot)
+            entry[1] = hidden[b]                                              # (n, d_slot) latest concept encoding
+            stash[key] = entry
+            while len(stash) > self.STASH_SIZE:
+                stash.popitem(last=False)
         self._last = None
         self.generation += 1
 
@@ -251,19 +309,29 @@ class ConceptBank:
         present = torch.zeros(b, c, dtype=torch.bool, device=x.device)
         at = torch.zeros(b, n, c, dtype=torch.bool, device=x.device)
         xd = x.detach()
+        if d != self.slots[-1].stop:
+            return None
         for row in range(b):
-            for ids, out, sup in self._stash.values():
-                if out.shape == (n, d) and torch.equal(out.to(x.dtype), xd[row]):
-                    matched[row] = True
-                    x_super[row] = sup.to(x.dtype)
-                    for j, t in enumerate(self.token_ids):
-                        hit = ids == t                                        # (n,)
-                        at[row, :, j] = hit.to(x.device)
-                        pos = hit.nonzero()
-                        if len(pos):
-                            present[row, j] = True
-                            i_super[row, j] = x_super[row, int(pos[0])]
+            found = []
+            for spec, stash in zip(self.slots, self._stash):
+                part = xd[row, :, spec.start:spec.stop]                       # (n, d_slot)
+                hit = next((e for e in stash.values()
+                            if e[1].shape == part.shape and torch.equal(e[1].to(x.dtype), part)), None)
+                if hit is None:
                     break
+                found.append(hit)
+            if len(found) < len(self.slots):
+                continue
+            ids = found[0][0]
+            matched[row] = True
+            x_super[row] = torch.cat([sup.to(x.dtype) for _, _, sup in found], dim=-1)
+            for j, t in enumerate(self.token_ids):
+                hit = ids == t                                                # (n,)
+                at[row, :, j] = hit.to(x.device)
+                pos = hit.nonzero()
+                if len(pos):
+                    present[row, j] = True
+                    i_super[row, j] = x_super[row, int(pos[0])]
         lock = KeyLock(matched, x_super, i_super, present, at) if bool(matched.any()) else None
         self._last = (weakref.ref(x), x._version, lock)
         return lock
