@@ -63,8 +63,31 @@ def cmd_world_prior(args) -> None:
 
 
 # --------------------------------------------------------------------------------------------- parser
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line like editbench's own (argparse prints the usage first); the
+    subcommands' parsers are of this class too (add_subparsers uses the parent's class)."""
+
+    def error(self, message: str):
+        command = self.prog.removeprefix("editbench").strip()
+        self.exit(2, f"editbench: error: {message} (see `editbench {command + ' ' if command else ''}--help`)\n")
+
+
+def _check_device(device: str | None) -> None:
+    """``--device`` names a device torch knows and that is there (EditbenchError otherwise)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise EditbenchError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, mps, ...)") from None
+    if (kind == "cuda" and not torch.cuda.is_available()) or (kind == "mps" and not torch.backends.mps.is_available()):
+        raise EditbenchError(f"--device {device}: no {kind} device is available here; use --device cpu")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="editbench", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="editbench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default=None, help="torch device (default: cpu)")
     p.add_argument("--dtype", default=None, help="float32 (default), float16 or bfloat16")
     sub = p.add_subparsers(dest="command", required=True)
@@ -112,11 +135,20 @@ def _add_method_commands(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # a usage error (printed on one line by _Parser) or --help
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        _check_device(args.device)
         args.func(args)
     except EditbenchError as e:
-        print(f"editbench: error: {e}", file=sys.stderr)
+        print(f"editbench: error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, always
+        return 2
+    except OSError as e:  # a path the user gave that cannot be read or written, where no check caught it first
+        if e.filename is None:
+            raise
+        print(f"editbench: error: {e.filename}: {e.strerror or e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("editbench: interrupted; re-run the same command to resume", file=sys.stderr)

@@ -23,6 +23,32 @@ def _kv(items: list[str] | None) -> dict:
     return out
 
 
+def out_dir(path, flag: str = "--out") -> Path:
+    """Create the output folder ``path`` up front (before any training), or EditbenchError naming ``flag``: a file
+    in the way, a parent that is a file, no permission."""
+    import os
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise EditbenchError(f"{flag} {p} is a file; give a folder")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise EditbenchError(f"cannot create {flag} {p}: {err.strerror or err}") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise EditbenchError(f"{flag} {p} is not writable; give a folder you can write to")
+    return p
+
+
+def out_file(path, flag: str = "--out") -> Path:
+    """Check that the file ``path`` can be written (its folder is created), before the work that produces it."""
+    p = Path(path)
+    if p.is_dir():
+        raise EditbenchError(f"{flag} {p} is a folder; give a file path such as {p / 'concept.safetensors'}")
+    out_dir(p.parent, f"{flag}'s folder")
+    return p
+
+
 def _pipeline(args):
     import torch
     from diffusers import StableDiffusionPipeline
@@ -89,6 +115,7 @@ def cmd_train(args) -> None:
     from editbench import methods
 
     editor = methods.get(args.method)(**train_overrides(args))
+    out_file(args.out)
     pipe = _pipeline(args)
     concept = _concept(args)
     if args.concept:  # a toy concept gets the placeholder kind the method trains (a new token or a rare word)
@@ -113,9 +140,11 @@ def _editor_for(paths: list[str]):
 def cmd_generate(args) -> None:
     import torch
 
+    for flag, value in (("--n", args.n), ("--steps", args.steps)):
+        if value < 1:
+            raise EditbenchError(f"{flag} must be >= 1, got {value}")
+    out = out_dir(args.out)
     pipe = _pipeline(args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     handle = None
     if args.artifact:
         editor, arts = _editor_for(args.artifact)
@@ -137,6 +166,7 @@ def cmd_compose(args) -> None:
     editor, arts = _editor_for(args.artifact)
     if not editor.can_compose():
         editor.compose(arts)  # raises the method's "no merge" error before a pipeline is loaded
+    out_file(args.out)
     merged = editor.compose(arts, _pipeline(args))
     path = merged.save(args.out)
     print(f"composed {len(arts)} {editor.name} artifacts into {path} ({merged.nbytes:,} bytes)")
@@ -212,7 +242,7 @@ def cmd_bench(args) -> None:
     from editbench.eval.runner import run_suite
     from editbench.storage import parse_dtype
 
-    out = Path(args.out)
+    out = out_dir(args.out)
     suite = args.suite
     if args.tuned:  # each method's tuned config / settings / steps over its entries (recorded in suite.json)
         from editbench.eval.tune import apply_tuned
@@ -232,6 +262,7 @@ def cmd_tune(args) -> None:
     from editbench.storage import parse_dtype
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar says what the per-trial logs would
+    out_dir(args.out)
     r = tune(args.suite, args.method, args.trials, Path(args.out), storage=args.storage, device=args.device,
              dtype=parse_dtype(args.dtype))
     scores = ", ".join(f"{k} {v:.3f}" for k, v in r["values"].items())
@@ -257,12 +288,11 @@ def cmd_demo(args) -> None:
     from editbench.storage import parse_dtype
     from editbench.toyworld import concept_data, load_pipeline
 
-    pipe = load_pipeline(args.device, parse_dtype(args.dtype))
     concept = concept_data(args.concept)
+    out = out_dir(args.out)
+    pipe = load_pipeline(args.device, parse_dtype(args.dtype))
     editor = methods.get("perfusion")()
     art = editor.fit(pipe, concept, steps=args.steps, seed=0)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     art.save(out / f"{args.concept}.perfusion.safetensors")
     from editbench.toyworld import single_prompts
     from editbench.toyworld.personal import PERSONAL_CONCEPTS

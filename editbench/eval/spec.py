@@ -377,7 +377,10 @@ def load_suite(suite: str | os.PathLike | dict) -> Suite:
         try:
             raw = load_yaml(path.read_text())  # the --set parser: 1e-4 is a number (YAML 1.1 reads a string)
         except yaml.YAMLError as err:
-            raise EditbenchError(f"suite {path} is not valid YAML: {err}") from None
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            raise EditbenchError(f"suite {path} is not valid YAML: {getattr(err, 'problem', None) or err}{where}"
+                                 ) from None
         base = path.parent
     if not isinstance(raw, dict):
         raise EditbenchError(f"a suite file is a YAML mapping (keys {sorted(_TOP_KEYS)}), got {type(raw).__name__}")

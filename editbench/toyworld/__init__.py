@@ -54,6 +54,9 @@ def load_pipeline(device=None, dtype=None, path=None):
     from editbench.models import dtype_kwargs
     from editbench.progress import quiet_loading
 
+    if path is not None and not Path(path, "model_index.json").is_file():
+        raise EditbenchError(f"{path} is not a diffusers pipeline folder (no model_index.json); give a toy-world "
+                             "pipeline folder, e.g. OUT/model of `editbench world train --out OUT`")
     quiet_loading()
     pipe = StableDiffusionPipeline.from_pretrained(str(path or model_path()), **dtype_kwargs(dtype or torch.float32))
     pipe.set_progress_bar_config(disable=True)
