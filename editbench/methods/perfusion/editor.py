@@ -90,8 +90,8 @@ def _cholesky(pipeline: Any, ridge: float) -> torch.Tensor:
 
 
 def superclass_encoding(pipeline: Any, superclass: str, templates=DEFAULT_TEMPLATES) -> torch.Tensor:
-    """Mean encoding ``(d,)`` float32 of the superclass token over ``templates`` filled with the superclass word
-    (SDXL: the concatenated encoding of both encoders at its position)."""
+    """Mean encoding ``(d,)`` of the superclass token over ``templates`` filled with the superclass word (SDXL: the
+    concatenated encoding of both encoders at its position); float32, or float64 for a float64 text encoder."""
     superclass_id = single_token_id(pipeline.tokenizer, superclass)
     with torch.no_grad():
         enc = encode_text(pipeline, [t.format(superclass) for t in templates])
@@ -99,7 +99,7 @@ def superclass_encoding(pipeline: Any, superclass: str, templates=DEFAULT_TEMPLA
     pos = token_position(ids, superclass_id)                                         # (b,)
     if bool((pos < 0).any()):
         raise EditbenchError(f"superclass word {superclass!r} did not survive tokenization of the templates")
-    return hidden[torch.arange(len(ids)), pos].float().mean(0)
+    return hidden[torch.arange(len(ids)), pos].to(torch.promote_types(hidden.dtype, torch.float32)).mean(0)
 
 
 def _trained_keys(artifact: Artifact) -> bool:
