@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import gpu
 import perf_merge
 import perf_suite
 import perf_training
@@ -330,6 +331,7 @@ def render(results: dict) -> str:
         add(table(["goal", "target", "measured", ""], goals))
         add("")
     L.extend(body)
+    add(gpu.doc_section())  # benchmarks/gpu.py: how to run it, its format, the last GPU run's table
     add("## Fixes made for these numbers (before / after)")
     add("")
     add(fixes_block(results))

@@ -1,0 +1,157 @@
+"""``benchmarks/gpu.py`` (the one command that measures everything GPU-bound within a budget) on the CPU with its
+tiny pipelines, so that it keeps working between the rare runs on a GPU: the output files and their documented
+format, the plan order, and a clean stop when the budget is spent. No timing is asserted.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu.py"
+
+
+@pytest.fixture
+def gpu(monkeypatch, tmp_path):
+    """The script as a module, with the editbench caches in a temporary folder."""
+    monkeypatch.setenv("EDITBENCH_CACHE", str(tmp_path / "cache"))
+    spec = importlib.util.spec_from_file_location("editbench_gpu_benchmark", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _read(out: Path) -> tuple[dict, str]:
+    return json.loads((out / "gpu.json").read_text()), (out / "gpu.md").read_text()
+
+
+def _check_format(gpu, res: dict, md: str) -> None:
+    assert res["schema"] == gpu.SCHEMA and res["complete"] is True
+    top = {k for key in gpu.TOP_KEYS for k in key.split(" / ")}
+    assert set(res) == top
+    for row in res["measurements"]:
+        assert set(row) == set(gpu.ROW_KEYS), row["id"]
+        assert row["status"] in gpu.STATUSES
+        assert row["kind"] in ("train", "sample", "pytest")
+    assert [r["rank"] for r in res["measurements"]] == list(range(1, len(res["measurements"]) + 1))
+    assert len({r["id"] for r in res["measurements"]}) == len(res["measurements"])
+    assert md.startswith("# GPU measurements")
+    for section in ("## Measurements", "## pytest", "## Skipped for budget", "## Pipelines"):
+        assert section in md
+    header = "| " + " | ".join(gpu.TABLE_COLUMNS) + " |"
+    table = md.split(header, 1)[1].split("\n\n", 1)[0].strip().splitlines()
+    assert len(table) == 1 + len(res["measurements"])                  # separator + one line per measurement
+
+
+def test_every_output_key_is_documented(gpu):
+    doc = (ROOT / "docs" / "performance.md").read_text()
+    assert "benchmarks/gpu.py" in doc
+    for key in [*gpu.ROW_KEYS, *(k for key in gpu.TOP_KEYS for k in key.split(" / "))]:
+        assert f"`{key}`" in doc, f"{key} is not documented in docs/performance.md"
+    for column in gpu.TABLE_COLUMNS:
+        assert f"`{column}`" in doc, f"table column {column} is not documented"
+
+
+def test_the_plan_puts_the_most_valuable_measurements_first(gpu):
+    rows = gpu.plan(["lora", "textual_inversion", "dreambooth", "perfusion"], ["sd15", "sdxl"],
+                    ["train", "sample", "pytest"], "-m cuda")
+    ids = [r["id"] for r in rows]
+    assert ids[:4] == ["train/sd15/perfusion/fp32", "train/sd15/dreambooth/fp32", "train/sd15/lora/fp32",
+                       "train/sd15/textual_inversion/fp32"]
+    assert ids.index("pytest") < ids.index("train/sdxl/perfusion/bf16+gc") < ids.index("train/sdxl/perfusion/fp32")
+    assert max(i for i, r in enumerate(rows) if r["geometry"] == "sd15") < ids.index("train/sdxl/perfusion/bf16+gc")
+    assert {r["case"] for r in rows if r["kind"] == "sample"} == set(gpu.SAMPLE_CASES)
+
+
+def test_a_spent_budget_writes_every_measurement_as_skipped(gpu, tmp_path, capsys):
+    out = tmp_path / "out"
+    returned = gpu.main(["--out", str(out), "--budget-s", "0", "--device", "cpu"])
+    res, md = _read(out)
+    assert returned["measurements"] == res["measurements"]
+    _check_format(gpu, res, md)
+    rows = res["measurements"]
+    assert rows and all(r["status"] == "skipped" and r["detail"].startswith("budget spent") for r in rows)
+    assert res["budget_exhausted"] is True and res["skipped_for_budget"] == [r["id"] for r in rows]
+    assert res["tiny"] is True and res["pipelines"] == {} and res["pytest"] is None
+    for r in rows:
+        assert f"`{r['id']}`" in md.split("## Skipped for budget", 1)[1]
+    printed = capsys.readouterr().out
+    assert all(col in printed.splitlines()[0] for col in ("rank", "status", "peak memory"))
+    assert len(printed.strip().splitlines()) == 1 + len(rows)
+
+
+def test_the_budget_stops_after_the_measurement_it_was_spent_in(gpu, tmp_path, monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(gpu, "clock", lambda: now[0])
+    train = gpu.Runner.train
+
+    def slow_train(self, row):
+        train(self, row)
+        now[0] += 1000.0                          # this measurement spends the whole budget
+
+    monkeypatch.setattr(gpu.Runner, "train", slow_train)
+    out = tmp_path / "out"
+    gpu.main(["--out", str(out), "--budget-s", "100", "--device", "cpu", "--methods", "textual_inversion",
+              "--geometries", "sd15", "--sections", "train,pytest"])
+    res, md = _read(out)
+    _check_format(gpu, res, md)
+    first, *rest = res["measurements"]
+    assert first["id"] == "train/sd15/textual_inversion/fp32" and first["status"] == "ok"   # finished, recorded
+    assert first["seconds"] > 0 and first["memory_kind"] == "cpu_rss_peak_delta" and first["resolution"] == 16
+    assert [r["id"] for r in rest] == ["train/sd15/textual_inversion/bf16+gc", "pytest"]
+    assert all(r["status"] == "skipped" and "1000 s of 100 s" in r["detail"] for r in rest)
+    assert res["skipped_for_budget"] == [r["id"] for r in rest] and res["budget_exhausted"] is True
+
+
+def test_a_tiny_run_measures_training_sampling_and_the_cuda_tests(gpu, tmp_path):
+    out = tmp_path / "out"
+    gpu.main(["--out", str(out), "--device", "cpu", "--methods", "perfusion,dreambooth", "--sample-steps", "2",
+              "--pytest-args", "-m cuda tests/test_solver.py"])
+    res, md = _read(out)
+    _check_format(gpu, res, md)
+    rows = {r["id"]: r for r in res["measurements"]}
+    assert res["tiny"] and not res["budget_exhausted"] and res["skipped_for_budget"] == []
+    assert set(res["pipelines"]) == {"sd15", "sdxl"}
+    assert res["pipelines"]["sdxl"]["pipeline_class"] == "StableDiffusionXLPipeline"
+    assert res["pipelines"]["sdxl"]["text_encoder_2_params"] > 0
+    for geometry in ("sd15", "sdxl"):
+        for method in ("perfusion", "dreambooth"):
+            for variant in gpu.TRAIN_VARIANTS:
+                row = rows[f"train/{geometry}/{method}/{variant}"]
+                # a method without SDXL support is recorded as such; anything else must measure
+                assert row["status"] == "ok" or (geometry == "sdxl" and row["status"] == "unsupported"), row
+        for precision in gpu.SAMPLE_PRECISIONS:
+            assert rows[f"sample/{geometry}/base/{precision}"]["status"] == "ok"
+    for row in rows.values():
+        if row["status"] == "ok" and row["kind"] != "pytest":
+            assert row["seconds"] > 0 and row["peak_memory_bytes"] >= 0 and row["resolution"] == 16
+            assert row["memory_kind"] == "cpu_rss_peak_delta" and row["base_memory_bytes"] is None
+        if row["status"] == "unsupported":
+            assert row["detail"].startswith("unsupported: ")
+    assert rows["train/sd15/perfusion/fp32"]["loop_peak_memory_bytes"] is not None
+    assert "train/sd15/fp32/perfusion_vs_dreambooth/time" in res["ratios"]
+    assert "sample/sd15/fp32/perfusion_10_vs_base/time" in res["ratios"]
+    py = res["pytest"]
+    assert rows["pytest"]["status"] == "ok" and py["returncode"] == 0
+    assert py["counts"]["failed"] == 0 and sum(py["counts"].values()) >= 1   # the solver's CUDA test
+    assert re.search(r"\d+ (passed|skipped)", py["summary"]) and py["summary"] in md
+
+
+@pytest.mark.slow
+def test_the_whole_tiny_plan_through_the_command_line(tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--device", "cpu"], cwd=str(ROOT),
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "gpu.json").read_text())
+    assert res["complete"] and not res["budget_exhausted"]
+    bad = [(r["id"], r["detail"]) for r in res["measurements"] if r["status"] not in ("ok", "unsupported")]
+    assert not bad
+    assert "rank" in proc.stdout.splitlines()[0]
