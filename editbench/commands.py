@@ -50,8 +50,10 @@ def out_file(path, flag: str = "--out") -> Path:
 
 
 def _pipeline(args):
+    import json
+
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
     from editbench.models import dtype_kwargs
     from editbench.progress import quiet_loading
@@ -64,8 +66,12 @@ def _pipeline(args):
         return load_pipeline(args.device, parse_dtype(args.dtype))
     if not Path(args.model, "model_index.json").exists():
         raise EditbenchError(f"--model {args.model!r} is not a diffusers pipeline folder (no model_index.json)")
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, **dtype_kwargs(parse_dtype(args.dtype) or torch.float32),
-                                                   safety_checker=None, requires_safety_checker=False)
+    # the folder's own pipeline class (StableDiffusionPipeline, StableDiffusionXLPipeline, ...); the methods refuse
+    # the classes they cannot edit, by name (editbench.pipelines.text_stack)
+    has_checker = "safety_checker" in json.loads(Path(args.model, "model_index.json").read_text())
+    pipe = DiffusionPipeline.from_pretrained(args.model, **dtype_kwargs(parse_dtype(args.dtype) or torch.float32),
+                                             **({"safety_checker": None, "requires_safety_checker": False}
+                                                if has_checker else {}))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(args.device or "cpu")
 

@@ -139,6 +139,29 @@ def test_export_loads_with_diffusers(kind, name, tmp_path):
     assert np.allclose(got, expected, atol=1e-5), np.abs(got - expected).max()
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_sdxl_shaped_artifact_has_the_layout_of_a_trained_one(name):
+    """``Editor.shaped_artifact`` (the storage benchmarks) builds, without training, what ``fit`` saves on SDXL."""
+    pipe = tiny_sdxl_pipeline()
+    before = snapshot(pipe)
+    shaped = editor(name).shaped_artifact(pipe, concept_for(name))
+    assert_same(before, snapshot(pipe))
+    real = fitted("sdxl", name)
+    shapes = {k: tuple(v.shape) for k, v in shaped.tensors.items()}
+    assert shapes == {k: tuple(v.shape) for k, v in real.tensors.items()}
+
+
+def test_prior_class_images_are_keyed_by_both_text_encoders():
+    from editbench.methods.prior import _cache_key
+
+    a, b = tiny_sdxl_pipeline(), tiny_sdxl_pipeline()
+    key = _cache_key(a, "a photo of a star", 2, 16, 2, 3.0, 0)
+    assert _cache_key(b, "a photo of a star", 2, 16, 2, 3.0, 0) == key
+    with torch.no_grad():
+        b.text_encoder_2.text_model.final_layer_norm.weight.add_(1.0)
+    assert _cache_key(b, "a photo of a star", 2, 16, 2, 3.0, 0) != key
+
+
 # ---------------------------------------------------------------------------------------- SDXL's conditioning
 
 def test_sdxl_encoding_is_the_pipelines_own():
@@ -289,6 +312,8 @@ def test_unsupported_pipeline_classes_are_refused_by_name(name, build, cls):
         ed.fit(pipe, concept_for(name), steps=1, progress=False)
     with pytest.raises(EditbenchError, match=f"{name} does not support {cls}"):
         ed.apply(pipe, fitted("sdxl", name), allow_fingerprint_mismatch=True)
+    with pytest.raises(EditbenchError, match=f"{name} does not support {cls}"):
+        ed.fingerprint(pipe)
     if ed.export_needs_pipeline:
         with pytest.raises(EditbenchError, match=cls):
             ed.export(fitted("sdxl", name), _TMP / "refused", pipe)
@@ -301,3 +326,23 @@ def test_sdxl_artifacts_do_not_fit_sd_pipelines_and_back():
             ed.apply(tiny_pipeline(), fitted("sdxl", name), allow_fingerprint_mismatch=True)
         with pytest.raises(EditbenchError):
             ed.apply(tiny_sdxl_pipeline(), fitted("sd2", name), allow_fingerprint_mismatch=True)
+
+
+def test_cli_export_on_an_sdxl_model_folder(tmp_path, capsys):
+    """``editbench export --model FOLDER`` loads the folder's own pipeline class (here StableDiffusionXLPipeline),
+    checks the artifact against it and prints SDXL's two-call loading code."""
+    from editbench.cli import main
+
+    folder = tmp_path / "sdxl"
+    tiny_sdxl_pipeline().save_pretrained(folder)
+    art = tmp_path / "ti.safetensors"
+    fitted("sdxl", "textual_inversion").save(art)
+    capsys.readouterr()
+    assert main(["export", str(art), "--out", str(tmp_path / "out"), "--model", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert "text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2" in out
+    assert set(load_file(tmp_path / "out" / "learned_embeds.safetensors")) == {"clip_l", "clip_g"}
+    other = tmp_path / "sd"
+    tiny_pipeline().save_pretrained(other)
+    assert main(["export", str(art), "--out", str(tmp_path / "out2"), "--model", str(other)]) == 2  # SDXL vs SD 1.x
+    assert "base model" in capsys.readouterr().err

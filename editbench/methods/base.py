@@ -272,9 +272,12 @@ class Editor:
     # ---- public API ---------------------------------------------------------------------------------------
 
     def fingerprint(self, pipeline: Any) -> str:
-        """Fingerprint of the base weights this method depends on (and of the base tokenizer's vocabulary)."""
+        """Fingerprint of the base weights this method depends on (and of the base tokenizer's vocabulary).
+        EditbenchError naming the pipeline class for a pipeline editbench does not edit."""
         from editbench.methods.tokens import base_tokenizer
+        from editbench.pipelines import text_stack
 
+        text_stack(pipeline, self.name)
         return fingerprint(self.affected_tensors(pipeline), base_tokenizer(pipeline.tokenizer))
 
     def fit(self, pipeline: Any, concept: ConceptData | Sequence[ConceptData], *, steps: int | None = None,

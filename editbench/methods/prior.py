@@ -105,6 +105,8 @@ class PriorConfigMixin:
 def _cache_key(pipeline: Any, prompt: str, n: int, size: int, steps: int, guidance: float, seed: int) -> str:
     tensors = {**module_tensors(pipeline.unet, "unet."), **module_tensors(pipeline.text_encoder, "text_encoder."),
                **module_tensors(pipeline.vae, "vae.")}
+    if getattr(pipeline, "text_encoder_2", None) is not None:  # SDXL: the second encoder shapes the images too
+        tensors.update(module_tensors(pipeline.text_encoder_2, "text_encoder_2."))
     spec = {"base": fingerprint(tensors, pipeline.tokenizer), "prompt": prompt, "n": n, "size": size,
             "steps": steps, "guidance": guidance, "seed": seed, "scheduler": type(pipeline.scheduler).__name__,
             "scheduler_config": {k: v for k, v in dict(pipeline.scheduler.config).items() if not k.startswith("_")}}
