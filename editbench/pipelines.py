@@ -129,8 +129,10 @@ def text_stack(pipeline: Any, method: str | None = None) -> TextStack:
     if pooled and not sdxl:
         raise _refuse(pipeline, method, "its UNet takes pooled text embeddings (text_time) but it has no "
                                         "text_encoder_2")
-    if pooled and getattr(getattr(pipeline, "text_encoder_2").config, "projection_dim", None) is None:
-        raise _refuse(pipeline, method, "its text_encoder_2 has no projection for the pooled text embedding")
+    if pooled and not hasattr(pipeline.text_encoder_2, "text_projection"):
+        raise _refuse(pipeline, method, f"its text_encoder_2 ({type(pipeline.text_encoder_2).__name__}) has no "
+                                        "text_projection for SDXL's pooled text embedding (a "
+                                        "CLIPTextModelWithProjection is needed)")
     parts, start = [], 0
     for tok, enc in present:
         w = _width(getattr(pipeline, enc))

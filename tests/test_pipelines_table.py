@@ -319,6 +319,19 @@ def test_unsupported_pipeline_classes_are_refused_by_name(name, build, cls):
             ed.export(fitted("sdxl", name), _TMP / "refused", pipe)
 
 
+def test_pipelines_with_foreign_parts_are_refused_by_name():
+    from editbench.testing import tiny_text_encoder
+
+    pipe = tiny_sdxl_pipeline()
+    pipe.text_encoder_2 = tiny_text_encoder(40)                      # no projection: no pooled embedding
+    with pytest.raises(EditbenchError, match="lora does not support StableDiffusionXLPipeline: .*text_projection"):
+        methods.get("lora")().fit(pipe, concept_for("lora"), steps=1, progress=False)
+    pipe = tiny_sdxl_pipeline()
+    pipe.text_encoder_2 = tiny_text_encoder(48, projection_dim=32)   # 24 + 48 != 64
+    with pytest.raises(EditbenchError, match=r"widths \(24 \+ 48\) do not add up .* 64"):
+        methods.get("perfusion")().fingerprint(pipe)
+
+
 def test_sdxl_artifacts_do_not_fit_sd_pipelines_and_back():
     for name in METHODS:
         ed = methods.get(name)()
