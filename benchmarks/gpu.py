@@ -359,10 +359,13 @@ class Runner:
         self.cached_fingerprint(editor, row["geometry"])
         concept = random_concept(placeholder_for(row["method"]), "dog", size=res, n=2)
         stamps: list[float] = []
+        setup_peak = [0]
         prepare = editor.prepare_training
 
         def timed_prepare(*a, **kw):
             session = prepare(*a, **kw)
+            if self.cuda:  # the loop resets CUDA's peak statistics when it starts: keep the setup's peak
+                setup_peak[0] = int(torch.cuda.max_memory_allocated(self.device))
             after = session.after_step
 
             def after_step(step):
@@ -375,6 +378,7 @@ class Runner:
         editor.prepare_training = timed_prepare
         with self.memory(row):
             art = editor.fit(pipe, concept, progress=False, seed=0)
+        row["peak_memory_bytes"] = max(row["peak_memory_bytes"], setup_peak[0])
         steps = [b - a for a, b in zip(stamps, stamps[1:])]          # after the warm-up step
         row["seconds"] = statistics.median(steps)
         training = art.metadata.get("training", {})
@@ -480,7 +484,7 @@ def classify(err: BaseException) -> tuple[str, str]:
 
     msg = f"{err}".strip().splitlines()
     first = (msg[0] if msg else "")[:400]
-    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)):
+    if isinstance(err, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in first.lower():
         return "oom", f"{type(err).__name__}: {first}"
     if isinstance(err, EditbenchError) and not isinstance(err, TrainingError):
         return "unsupported", f"unsupported: {first}"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu.py"
@@ -68,6 +69,16 @@ def test_the_plan_puts_the_most_valuable_measurements_first(gpu):
     assert ids.index("pytest") < ids.index("train/sdxl/perfusion/bf16+gc") < ids.index("train/sdxl/perfusion/fp32")
     assert max(i for i, r in enumerate(rows) if r["geometry"] == "sd15") < ids.index("train/sdxl/perfusion/bf16+gc")
     assert {r["case"] for r in rows if r["kind"] == "sample"} == set(gpu.SAMPLE_CASES)
+
+
+def test_failures_are_classified(gpu):
+    from editbench.errors import EditbenchError, TrainingError
+
+    assert gpu.classify(EditbenchError("no SDXL here\nmore")) == ("unsupported", "unsupported: no SDXL here")
+    assert gpu.classify(TrainingError("loss is nan at step 2"))[0] == "error"     # a failed run, not a refusal
+    assert gpu.classify(torch.cuda.OutOfMemoryError("CUDA out of memory"))[0] == "oom"
+    assert gpu.classify(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED out of memory"))[0] == "oom"
+    assert gpu.classify(ValueError("added_cond_kwargs missing")) == ("error", "ValueError: added_cond_kwargs missing")
 
 
 def test_a_spent_budget_writes_every_measurement_as_skipped(gpu, tmp_path, capsys):
