@@ -96,6 +96,29 @@ def test_base_training_excludes_personal_appearances_and_heldout_captions():
     assert all(c.appearance in appearances for c in PERSONAL_CONCEPTS)
 
 
+def test_pattern_stage_scenes_are_pattern_rich_and_exclude_personal_appearances():
+    """The patterns stage's stream follows base training's exclusions (no personal concept's exact appearance, no
+    held-out triple), is another stream than base training's, and carries a pattern on ~pattern_stage_prob of the
+    objects (base training: ~pattern_prob)."""
+    from editbench.toyworld.train import WorldConfig, base_scene, pattern_scene
+
+    cfg = WorldConfig()
+    share = {}
+    for name, scene in (("base", base_scene), ("patterns", pattern_scene)):
+        objs = []
+        for i in range(1500):
+            spec = scene(cfg, i).spec
+            for o in spec.objects:
+                assert o.appearance not in EXCLUDED_APPEARANCES
+                assert not R.is_heldout_combo(o.category, o.color, spec.background)
+            objs += spec.objects
+        share[name] = np.mean([o.pattern is not None for o in objs])
+        assert {o.pattern for o in objs} == {None, *R.PATTERNS}
+    assert abs(share["patterns"] - cfg.pattern_stage_prob) < 0.03 and abs(share["base"] - cfg.pattern_prob) < 0.03
+    assert pattern_scene(cfg, 0).caption != base_scene(cfg, 0).caption or pattern_scene(cfg, 1).caption != \
+        base_scene(cfg, 1).caption
+
+
 def test_heldout_specs_are_heldout():
     for s in heldout_specs(50):
         assert all(R.is_heldout_combo(o.category, o.color, s.background) for o in s.objects)
@@ -186,8 +209,9 @@ def test_world_train_smoke_run_exports_a_loadable_world_and_resumes(tmp_path, mo
     out = tmp_path / "world"
     assert not main(["world", "train", "--smoke", "--quiet", "--out", str(out)])
     log = json.loads((out / "training_log.json").read_text())
-    assert set(log["stages"]) == {"vae", "unet", "decoder", "evaluator"}
+    assert set(log["stages"]) == {"vae", "unet", "patterns", "decoder", "evaluator"}
     assert log["stages"]["unet"]["steps"] == WorldConfig.smoke().unet_steps
+    assert log["stages"]["patterns"]["steps"] == WorldConfig.smoke().pattern_steps
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     pipe = StableDiffusionPipeline.from_pretrained(out / "model")
     pipe.set_progress_bar_config(disable=True)
