@@ -233,7 +233,9 @@ def write_html(out: Path, df: pd.DataFrame, summary: pd.DataFrame, comp: pd.Data
         uri = _png_uri(p)
         if uri:
             body += [f"<h3>{_esc(caption)}</h3>", f"<div class='strip'><img alt='{_esc(p.stem)}' src='{uri}'></div>"]
-    legend = "; ".join(f"<b>{_esc(k)}</b> {_esc(v)}" for k, v in _LEGEND.items())
+    used = [short for scores, n in ((_SINGLE_SCORES, n_single), (_PAIR_SCORES, n_pair)) if n
+            for col, short in scores if col in df and df[col].notna().any()]
+    legend = "; ".join(f"<b>{_esc(k)}</b> {_esc(_LEGEND[k])}" for k in dict.fromkeys(used))
     seed = int(df["seed"].min())
     body += [f"<h2 id='samples'>Samples</h2><p class='legend'>Seed {seed}, one row per prompt, every method's images "
              f"side by side. Scores under each image: {legend}.</p>", single_html or "<p class='note'>(none)</p>"]
