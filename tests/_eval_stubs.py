@@ -160,6 +160,9 @@ class FakeEditor(Editor):
     max_artifacts = None
     fits: ClassVar[list] = []
 
+    def check_pipeline(self, pipeline):  # the fake pipeline has no UNet: nothing to check
+        pass
+
     def fit(self, pipeline, concept, *, steps=None, seed=0, progress=True, checkpoint_dir=None):
         FakeEditor.fits.append((self.name, concept.placeholder, seed))
         value = (seed + 1) * 0.01 + len(concept.placeholder) * 0.001
