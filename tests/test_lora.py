@@ -66,3 +66,35 @@ def test_undo_keeps_an_adapter_the_user_loaded(tmp_path):
         assert not np.array_equal(generate(pipe, PROMPT), user_img)
     assert list(pipe.unet.peft_config) == ["user"]
     assert np.array_equal(generate(pipe, PROMPT), user_img)
+
+
+def test_applied_layer_computes_w_x_plus_alpha_over_r_b_a_x():
+    """The adapted layer, from the definition in float64: ``W x + b + (lora_alpha / r) * B A x`` (lora_alpha 8 and
+    r 2 differ, so a scale of 1 or of alpha would show), with random A and B in a real artifact's layout."""
+    import torch
+
+    from editbench.methods.base import Artifact, _checksum
+
+    real = load(NAME, trained(NAME, alpha=8.0, rank=2))
+    g = torch.Generator().manual_seed(0)
+    tensors = {k: 0.3 * torch.randn(v.shape, generator=g) for k, v in real.tensors.items()}
+    art = Artifact(NAME, tensors, {**real.metadata, "checksum": _checksum(tensors)})
+    alpha, r = art.metadata["lora"]["lora_alpha"], art.metadata["lora"]["r"]
+    assert (alpha, r) == (8.0, 2)
+    pipe = tiny_pipeline()
+    names = sorted(k[: -len(".lora_A.weight")] for k in tensors if k.endswith(".lora_A.weight"))
+    base = {n: pipe.unet.get_submodule(n) for n in names}
+    weights = {n: (m.weight.detach().double(), None if m.bias is None else m.bias.detach().double())
+               for n, m in base.items()}
+    before = snapshot(pipe)
+    with LoRAEditor().apply(pipe, art):
+        for n in names:
+            w, b = weights[n]
+            x = torch.randn(3, w.shape[1], generator=g)
+            a_, b_ = tensors[f"{n}.lora_A.weight"].double(), tensors[f"{n}.lora_B.weight"].double()
+            expect = x.double() @ (w + alpha / r * b_ @ a_).T + (0 if b is None else b)
+            with torch.no_grad():
+                got = pipe.unet.get_submodule(n)(x).double()
+            assert float((got - expect).abs().max()) <= 1e-5 * float(expect.abs().max()), n
+    assert_same(before, snapshot(pipe))
+

@@ -146,9 +146,52 @@ def test_shards_partition_the_cells_exactly():
 
 
 def test_sharded_runs_assemble_the_full_table(tmp_path, fakes):
-    parts = [_run(tmp_path, shard=f"{i}/3") for i in range(3)]
-    assert len(parts[-1]) == _expected_rows()          # the last shard's assembly sees every shard's cells
-    assert len(parts[0]) < len(parts[-1])
+    """Three shards into one folder give the table of one unsharded run, cell by cell (timings aside), and each
+    cell is run by exactly one shard."""
+    full = _run(tmp_path / "unsharded")
+    cells = suite_spec.load_suite(BASE).cells()
+    parts, owner = [], {}
+    for i in range(3):
+        parts.append(_run(tmp_path, shard=f"{i}/3"))
+        for c in suite_spec.shard_cells(cells, f"{i}/3"):
+            assert c.id not in owner, f"cell {c.id} is in shards {owner[c.id]} and {i}"
+            owner[c.id] = i
+    assert set(owner) == {c.id for c in cells}
+    assert len(full) == _expected_rows() and len(parts[0]) < len(parts[-1])
+    key = ["label", "concepts", "seed", "setting", "prompt_index", "image_index"]
+    cols = [c for c in full.columns if not c.endswith("time_s")]
+    assert set(cols) <= set(parts[-1].columns) and not parts[-1].duplicated(key).any()
+    a = full[cols].sort_values(key).reset_index(drop=True)
+    b = parts[-1][cols].sort_values(key).reset_index(drop=True)   # the last shard's assembly: every shard's cells
+    pd.testing.assert_frame_equal(a, b)
+    on_disk = pd.read_csv(tmp_path / "out" / "results.csv")
+    assert len(on_disk) == len(full)
+
+
+@pytest.mark.parametrize("shard", [None, "0/1", "1/3", "2/3"])
+def test_the_cli_shard_option_runs_that_shards_cells(tmp_path, fakes, monkeypatch, capsys, shard):
+    """``editbench bench --shard i/N`` reaches the runner: exactly the cells of shard i of N are run (all of them
+    without the option)."""
+    from editbench.cli import main
+
+    real = runner.run_suite
+    seen = []
+
+    def run_suite(suite, out, **kw):
+        seen.append(kw["shard"])
+        return real(suite_spec.load_suite(BASE), out, shard=kw["shard"], pipeline=FakePipeline(), clip=FakeClip(),
+                    progress=False)
+
+    monkeypatch.setattr(runner, "run_suite", run_suite)
+    out = tmp_path / "out"
+    argv = ["bench", "--suite", "toy-quick", "--out", str(out)] + ([] if shard is None else ["--shard", shard])
+    assert main(argv) == 0
+    assert seen == [shard or "0/1"]
+    cells = suite_spec.load_suite(BASE).cells()
+    expect = {c.id for c in suite_spec.shard_cells(cells, shard or "0/1")}
+    done = {p.name.removesuffix(".csv").removesuffix(".skip.json") for p in (out / "cells").iterdir()
+            if p.name.endswith((".csv", ".skip.json"))}
+    assert done == expect and (shard in (None, "0/1")) == (len(expect) == len(cells))
 
 
 @pytest.mark.parametrize("bad", ["../../escape", "/abs/path", "..", "a/../../b", "~user", "x\\..\\y"])
@@ -476,19 +519,16 @@ def test_all_builtin_methods_on_the_tiny_pipeline(tmp_path):
 
 
 @pytest.mark.slow
-def test_toy_quick_finishes_within_ten_minutes(tmp_path):
-    import time
-
+def test_toy_quick_runs_every_method(tmp_path):
+    """The bundled toy-quick suite end to end. Its wall time (the README's figure) is measured, not asserted, by
+    ``python benchmarks/perf.py suite`` (benchmarks/perf_suite.py): a test does not depend on the machine's speed."""
     from editbench import toyworld
     from editbench.eval import write_report
 
     if not (toyworld.WEIGHTS / "model").is_dir():
         pytest.skip("the toy world's weights are not installed")
-    t0 = time.perf_counter()
     df = runner.run_suite("toy-quick", tmp_path, progress=False)
     report = write_report(tmp_path)
-    elapsed = time.perf_counter() - t0
-    assert elapsed < 600, f"toy-quick took {elapsed:.0f} s"
     assert {"perfusion", "custom_diffusion", "textual_inversion", "dreambooth", "lora"} <= set(df["method"])
     assert df["text_alignment"].notna().all() and report.is_file()
 

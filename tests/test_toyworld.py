@@ -265,15 +265,43 @@ def test_unet_lr_schedule_warms_up_holds_then_decays_linearly():
     assert all(g(s) == 1.0 for s in range(10, 100))
 
 
-def test_world_latent_cache_keeps_the_exact_latent_scale(tmp_path):
+def test_world_latent_cache_keeps_the_exact_latent_scale(tmp_path, monkeypatch):
     """A run resumed after the VAE stage takes the latent scale from the cache: it must be the exact float64 of
-    a run in one go (a float32 copy gave the committed world a different decoder fine-tune and scaling_factor)."""
+    a run in one go (a float32 copy gave the committed world a different decoder fine-tune and scaling_factor).
+    The resumed world is compared with the one-go world bitwise: cached latents and scale, every exported config
+    (the VAE's scaling_factor among them) and the VAE encoder."""
     import json
 
     from editbench.storage import read_tensors
-    from editbench.toyworld.train import WorldConfig, train_world
+    from editbench.toyworld import train as T
 
-    train_world(tmp_path / "w", cfg=WorldConfig.smoke(), progress=False)
-    scale = read_tensors(tmp_path / "w" / "_work" / "latents.safetensors")["scale"]
-    exported = json.loads((tmp_path / "w" / "model" / "vae" / "config.json").read_text())["scaling_factor"]
-    assert scale.dtype == torch.float64 and float(scale) == exported
+    cfg = T.WorldConfig.smoke()
+    T.train_world(tmp_path / "once", cfg=cfg, progress=False)
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt("stopped after the VAE stage")
+
+    with monkeypatch.context() as m:                                    # first invocation: data + VAE only
+        m.setattr(T, "stage_unet", stop)
+        with pytest.raises(KeyboardInterrupt):
+            T.train_world(tmp_path / "resumed", cfg=cfg, progress=False)
+    assert (tmp_path / "resumed" / "_work" / "latents.safetensors").is_file()
+    assert not (tmp_path / "resumed" / "model").exists()
+    T.train_world(tmp_path / "resumed", cfg=cfg, progress=False)        # second invocation: reads the cache
+
+    for run in ("once", "resumed"):
+        scale = read_tensors(tmp_path / run / "_work" / "latents.safetensors")["scale"]
+        exported = json.loads((tmp_path / run / "model" / "vae" / "config.json").read_text())["scaling_factor"]
+        assert scale.dtype == torch.float64 and float(scale) == exported
+    once, resumed = tmp_path / "once", tmp_path / "resumed"
+    a, b = (read_tensors(run / "_work" / "latents.safetensors") for run in (once, resumed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for f in sorted(p.relative_to(once) for p in once.rglob("*.json")
+                    if "_work" not in p.parts and p.name != "training_log.json"):
+        assert json.loads((once / f).read_text()) == json.loads((resumed / f).read_text()), f
+    # the VAE as the latents were encoded (encoder, quant convs) is the same bitwise; the decoder and UNet are
+    # trained on the latents afterwards (in memory channels-last in a run in one go, contiguous when read back
+    # from the cache, so their float32 rounding differs) and are not compared here
+    va, vb = (read_tensors(run / "model" / "vae" / "diffusion_pytorch_model.safetensors") for run in (once, resumed))
+    encoder = [k for k in va if k.startswith(("encoder.", "quant_conv."))]
+    assert encoder and all(torch.equal(va[k], vb[k]) for k in encoder)
