@@ -272,12 +272,9 @@ class Editor:
     # ---- public API ---------------------------------------------------------------------------------------
 
     def fingerprint(self, pipeline: Any) -> str:
-        """Fingerprint of the base weights this method depends on (and of the base tokenizer's vocabulary).
-        EditbenchError naming the pipeline class for a pipeline editbench does not edit."""
+        """Fingerprint of the base weights this method depends on (and of the base tokenizer's vocabulary)."""
         from editbench.methods.tokens import base_tokenizer
-        from editbench.pipelines import text_stack
 
-        text_stack(pipeline, self.name)
         return fingerprint(self.affected_tensors(pipeline), base_tokenizer(pipeline.tokenizer))
 
     def fit(self, pipeline: Any, concept: ConceptData | Sequence[ConceptData], *, steps: int | None = None,
@@ -459,19 +456,20 @@ class Editor:
 
     def affected_tensors(self, pipeline: Any) -> dict[str, torch.Tensor]:
         """Method hook: the base weights the method reads or edits (fingerprinted). Default: the text encoder(s)
-        (SDXL: ``text_encoder`` and ``text_encoder_2``) + UNet."""
+        (SDXL: ``text_encoder`` and ``text_encoder_2``) + UNet; EditbenchError naming the pipeline class if it has
+        neither."""
+        for part in ("text_encoder", "unet"):
+            if not isinstance(getattr(pipeline, part, None), torch.nn.Module):
+                raise EditbenchError(f"{self.name} does not support {type(pipeline).__name__}: it has no {part}")
         second = getattr(pipeline, "text_encoder_2", None)
         return {**module_tensors(pipeline.text_encoder, "text_encoder."),
                 **({} if second is None else module_tensors(second, "text_encoder_2.")),
                 **module_tensors(pipeline.unet, "unet.")}
 
     def check_pipeline(self, pipeline: Any) -> None:
-        """Method hook: raise EditbenchError if the method cannot work with this pipeline. Default: accept the
-        pipelines :func:`editbench.pipelines.text_stack` accepts (SD 1.x / 2.x and SDXL), refuse any other class
-        by name. Overrides call ``super().check_pipeline(pipeline)`` first."""
-        from editbench.pipelines import text_stack
-
-        text_stack(pipeline, self.name)
+        """Method hook: raise EditbenchError if the method cannot work with this pipeline. Default: accept.
+        (``editbench.pipelines.text_stack(pipeline, self.name)`` refuses, by class name, what is not a Stable
+        Diffusion 1.x / 2.x or SDXL pipeline: the built-in methods call it.)"""
 
     def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,
                          config: TrainConfig) -> TrainingSession:

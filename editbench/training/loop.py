@@ -28,7 +28,7 @@ from typing_extensions import Self
 from editbench.concepts import ConceptData, model_resolution
 from editbench.errors import EditbenchError, TrainingError
 from editbench.fingerprint import update_with_tensor
-from editbench.pipelines import TextConditioning, TextStack, added_cond_kwargs, text_stack
+from editbench.pipelines import TextConditioning, added_cond_kwargs
 from editbench.training.checkpoint import CHECKPOINT_FILE, kept, load_checkpoint, save_checkpoint
 from editbench.training.parallel import DataParallel, make_accelerator, use_accelerate
 from editbench.training.session import (
@@ -267,16 +267,16 @@ def _validation_images(pipeline: Any, folder: Path, step: int, prompts: list[str
     write_json(out / "prompts.json", {f"{i:02d}.png": p for i, p in enumerate(prompts)})
 
 
-def _unet_conditioning(pipeline: Any, stack: TextStack, cond: torch.Tensor | TextConditioning, size: int,
+def _unet_conditioning(pipeline: Any, pooled_unet: bool, cond: torch.Tensor | TextConditioning, size: int,
                        extra: dict) -> tuple[torch.Tensor, dict]:
-    """The UNet's ``encoder_hidden_states`` and keyword arguments for a session's encoding ``cond``: for SDXL
-    (``stack.pooled``) the pooled embeddings and time ids of the training resolution go into
-    ``added_cond_kwargs`` (:func:`editbench.pipelines.added_cond_kwargs`)."""
+    """The UNet's ``encoder_hidden_states`` and keyword arguments for a session's encoding ``cond``: for a UNet with
+    SDXL's added conditioning (``pooled_unet``) the pooled embeddings and time ids of the training resolution go
+    into ``added_cond_kwargs`` (:func:`editbench.pipelines.added_cond_kwargs`)."""
     if isinstance(cond, TextConditioning):
         hidden, pooled = cond.hidden, cond.pooled
     else:
         hidden, pooled = cond, None
-    if not stack.pooled:
+    if not pooled_unet:
         return hidden, extra
     if pooled is None:
         raise TrainingError(f"this {type(pipeline).__name__}'s UNet needs the pooled text embeddings and time ids "
@@ -357,7 +357,7 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     return.
     """
     check_training(pipeline, config, checkpoint_dir)
-    stack = text_stack(pipeline)
+    pooled = getattr(pipeline.unet.config, "addition_embed_type", None) == "text_time"  # SDXL's added conditioning
     device = pipeline_device(pipeline)
     size = training_resolution(pipeline, config)
     amp_dtype = _autocast_dtype(device, config.mixed_precision)
@@ -435,7 +435,7 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
         def diffusion_loss(latents: torch.Tensor, cond: torch.Tensor | TextConditioning,
                            m: torch.Tensor | None = None) -> torch.Tensor:
             b = latents.shape[0]
-            hidden, kwargs = _unet_conditioning(pipeline, stack, cond, size, session.unet_kwargs(b))
+            hidden, kwargs = _unet_conditioning(pipeline, pooled, cond, size, session.unet_kwargs(b))
             noise = torch.randn(latents.shape, generator=gen).to(latents)          # (b, c, h, w)
             t = torch.randint(0, T, (b,), generator=gen).to(device)                 # (b,)
             noisy = sched.add_noise(latents, noise, t)

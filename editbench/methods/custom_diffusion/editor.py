@@ -34,6 +34,7 @@ from editbench.methods.custom_diffusion.layers import KVLinear, low_rank, resize
 from editbench.methods.custom_diffusion.merge import MergeResult, concept_keys, merge_projections
 from editbench.methods.prior import ClassPromptSession, PriorPreservation, make_prior
 from editbench.methods.tokens import add_tokens, cap_norms_, initial_rows, n_encoders
+from editbench.pipelines import text_stack
 from editbench.safety import MAX_DIM, is_int, is_number, words
 from editbench.sites import find_cross_attention_sites
 from editbench.training import ParamGroup, TrainingSession, TrainResult
@@ -153,6 +154,9 @@ class CustomDiffusionEditor(Editor):
     }
     transform_settings = ("rank", "energy")
     export_needs_pipeline = True  # diffusers' format stores full weights: W0 from the base pipeline + the deltas
+
+    def check_pipeline(self, pipeline: Any) -> None:
+        text_stack(pipeline, self.name)  # SD 1.x / 2.x and SDXL; any other pipeline class is refused by name
 
     def transform(self, artifact: Artifact, **settings: Any) -> Artifact:
         """:func:`compress` the artifact (settings ``rank`` and/or ``energy``)."""

@@ -24,6 +24,7 @@ from editbench.methods import register
 from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.dreambooth.config import DreamBoothConfig
 from editbench.methods.prior import ClassPromptSession, make_prior
+from editbench.pipelines import text_stack
 from editbench.safety import identifier
 from editbench.training import ParamGroup, TrainingSession, TrainResult
 
@@ -80,6 +81,9 @@ class DreamBoothEditor(Editor):
         "text_encoder_config": (lambda x: isinstance(x, dict), "an object"),
         "text_encoder_2_config": (lambda x: isinstance(x, dict), "an object"),
     }
+
+    def check_pipeline(self, pipeline: Any) -> None:
+        text_stack(pipeline, self.name)  # SD 1.x / 2.x and SDXL; any other pipeline class is refused by name
 
     def shaped_session(self, pipeline: Any, concept: ConceptData, handle: EditHandle) -> TrainingSession:
         """The session around the pipeline's own modules, in their dtypes (no float32 copy)."""

@@ -21,6 +21,7 @@ from editbench.methods import register
 from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.lora.config import LoRAConfig, LoRASettings
 from editbench.methods.prior import ClassPromptSession, make_prior
+from editbench.pipelines import text_stack
 from editbench.safety import is_int, is_number, token, words
 from editbench.training import ParamGroup, TrainingSession, TrainResult
 
@@ -106,6 +107,9 @@ class LoRAEditor(Editor):
     metadata_schema: ClassVar[dict] = {
         "lora": (_lora_entry, "{r: int 1..65536, lora_alpha: number > 0, target_modules: [words], init_lora_weights}"),
     }
+
+    def check_pipeline(self, pipeline: Any) -> None:
+        text_stack(pipeline, self.name)  # SD 1.x / 2.x and SDXL; any other pipeline class is refused by name
 
     def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,
                          config: LoRAConfig) -> TrainingSession:

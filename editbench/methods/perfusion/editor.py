@@ -272,6 +272,7 @@ class PerfusionEditor(Editor):
                                        "tau_train": (is_number, "a finite number")}
 
     def affected_tensors(self, pipeline: Any) -> dict[str, torch.Tensor]:
+        text_stack(pipeline, self.name)
         tensors = module_tensors(pipeline.text_encoder, "text_encoder.")
         if getattr(pipeline, "text_encoder_2", None) is not None:
             tensors.update(module_tensors(pipeline.text_encoder_2, "text_encoder_2."))
@@ -281,7 +282,7 @@ class PerfusionEditor(Editor):
         return tensors
 
     def check_pipeline(self, pipeline: Any) -> None:
-        super().check_pipeline(pipeline)  # SD 1.x / 2.x and SDXL; any other pipeline class refused by name
+        text_stack(pipeline, self.name)  # SD 1.x / 2.x and SDXL; any other pipeline class is refused by name
         _sites(pipeline)
 
     def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,

@@ -21,6 +21,7 @@ from editbench.methods import register
 from editbench.methods.base import Artifact, EditHandle, Editor
 from editbench.methods.textual_inversion.config import TextualInversionConfig
 from editbench.methods.tokens import add_tokens, cap_norms_, initial_rows, n_encoders
+from editbench.pipelines import text_stack
 from editbench.safety import word, words
 from editbench.storage import write_safetensors
 from editbench.training import ParamGroup, TrainingSession, TrainResult, encode_prompts
@@ -72,6 +73,9 @@ class TextualInversionEditor(Editor):
     max_artifacts = None
     metadata_schema: ClassVar[dict] = {"tokens": (words, "a non-empty list of words without whitespace"),
                        "placeholder": (word, "a word without whitespace")}
+
+    def check_pipeline(self, pipeline: Any) -> None:
+        text_stack(pipeline, self.name)  # SD 1.x / 2.x and SDXL; any other pipeline class is refused by name
 
     def prepare_training(self, pipeline: Any, concept: ConceptData, handle: EditHandle,
                          config: TextualInversionConfig) -> TrainingSession:
