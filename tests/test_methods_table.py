@@ -89,6 +89,31 @@ def test_damaged_artifact(name, damage, tmp_path):
         methods.get(name)().apply(tiny_pipeline(), path)
 
 
+# learning rates of the default-run check below: 6 steps must move the tiny pipeline measurably (the toy defaults
+# need tens of steps; textual inversion's norm cap keeps its row from moving in 6)
+FAST_LR = {"textual_inversion": {"lr": 0.05, "embedding_norm_cap": None},
+           "perfusion": {"lr_values": 0.75, "lr_embedding": 0.008}}
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_training_lowers_the_loss(name):
+    """Default run: 6 steps at raised learning rates lower a fixed-noise denoising loss on the concept (the slow
+    test below does it at the toy defaults in 60)."""
+    from _method_helpers import denoising_loss, editor
+
+    config = methods.get(name).Config()
+    lrs = FAST_LR.get(name) or {k: 3 * getattr(config, k) for k in ("lr", "lr_values", "lr_embedding", "lr_modifier")
+                                if isinstance(getattr(config, k, None), float)}
+    pipe, concept = tiny_pipeline(), concept_for(name)
+    ed = editor(name, **lrs)
+    art = ed.fit(pipe, concept, steps=6, progress=False)
+    phrase = ed.phrase(art)
+    before = denoising_loss(pipe, concept, phrase)
+    with ed.apply(pipe, art):
+        after = denoising_loss(pipe, concept, phrase)
+    assert after < before * (1 - 1e-4), (before, after)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", METHODS)
 def test_training_lowers_the_concept_loss(name):
