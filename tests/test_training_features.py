@@ -133,7 +133,7 @@ def test_valid_feature_values_pass_and_defaults_keep_the_run_signature():
         cfg = methods.get(name).Config()
         new = {"gradient_checkpointing", "mixed_precision", "resolution", "lr_scheduler", "lr_warmup_steps",
                "lr_num_cycles", "validation_every", "validation_prompts", "validation_inference_steps",
-               "validation_guidance_scale", "log_with", "class_resolution"}
+               "validation_guidance_scale", "log_with", "class_resolution", "class_data_dir"}
         before = {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items()
                   if k not in ("steps", "checkpoint_every") and k not in new}
         assert cfg.run_signature() == before   # checkpoints written before these fields existed still resume
