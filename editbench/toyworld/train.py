@@ -428,7 +428,9 @@ def encode_latents(vae, images: torch.Tensor, scale: float, progress=True) -> to
     with torch.no_grad():
         for i in progress_bar(range(0, len(images), 256), desc="encode latents", disable=not progress):
             chunks.append(vae.encode(_pixels(images[i:i + 256])).latent_dist.mean)
-    return torch.cat(chunks) * scale
+    # contiguous: the encoder's output is channels-last, latents read back from the cache are not, and the UNet's
+    # and decoder's convolutions round differently on the two layouts (a resumed run would not be bitwise the same)
+    return (torch.cat(chunks) * scale).contiguous()
 
 
 def stage_patterns(cfg, work, tokenizer, vae, scale, unet, text, progress=True):
