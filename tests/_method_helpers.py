@@ -139,3 +139,21 @@ def denoising_loss(pipe, concept: ConceptData, phrase: str, seed: int = 0) -> fl
             pred = pipe.unet(noisy, t, encoder_hidden_states=cond).sample
             total += float((pred - noise).pow(2).mean())
     return total / 8
+
+
+def small_corpus_fixture(n: int):
+    """A module-scoped autouse fixture: Perfusion's covariance corpus cut to its first ``n`` captions and cached in
+    a temporary folder (the full corpus takes minutes); yields the captions."""
+    import pytest
+
+    from editbench import text_covariance as corpus
+
+    @pytest.fixture(scope="module", autouse=True)
+    def small_corpus(tmp_path_factory):
+        captions = corpus.default_captions()[:n]
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("EDITBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+            mp.setattr(corpus, "default_captions", lambda: list(captions))
+            yield captions
+
+    return small_corpus

@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from _method_helpers import small_corpus_fixture
 from test_perfusion_math import STEEP  # steep gates: the concept token hits its targets
 
-from editbench import text_covariance as corpus
 from editbench.concepts import ConceptData
 from editbench.errors import ArtifactError, ConceptDataError, EditbenchError
 from editbench.methods import get
@@ -33,13 +33,7 @@ from editbench.testing import tiny_pipeline, unet_config
 from editbench.training import encode_prompts, tokenize
 
 
-@pytest.fixture(scope="module", autouse=True)
-def small_corpus(tmp_path_factory):
-    captions = corpus.default_captions()[:400]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDITBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(corpus, "default_captions", lambda: list(captions))
-        yield
+small_corpus = small_corpus_fixture(400)  # Perfusion's covariance over 400 captions, cached per module
 
 
 @pytest.fixture

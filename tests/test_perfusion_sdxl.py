@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _method_helpers import small_corpus_fixture
 from PIL import Image
 
-from editbench import text_covariance as corpus
 from editbench.concepts import DEFAULT_TEMPLATES, ConceptData
 from editbench.methods.base import Artifact, EditHandle
 from editbench.methods.perfusion import PerfusionConfig, PerfusionEditor
@@ -21,13 +21,7 @@ PROMPT, SUPER_PROMPT = "a photo of a <thing> on the grass", "a photo of a dog on
 ENCODERS = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def small_corpus(tmp_path_factory):
-    captions = corpus.default_captions()[:60]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDITBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(corpus, "default_captions", lambda: list(captions))
-        yield captions
+small_corpus = small_corpus_fixture(60)  # Perfusion's covariance over 60 captions, cached per module
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ import functools
 import numpy as np
 import pytest
 import torch
-from _method_helpers import _TMP, concept_for, editor, generate
+from _method_helpers import _TMP, concept_for, editor, generate, small_corpus_fixture
 from safetensors.torch import load_file
 
-import editbench.text_covariance as corpus
 from editbench import methods
 from editbench.errors import EditbenchError, TrainingError
 from editbench.methods.base import Artifact
@@ -25,14 +24,7 @@ METHODS = methods.available()
 ENCODERS = ("text_encoder", "text_encoder_2")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def small_corpus(tmp_path_factory):
-    """Perfusion's covariance over 400 captions, cached in a temporary folder (as tests/test_perfusion.py)."""
-    captions = corpus.default_captions()[:400]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("EDITBENCH_CACHE", str(tmp_path_factory.mktemp("cache")))
-        mp.setattr(corpus, "default_captions", lambda: list(captions))
-        yield
+small_corpus = small_corpus_fixture(400)  # Perfusion's covariance over 400 captions, cached per module
 
 
 def snapshot(pipe) -> dict:
