@@ -8,6 +8,7 @@ import pytest
 import torch
 from _method_helpers import small_corpus_fixture
 from PIL import Image
+from test_perfusion import capture
 
 from editbench.concepts import DEFAULT_TEMPLATES, ConceptData
 from editbench.methods.base import Artifact, EditHandle
@@ -107,15 +108,7 @@ def test_every_layer_is_the_closed_form_on_the_concatenated_encoding(pipe64, loc
         int(token_position(pipe64.tokenizer([t.format("dog")], return_tensors="pt").input_ids,
                            single_token_id(pipe64.tokenizer, "dog"))[0])] for t in DEFAULT_TEMPLATES]).mean(0)
     handle = PerfusionEditor().apply(pipe64, art, beta=beta, tau=tau, lock=lock)
-    seen: dict[str, list] = {}
-
-    def record(name):
-        def hook(mod, args, out):
-            seen.setdefault(name, [args[0].detach(), out.detach()])  # returns None: output untouched
-        return hook
-
-    for name, layer in handle.info["layers"].items():
-        handle.add_hook(layer.register_forward_hook(record(name)))
+    seen = capture(handle)                     # (input, output) of every Perfusion layer's first call
     try:
         with torch.no_grad():
             pipe64(PROMPT, num_inference_steps=2, guidance_scale=3.0, generator=torch.Generator().manual_seed(0),
