@@ -18,7 +18,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["LENGTH", "fingerprint", "module_tensors", "text_encoder_fingerprint", "update_with_tensor"]
+__all__ = ["LENGTH", "fingerprint", "module_tensors", "pipeline_fingerprint", "text_encoder_fingerprint",
+           "update_with_tensor"]
 
 LENGTH = 16
 """Hex digits kept (64 bits): collisions are not a concern for telling base models apart."""
@@ -83,3 +84,27 @@ def module_tensors(module: torch.nn.Module, prefix: str = "") -> dict[str, torch
 def text_encoder_fingerprint(text_encoder: torch.nn.Module, tokenizer: Any = None) -> str:
     """Fingerprint of a text encoder's weights (and of its tokenizer's vocabulary when given)."""
     return fingerprint(module_tensors(text_encoder, "text_encoder."), tokenizer)
+
+
+PIPELINE_PARTS = ("unet", "transformer", "text_encoder", "text_encoder_2")
+"""The pipeline components :func:`pipeline_fingerprint` covers (those present): the denoiser and text encoder(s)."""
+
+
+def pipeline_fingerprint(pipeline: Any, tokenizer: Any = None) -> str:
+    """Fingerprint of a pipeline's denoiser and text encoder(s) (:data:`PIPELINE_PARTS`) and of ``tokenizer``'s
+    vocabulary: which base model a tuning study or a run belongs to.
+
+    Floating-point weights are hashed as float32 values, one tensor at a time, so a float16 checkpoint loaded in
+    float16 on a GPU and in float32 on a CPU has one fingerprint (a bfloat16 load rounds, and differs)."""
+    digest = hashlib.sha256(b"editbench-pipeline/1|")
+    for part in PIPELINE_PARTS:
+        module = getattr(pipeline, part, None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        tensors = module_tensors(module, part + ".")
+        for name in sorted(tensors):
+            t = tensors[name]
+            update_with_tensor(digest, name, t.float() if t.is_floating_point() else t)
+    if tokenizer is not None:
+        digest.update(b"vocab|" + _vocabulary_digest(tokenizer))
+    return digest.hexdigest()[:LENGTH]

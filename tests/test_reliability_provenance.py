@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import ast
+import copy
 import json
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from _reliability import FIGURES, module_figures, pipeline_state, report  # noqa
 import editbench
 from editbench import methods
 from editbench.errors import ArtifactError, EditbenchError
-from editbench.fingerprint import LENGTH
+from editbench.fingerprint import LENGTH, pipeline_fingerprint
 from editbench.testing import tiny_pipeline
 
 METHODS = methods.available()
@@ -104,6 +105,35 @@ def test_weights_a_method_does_not_read_are_not_fingerprinted(base):
     finally:
         with torch.no_grad():
             w.view(-1)[0] -= 1
+
+
+
+def test_pipeline_fingerprint_is_the_weights_values_not_their_dtype():
+    """pipeline_fingerprint (tuning studies): one value per base model whether loaded in float16 or float32 (the
+    toy world's weights are float16 on disk); one ulp in the UNet, a text-encoder weight or a new word changes it;
+    the VAE is not covered."""
+    pipe = tiny_pipeline()
+    with torch.no_grad():  # float16-representable weights, as in a float16 checkpoint
+        for p in [*pipe.unet.parameters(), *pipe.text_encoder.parameters()]:
+            p.copy_(p.half().float())
+    fp = pipeline_fingerprint(pipe, pipe.tokenizer)
+    assert len(fp) == LENGTH
+    half = copy.deepcopy(pipe)
+    half.unet.half(), half.text_encoder.half()
+    assert pipeline_fingerprint(half, half.tokenizer) == fp
+    for w in (pipe.unet.conv_in.weight, list(pipe.text_encoder.parameters())[-1]):
+        old = w.view(-1)[0].clone()
+        with torch.no_grad():
+            w.view(-1)[0] = torch.nextafter(old, old + 1)
+        assert pipeline_fingerprint(pipe, pipe.tokenizer) != fp
+        with torch.no_grad():
+            w.view(-1)[0] = old
+    with torch.no_grad():
+        pipe.vae.decoder.conv_out.weight.view(-1)[0] += 1
+    assert pipeline_fingerprint(pipe, pipe.tokenizer) == fp
+    tok = copy.deepcopy(pipe.tokenizer)
+    tok.add_tokens(["<new-word>"])
+    assert pipeline_fingerprint(pipe, tok) != fp
 
 
 # ------------------------------------------------------------------------------------------------ no pickle

@@ -7,12 +7,14 @@ steps, one validation concept, one 2-step image per trial (about half a second p
 
 from __future__ import annotations
 
+import copy
 import json
 import sqlite3
 from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from _eval_stubs import tiny_clip
 
@@ -231,6 +233,11 @@ def test_bad_inputs_raise_and_leave_the_stored_study_intact(tmp_path, models, mo
     with pytest.raises(EditbenchError, match=r"other \['search_space'\]"):
         run(models, out, 2)                                          # the space changed since the study began
     monkeypatch.setattr(TextualInversionConfig, "search_space", classmethod(lambda cls: list(SPACE)))
+    moved = copy.deepcopy(models[0])
+    with torch.no_grad():
+        moved.unet.conv_in.bias[0] += 1e-3                           # other base-model weights (a retrained world)
+    with pytest.raises(EditbenchError, match=r"other \['base_model'\].*base model [0-9a-f]{16} there"):
+        run((moved, models[1]), out, 2)
     other = optuna.create_study(study_name="t:textual_inversion", storage=f"sqlite:///{tmp_path / 'o.db'}",
                                 directions=["maximize", "maximize"])
     other.set_user_attr("method", "lora")                            # a study of the same name made for another job

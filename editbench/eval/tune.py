@@ -12,7 +12,9 @@ validation concept is not a toy-world one.
 Budget: ``trials`` is the study's total of COMPLETE trials (``MaxTrialsCallback``), so re-running the command
 resumes the study after a crash (or ``kill -9``) and adds only what is missing; the tuned point is chosen among
 the first ``trials`` completed trials (:func:`choose`), so every method gets exactly the same budget even when
-several processes share one study. The study (``sqlite:///<out>/study.db`` by default, or any database URL
+several processes share one study. A study is bound to its job: method, suite, objectives, search space,
+validation concepts and the base model's weights (:func:`editbench.fingerprint.pipeline_fingerprint`); resuming it
+with any of them changed is an error. The study (``sqlite:///<out>/study.db`` by default, or any database URL
 Optuna accepts) uses heartbeats: a trial whose process died is failed once its heartbeat is ``GRACE_S`` seconds
 old and retried with the same parameters, in the same trial folder (finished cells and training checkpoints are
 reused); a trial stopped with Ctrl-C is queued again the same way. A trial whose cells fail (e.g. a non-finite
@@ -42,6 +44,8 @@ import pandas as pd
 from editbench.errors import EditbenchError
 from editbench.eval.runner import Runner, run_suite
 from editbench.eval.spec import BASE_METHOD, MethodSpec, Suite, load_suite, safe_name
+from editbench.fingerprint import pipeline_fingerprint
+from editbench.methods.tokens import base_tokenizer
 from editbench.storage import atomic_target, read_json, write_json
 from editbench.training import Param
 
@@ -250,9 +254,11 @@ def _study(storage: Any, name: str, attrs: dict, url: str) -> Any:
         have = storage.get_study_user_attrs(sid)
         diff = sorted(k for k, v in attrs.items() if have.get(k) != v)
         if diff and (have or n):  # no attributes and no trials: a creation that died before tagging it
+            base = (f" (base model {have.get('base_model')} there, {attrs['base_model']} here: settings tuned on "
+                    "other weights do not carry over)" if "base_model" in diff else "")
             raise EditbenchError(f"study {name!r} in {_redact(url)} was made for method {have.get('method')!r} on "
-                                 f"suite {have.get('suite')!r} with other {diff} than this run; nothing was changed: "
-                                 "use another --out (or --storage) for this tuning job")
+                                 f"suite {have.get('suite')!r} with other {diff} than this run{base}; nothing was "
+                                 "changed: use another --out (or --storage) for this tuning job")
         if list(storage.get_study_directions(sid)) != [optuna.study.StudyDirection.MAXIMIZE] * 2:
             raise EditbenchError(f"study {name!r} in {_redact(url)} does not maximize two objectives; it was not "
                                  "made by editbench tune: use another --out (or --storage)")
@@ -298,15 +304,17 @@ def tune(suite: str | Any, method: str, trials: int, out: str | Any, storage: st
     if storage is None:
         out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    storage_ = open_storage(url)
+    runner = Runner(vsuite, out, device=device, dtype=dtype, progress=False, pipeline=pipeline, clip=clip)
+    pipe = runner.pipeline  # loaded here: the study is bound to the base model's weights
     attrs = json.loads(json.dumps({"method": method, "suite": suite.name, "objectives": list(names),
                                    "search_space": [dataclasses.asdict(p) for p in space],
-                                   "validation": sorted(suite.validation)}))
-    study = _study(open_storage(url), study_name, attrs, url)
+                                   "validation": sorted(suite.validation),
+                                   "base_model": pipeline_fingerprint(pipe, base_tokenizer(pipe.tokenizer))}))
+    study = _study(storage_, study_name, attrs, url)
     out.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"study": study_name, "method": method, "suite": suite.name, "storage": _redact(url)})
     study.set_user_attr("budget", trials)
-
-    runner = Runner(vsuite, out, device=device, dtype=dtype, progress=False, pipeline=pipeline, clip=clip)
 
     def objective(trial: Any) -> list[float]:
         folder = trial.user_attrs.get("folder") or f"trials/{trial.number}"  # a retried trial inherits it
@@ -355,7 +363,8 @@ def tune(suite: str | Any, method: str, trials: int, out: str | Any, storage: st
     walls = {t.number: (t.datetime_complete - t.datetime_start).total_seconds() for t in used}
     result = {
         "format": FORMAT, "method": method, "suite": suite.name, "study": study_name, "storage": _redact(url),
-        "validation": sorted(suite.validation), "objectives": list(names), "rule": RULE,
+        "validation": sorted(suite.validation), "base_model": attrs["base_model"], "objectives": list(names),
+        "rule": RULE,
         "trial": best.number, "values": dict(zip(names, best.values)), "params": dict(best.params),
         **_split(space, best.params),
         "budget": trials, "trials_used": len(used), "trials_completed": len(done),
@@ -406,7 +415,7 @@ def apply_tuned(suite: str | Any, tuned: Iterable[str | Any]) -> Suite:
                                              steps=t["steps"] if t["steps"] is not None else e.steps)
         provenance.append({"file": str(path), "method": m, "labels": [methods[i].label for i in idx],
                            **{k: t.get(k) for k in ("suite", "study", "trial", "values", "config", "settings",
-                                                    "steps", "budget", "trials_used", "validation")}})
+                                                    "steps", "budget", "trials_used", "validation", "base_model")}})
     out = dataclasses.replace(suite, methods=methods, tuned=provenance)
     out.validate()
     return out
