@@ -1,0 +1,207 @@
+"""The output of ``benchmarks/gpu.py``: ratios, the measurement table (``gpu.md``, standard output) and the GPU
+section of docs/performance.md (:func:`doc_section`, rendered by ``benchmarks/run_all.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from perf_common import ROOT
+
+from .plan import ROW_KEYS, SCHEMA, STATUSES, TOP_KEYS
+
+
+def ratios(rows: list[dict]) -> dict[str, float]:
+    ok = {r["id"]: r for r in rows if r["status"] == "ok" and r["seconds"]}
+    out: dict[str, float] = {}
+    for r in ok.values():
+        if r["kind"] == "train" and r["method"] == "perfusion":
+            ref = ok.get(f"train/{r['geometry']}/dreambooth/{r['case']}")
+            if ref:
+                out[f"train/{r['geometry']}/{r['case']}/perfusion_vs_dreambooth/time"] = r["seconds"] / ref["seconds"]
+                if r["peak_memory_bytes"] and ref["peak_memory_bytes"]:
+                    out[f"train/{r['geometry']}/{r['case']}/perfusion_vs_dreambooth/peak_memory"] = \
+                        r["peak_memory_bytes"] / ref["peak_memory_bytes"]
+        if r["kind"] == "sample" and r["case"] != "base":
+            ref = ok.get(f"sample/{r['geometry']}/base/{r['precision']}")
+            if ref:
+                out[f"sample/{r['geometry']}/{r['precision']}/{r['case']}_vs_base/time"] = r["seconds"] / ref["seconds"]
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def fmt_s(x: float | None) -> str:
+    if x is None:
+        return ""
+    return f"{x * 1000:.1f} ms" if x < 1 else f"{x:.2f} s"
+
+
+def fmt_bytes(x: int | None) -> str:
+    if x is None:
+        return ""
+    return f"{x / 2**30:.2f} GiB" if x >= 2**30 else f"{x / 2**20:.0f} MiB"
+
+
+TABLE_COLUMN_DOCS = {
+    "rank": "`rank`", "kind": "`kind`", "geometry": "`geometry`", "px": "`resolution`", "method": "`method`",
+    "case": "`case`", "status": "`status` (`pending` while the run goes on)",
+    "time": "`seconds` (ms below 1 s)", "peak memory": "`peak_memory_bytes` (MiB, GiB from 1 GiB)",
+    "detail": "`detail` (cut at 90 characters; 60 on standard output)",
+}
+TABLE_COLUMNS = tuple(TABLE_COLUMN_DOCS)
+
+
+def table_rows(rows: list[dict], width: int = 90) -> list[list[str]]:
+    out = []
+    for r in rows:
+        detail = (r["detail"] or "").replace("|", "/").replace("\n", " ")
+        out.append([str(r["rank"]), r["kind"], r["geometry"] or "", str(r["resolution"] or ""), r["method"] or "",
+                    r["case"] or "", r["status"] or "pending", fmt_s(r["seconds"]), fmt_bytes(r["peak_memory_bytes"]),
+                    detail if len(detail) <= width else detail[:width - 3] + "..."])
+    return out
+
+
+def md_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
+    return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in rows])
+
+
+def render_md(res: dict, depth: int = 1) -> str:
+    """``gpu.md``: the run's summary, the measurement table, ratios, pytest, skipped ids, pipelines. ``depth``: the
+    heading level of the title (docs/performance.md embeds it one level down, without the title)."""
+    h = "#" * (depth + 1)
+    rows = res["measurements"]
+    counts = {s: sum(r["status"] == s for r in rows) for s in STATUSES}
+    m = res["machine"]
+    L = [] if depth > 1 else ["# GPU measurements", ""]
+    L += [f"`{' '.join(res['command'])}` ({SCHEMA}; format: docs/performance.md, GPU measurements)", "",
+          md_table(["", ""], [
+              ["device", f"{res['device']} ({res['device_name']})"],
+              ["pipelines", "tiny (16x16 px, same architectures)" if res["tiny"] else
+               "full SD 1.5 / SDXL geometry, random weights"],
+              ["started (UTC)", res["started_utc"]], ["wall time", f"{res['wall_s']:.0f} s"],
+              ["budget", f"{res['budget_s']:.0f} s" + (" (spent: measurements skipped)" if res["budget_exhausted"]
+                                                      else "")],
+              ["complete", str(res["complete"]) + (" (interrupted)" if res["interrupted"] else "")],
+              ["measurements", ", ".join(f"{n} {s}" for s, n in counts.items() if n)],
+              ["torch / CUDA", f"{m.get('torch')} / {m.get('cuda') or 'n/a'}"],
+              ["diffusers / transformers / peft", f"{m.get('diffusers')} / {m.get('transformers')} / {m.get('peft')}"],
+              ["git", str(m.get("git"))],
+          ]), "",
+          f"{h} Measurements (plan order: most valuable first)", "",
+          "train: one optimizer step after a warm-up step, batch 1, and the peak memory of the whole `Editor.fit`; "
+          f"sample: one image, {res['settings']['sample_steps']} steps, guidance "
+          f"{res['settings']['guidance_scale']}, VAE decode included. Memory: `torch.cuda.max_memory_allocated` on "
+          "CUDA, peak RSS above the start on CPU.", "",
+          md_table(TABLE_COLUMNS, table_rows(rows)), ""]
+    if res["ratios"]:
+        L += [f"{h} Ratios", "",
+              md_table(["ratio", "value"], [[f"`{k}`", f"{v:.3f}"] for k, v in res["ratios"].items()]), ""]
+    L += [f"{h} pytest", ""]
+    py = res["pytest"]
+    if py:
+        c = py["counts"] or {}
+        L += [f"`{' '.join(py['command'][2:])}`: returncode {py['returncode']}, **{py['summary']}**" +
+              (f" (junit: {c.get('passed')} passed, {c.get('failed')} failed, {c.get('errors')} errors, "
+               f"{c.get('skipped')} skipped)" if c else ""), ""]
+    else:
+        L += ["not run", ""]
+    L += [f"{h} Skipped for budget", ""]
+    L += [", ".join(f"`{i}`" for i in res["skipped_for_budget"]) or "none", ""]
+    L += [f"{h} Pipelines", ""]
+    prow = []
+    for g, p in res["pipelines"].items():
+        if "error" in p:
+            prow.append([g, "", "", "", "", "", f"build failed: {p['error']}"])
+        else:
+            prow.append([g, p["pipeline_class"], str(p["resolution"]), f"{p['unet_params']:,}",
+                         " + ".join(f"{x:,}" for x in (p["text_encoder_params"], p["text_encoder_2_params"]) if x),
+                         f"{p['vae_params']:,}", f"{p['build_s']} s"])
+    L += [md_table(["geometry", "class", "px", "UNet params", "text encoder params", "VAE params", "build"], prow)
+          if prow else "none built", ""]
+    return "\n".join(L)
+
+
+RESULTS = ROOT / "benchmarks" / "results" / "gpu"
+"""Where the GPU run's files go to be shown in docs/performance.md (``--out benchmarks/results/gpu``)."""
+
+DOC = """\
+One command measures everything GPU-bound within a time budget, for a GPU that is at hand for a few minutes with
+nothing downloadable on it: random-weight pipelines of full SD 1.5 and SDXL geometry are built on the device (the
+UNet configs of the storage table, `editbench.testing.unet_config(full=True)`; CLIP ViT-L/14, for SDXL also
+OpenCLIP ViT-bigG; the SD VAE; the real CLIP tokenizer, built offline). Everything it needs comes with
+`pip install -e ".[dev]"`.
+
+```bash
+python benchmarks/gpu.py --out benchmarks/results/gpu     # on the GPU machine: 540 s budget by default
+python benchmarks/run_all.py --render                     # puts the run's table into this page (below)
+```
+
+What it measures, in this order (the most valuable first, so that a short budget drops the least valuable):
+
+1. SD 1.5 training, float32, every method (Perfusion and DreamBooth first: the goals compare them), then in bf16
+   autocast + gradient checkpointing (`TrainConfig(mixed_precision="bf16", gradient_checkpointing=True)`): the
+   time of one optimizer step after a warm-up step and the peak memory of the whole `Editor.fit`
+   (`torch.cuda.max_memory_allocated`), batch 1, 512 px, prior preservation off;
+2. SD 1.5 sampling time per image: unedited, Perfusion with 1 and 10 concepts, unfused LoRA with 1 and 10
+   adapters (artifacts from the methods' own builders), 25 steps, guidance 7.5 (on), VAE decode included; float32,
+   then bf16 autocast;
+3. `python -m pytest -m cuda tests` (the `cuda` marker: `tests/test_cuda.py` trains, applies and samples every
+   method on the device, in float32, bf16 + checkpointing, fp16 with loss scaling, and on a half-precision
+   pipeline; plus the solver's CUDA test and the mixed-precision tests), its summary and junit counts;
+4. the same for SDXL at 1024 px (training bf16 + checkpointing first: the variant that fits one GPU).
+
+The budget (`--budget-s`, default 540) is checked before each measurement: once it is spent the running measurement
+finishes, every later one is recorded as `skipped` (listed in `skipped_for_budget`) and the files are written.
+`gpu.json` is also rewritten after every measurement, so a run killed from outside leaves what it had; Ctrl-C
+stops cleanly like a spent budget. A variant a method refuses (an `EditbenchError`, e.g. SDXL before the method
+supports it) is recorded as `unsupported: <message>`, out-of-memory as `oom`, anything else as `error` (with the
+traceback's tail); the run goes on. Each base-model fingerprint is computed once per pipeline (the weights never
+change between measurements).
+
+Options: `--device` (default `cuda` if available, else `cpu`), `--tiny` / `--full` (default: full geometry on
+CUDA, tiny pipelines of the same two architectures at 16x16 px otherwise), `--methods`, `--geometries`
+(`sd15,sdxl`), `--sections` (`train,sample,pytest`), `--repeats` (timed steps / images after the warm-up, median;
+default 1), `--sample-steps` (25), `--guidance` (7.5), `--pytest-args` (`-m cuda tests`), `--pytest-timeout-s`
+(300), `--threads` (torch CPU threads; 1 on the tiny pipelines). Without CUDA the tiny run is part of the default
+test suite (`tests/test_gpu_benchmark.py`, a few seconds per measurement), so the script cannot rot between GPU
+runs.
+
+Output in `--out DIR`: `gpu.json`, `gpu.md` (the same content as the results below), `pytest-cuda.xml` (junit), and
+the table printed on standard output.
+"""
+
+
+def doc_section(results: Path = RESULTS, depth: int = 2) -> str:
+    """The GPU section of docs/performance.md: how to run it, the output format (every key), and the table of the
+    run in ``results`` (``gpu.json``) if there is one."""
+    h = "#" * (depth + 1)
+    L = ["#" * depth + " 7. GPU measurements (`benchmarks/gpu.py`)", "", DOC.strip(), "",
+         f"{h} `gpu.json`", "", md_table(["key", "what"], [[f"`{k}`" if " / " not in k else
+                                                           " / ".join(f"`{x}`" for x in k.split(" / ")), v]
+                                                          for k, v in TOP_KEYS.items()]), "",
+         "Each entry of `measurements` (every key always present; null where it does not apply):", "",
+         md_table(["key", "what"], [[f"`{k}`", v] for k, v in ROW_KEYS.items()]), "",
+         f"{h} The table (`gpu.md`, standard output)", "",
+         md_table(["column", "what"], [[f"`{k}`", v] for k, v in TABLE_COLUMN_DOCS.items()]), "",
+         f"{h} Results", ""]
+    path = Path(results) / "gpu.json"
+    if path.is_file():
+        res = json.loads(path.read_text())
+        if res.get("tiny"):
+            L += ["**The run below is a tiny CPU run (format check), not a GPU measurement.**", ""]
+        L += [render_md(res, depth=depth + 1)]
+    else:
+        L += [f"**Not measured yet**: no GPU has been available. The table of `{path.relative_to(ROOT)}` goes here "
+              "(`python benchmarks/gpu.py --out benchmarks/results/gpu`, then `python benchmarks/run_all.py "
+              "--render`).", ""]
+    return "\n".join(L).rstrip() + "\n"
+
+
+def print_table(rows: list[dict]) -> None:
+    import pandas as pd
+
+    df = pd.DataFrame(table_rows(rows, width=60), columns=list(TABLE_COLUMNS))
+    with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
+                           "display.max_colwidth", 60):
+        print(df.to_string(index=False))
