@@ -68,7 +68,7 @@ class WorldConfig:
     object_loss_weight: float = 5.0   # diffusion-loss weight of latent pixels on/next to an object (background: 1)
     # patterns stage: the UNet + text encoder continued from the EMA weights on pattern-rich scenes
     # (docs/toyworld.md: 900 such steps raised the describability gate's score from 0.24 to 0.47)
-    pattern_steps: int = 1500
+    pattern_steps: int = 2100
     pattern_scenes: int = 12000
     pattern_stage_prob: float = 0.9
     pattern_lr: float = 6e-4          # text encoder: half of it; 50 warm-up steps, then constant
