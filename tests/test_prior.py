@@ -312,3 +312,98 @@ def test_toy_cache_is_written_whole_or_not_at_all(tmp_path, pipe, monkeypatch):
     (source.folder / "images" / "000001.png").unlink()                       # damaged from outside: written again
     again = PriorPreservation(pipe, ["a photo of a star"], cfg, [class_data_folder(cfg, "star", pipe)])
     assert again.sources[0]["fingerprint"] == fp and again.captions == prior.captions
+
+
+# ------------------------------------------------------------------------------------------------ resume, "none"
+def _checkpoint_fingerprints(ckpt: Path) -> dict:
+    from editbench.storage import read_safetensors
+
+    tensors, _ = read_safetensors(ckpt / "checkpoint.safetensors", "checkpoint")
+    return {k: bytes(v.tolist()).decode() for k, v in tensors.items() if "class_data_fingerprint" in k}
+
+
+def test_resuming_after_the_class_folder_changed_is_a_clear_error_and_keeps_the_checkpoint(tmp_path, pipe):
+    from _method_helpers import assert_same, snapshot
+
+    folder = retrieval_folder(tmp_path / "r")
+    ckpt = tmp_path / "ckpt"
+    ed = editor("dreambooth", class_data_dir=str(folder), num_class_images=4, checkpoint_every=1)
+    concept = concept_for("dreambooth")
+    first = ed.fit(pipe, concept, steps=1, progress=False, checkpoint_dir=ckpt)        # a checkpoint at step 1
+    fp = first.metadata["prior"]["fingerprint"]
+    assert _checkpoint_fingerprints(ckpt) == {"session/prior/class_data_fingerprint/0": fp}   # recorded at start
+    written = {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()}
+    _png(folder / "images" / "1.png", (0, 0, 0))                                       # the folder changes
+    new_fp = load_class_folder(parse_class_folder(folder, ""), 8, 4)[2]
+    assert new_fp != fp
+    before = snapshot(pipe)
+    with pytest.raises(ClassDataError, match=rf"class_data_dir {folder} changed since this training started: .*"
+                                             rf"fingerprint {fp} when the checkpoint was written and have {new_fp} "
+                                             r"now; the checkpoint is kept"):
+        ed.fit(pipe, concept, steps=2, progress=False, checkpoint_dir=ckpt)
+    assert {p: p.read_bytes() for p in ckpt.rglob("*") if p.is_file()} == written      # nothing written is lost
+    assert_same(before, snapshot(pipe))
+    _png(folder / "images" / "1.png", COLORS[1])                                       # restored: it resumes
+    resumed = ed.fit(pipe, concept, steps=2, progress=False, checkpoint_dir=ckpt)
+    assert resumed.metadata["training"]["resumed_from"] == 1
+    straight = ed.fit(pipe, concept, steps=2, progress=False)
+    for k, v in straight.tensors.items():
+        assert torch.equal(resumed.tensors[k], v), k
+
+
+def test_checkpoint_fingerprints_of_generated_images_old_and_damaged_checkpoints(tmp_path, pipe):
+    from editbench.errors import TrainingError
+
+    real = make_prior(pipe, concept_for("dreambooth"), DreamBoothConfig(
+        num_class_images=4, class_data_dir=str(retrieval_folder(tmp_path / "r"))))
+    state = real.state_tensors()
+    assert list(state) == ["prior/class_data_fingerprint/0"] and state[next(iter(state))].dtype == torch.uint8
+    rest = {**state, "other": torch.zeros(1)}
+    real.check_state_tensors(rest)                                   # the same images: passes, pops its key
+    assert list(rest) == ["other"]
+    real.check_state_tensors({})                                     # a checkpoint from before: not checked
+    generated = make_prior(pipe, concept_for("dreambooth"), DreamBoothConfig(
+        num_class_images=2, class_inference_steps=2, class_cache_dir=str(tmp_path / "cache")))
+    assert generated.state_tensors() == {}                           # nothing to check for generated images
+    with pytest.raises(ClassDataError, match="now; the checkpoint is kept"):
+        generated.check_state_tensors(dict(state))
+    for bad in (torch.zeros(16, dtype=torch.uint8), torch.tensor(list(b"0123"), dtype=torch.uint8),
+                torch.zeros(16)):
+        with pytest.raises(TrainingError, match="class-image fingerprint .* is damaged"):
+            real.check_state_tensors({"prior/class_data_fingerprint/0": bad})
+
+
+@pytest.mark.parametrize("value", ["none", "None", " NONE ", None])
+def test_class_data_dir_none_means_generated_images_not_a_folder_named_none(value, pipe):
+    for cls in (DreamBoothConfig, CustomDiffusionConfig):
+        cfg = cls(class_data_dir=value)
+        assert cfg.class_data_dir is None
+        assert dataclasses.replace(cls(), class_data_dir=value).class_data_dir is None
+        assert cfg.run_signature() == cls(class_data_dir=None).run_signature()
+        assert class_data_folder(cfg, "star", pipe) == ClassSource("generated")
+    assert DreamBoothConfig(class_data_dir="./none").class_data_dir == "./none"      # a folder of that name
+
+
+def test_set_class_data_dir_none_on_the_command_line_and_in_a_suite(tmp_path, pipe, monkeypatch):
+    from editbench import methods
+    from editbench.cli import build_parser
+    from editbench.commands import train_overrides
+    from editbench.eval.spec import load_suite
+
+    monkeypatch.chdir(tmp_path)                                      # no folder named "none" here
+    args = build_parser().parse_args(["train", "--method", "custom_diffusion", "--concept", "zebra", "--out", "x",
+                                      "--set", "class_data_dir=none"])
+    overrides = train_overrides(args)
+    assert overrides == {"class_data_dir": "none"}                   # YAML reads none as a string ...
+    ed = methods.get("custom_diffusion")(**overrides)
+    assert ed.config.class_data_dir is None                          # ... the config as None: generated images
+    art = editor("custom_diffusion", **overrides, class_cache_dir=str(tmp_path / "cache")).fit(
+        pipe, concept_for("custom_diffusion"), steps=1, progress=False)
+    assert art.metadata["prior"]["source"] == "generated" and art.metadata["config"]["class_data_dir"] is None
+    suite = tmp_path / "suite.yaml"
+    suite.write_text("name: t\nmodel: tiny\nconcepts: [zebra]\nsteps: 1\nmethods:\n"
+                     "  - {name: custom_diffusion, label: cd_none, config: {class_data_dir: none}}\n"
+                     "  - {name: custom_diffusion, label: cd_null, config: {class_data_dir: null}}\n"
+                     "  - {name: dreambooth, config: {class_data_dir: None}}\n")
+    spec = load_suite(suite)
+    assert [methods.get(m.name)(**m.config).config.class_data_dir for m in spec.methods] == [None, None, None]

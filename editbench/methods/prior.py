@@ -12,7 +12,9 @@ None generates; a folder is read by :func:`parse_class_folder` / :func:`load_cla
 of diffusers' retrieval output (``caption.txt`` + ``images.txt`` + ``images/``, paired by line) or as plain image
 files prompted with the class prompt; ``"toyworld"`` is the toy world's retrieval
 (:mod:`editbench.toyworld.retrieval`, rendered once into the cache folder); ``"auto"`` is the toy world's retrieval
-where it applies and generated images elsewhere. Each class image is trained with its own caption.
+where it applies and generated images elsewhere (``"none"``, as ``--set class_data_dir=none`` gives it: None). Each
+class image is trained with its own caption. A training resumed from a checkpoint checks that the real class images
+are still the ones it started with (:meth:`PriorPreservation.check_state_tensors`).
 
 Shape legend: n images, b batch, c latent channels, h/w latent size, H/W pixel size.
 """
@@ -32,18 +34,20 @@ from typing import Any
 import torch
 
 from editbench.concepts import ConceptData, model_resolution
-from editbench.errors import ClassDataError, EditbenchError
+from editbench.errors import ClassDataError, EditbenchError, TrainingError
 from editbench.fingerprint import fingerprint, module_tensors
 from editbench.storage import atomic_target, cache_root
 from editbench.training import StepContext, TrainingSession, encode_prompts
 
-__all__ = ["AUTO", "IMAGE_SUFFIXES", "TOYWORLD", "ClassFolder", "ClassPromptSession", "ClassSource", "PriorConfigMixin",
-           "PriorPreservation", "class_data_folder", "class_images", "default_cache_dir", "load_class_folder",
-           "make_prior", "parse_class_folder", "resize_images"]
+__all__ = ["AUTO", "IMAGE_SUFFIXES", "NONE", "TOYWORLD", "ClassFolder", "ClassPromptSession", "ClassSource",
+           "PriorConfigMixin", "PriorPreservation", "class_data_folder", "class_images", "default_cache_dir",
+           "load_class_folder", "make_prior", "parse_class_folder", "resize_images"]
 
 _MANIFEST = "manifest.json"
-TOYWORLD, AUTO = "toyworld", "auto"
-"""``class_data_dir`` values naming a source instead of a folder (:func:`class_data_folder`)."""
+_FINGERPRINT_KEY = "prior/class_data_fingerprint/"  # + concept index: a checkpoint's session state
+TOYWORLD, AUTO, NONE = "toyworld", "auto", "none"
+"""``class_data_dir`` values naming a source instead of a folder (:func:`class_data_folder`); ``"none"`` (any case)
+is read as None (generated class images)."""
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 """The image files a plain class-image folder is read for."""
 _TOY_MAX_RESOLUTION = 64  # the toy world's scenes are 32 px: "toyworld" refuses models working at a larger size
@@ -66,7 +70,9 @@ class PriorConfigMixin:
     becomes the superclass, for one folder per category) in diffusers' retrieval layout (each image with its own
     caption) or of plain images (all prompted with the class prompt), of which the first ``num_class_images`` are
     used; ``"toyworld"``: the toy world's retrieval of the category; ``"auto"``: ``"toyworld"`` where it applies
-    (a toy-world category on a model of at most 64 px), generated images elsewhere; None: generated images.
+    (a toy-world category on a model of at most 64 px), generated images elsewhere; None (or ``"none"``, any case,
+    read as None: what ``--set class_data_dir=none`` and a suite YAML ``none`` give; a folder of that name is
+    ``"./none"``): generated images.
     """
 
     with_prior_preservation: bool = True
@@ -79,6 +85,13 @@ class PriorConfigMixin:
     class_cache_dir: str | None = None
     class_resolution: int | None = None
     class_data_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        # "none" means no folder (generated class images): what ``--set class_data_dir=none`` and a suite YAML
+        # ``class_data_dir: none`` give (YAML reads only null / ~ as None); a folder named "none" is "./none"
+        d = self.class_data_dir
+        if isinstance(d, str) and d.strip().lower() == NONE:
+            self.class_data_dir = None
 
     def validate_prior(self) -> None:
         if isinstance(self.num_class_images, bool) or not isinstance(self.num_class_images, int) \
@@ -406,6 +419,41 @@ class PriorPreservation:
             info["path"] = str(source.folder)
         return imgs, caps, info
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """What a training checkpoint records of the class images: per concept with real ones (a folder or the toy
+        world's retrieval), the fingerprint of the used captions and image bytes (16 hex digits as uint8)."""
+        return {f"{_FINGERPRINT_KEY}{j}": torch.tensor(list(s["fingerprint"].encode("ascii")), dtype=torch.uint8)
+                for j, s in enumerate(self.sources) if "fingerprint" in s}
+
+    def check_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Check the fingerprints a checkpoint recorded (:meth:`state_tensors`, popped from ``tensors``) against the
+        class images of this run: ClassDataError naming the folder and both fingerprints if a folder's content
+        changed since the training started (the checkpoint is left as it is: restore the folder, or delete the
+        checkpoint to start over). A checkpoint without them (written before they were recorded) is not checked."""
+        for key in sorted(k for k in tensors if k.startswith(_FINGERPRINT_KEY)):
+            t = tensors.pop(key)
+            j = key[len(_FINGERPRINT_KEY):]
+            try:
+                saved = bytes(t.tolist()).decode("ascii") if t.dtype == torch.uint8 and t.dim() == 1 else None
+            except UnicodeDecodeError:
+                saved = None
+            if not j.isdigit() or saved is None or len(saved) != 16 \
+                    or any(c not in "0123456789abcdef" for c in saved):
+                raise TrainingError(f"the checkpoint's class-image fingerprint {key!r} is damaged; delete the "
+                                    "checkpoint to start over")
+            source = self.sources[int(j)] if int(j) < len(self.sources) else {}
+            now = source.get("fingerprint")
+            if now == saved:
+                continue
+            where = (f"class_data_dir {source['path']}" if "path" in source else
+                     f"the toy world's retrieval of {source['category']!r}" if "category" in source else
+                     f"the class images of concept {j} ({source.get('source', 'none')})")
+            raise ClassDataError(
+                f"{where} changed since this training started: its class images had fingerprint {saved} when the "
+                f"checkpoint was written and have {now if now is not None else 'none (generated images)'} now; the "
+                "checkpoint is kept as it was: restore the folder's content to resume, or delete the checkpoint (or "
+                "use another checkpoint_dir) to start over with the new images")
+
     def metadata(self) -> dict | list[dict]:
         """What the artifact records about the class images: per concept ``source`` (generated / folder /
         toyworld), ``images`` (count) and, for real images, ``layout`` and the folder's ``fingerprint``."""
@@ -466,3 +514,15 @@ class ClassPromptSession(TrainingSession):
 
     def artifact_metadata(self) -> dict:
         return {} if self.prior is None else {"prior": self.prior.metadata()}
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = super().state_tensors()
+        if self.prior is not None:
+            out.update(self.prior.state_tensors())
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        rest = dict(tensors)
+        if self.prior is not None:
+            self.prior.check_state_tensors(rest)  # a changed class-image folder: ClassDataError
+        super().load_state_tensors(rest)
