@@ -176,6 +176,27 @@ MUTANTS = [
            "run_suite(suite, out, shard=\"0/1\",",
            ("tests/test_suite.py::test_the_cli_shard_option_runs_that_shards_cells",),
            "editbench bench ignores --shard"),
+    # -- provenance -----------------------------------------------------------------------------------------------
+    Mutant("tune_study_not_bound_to_base_model", "editbench/eval/tune.py",
+           '"base_model": pipeline_fingerprint(pipe, base_tokenizer(pipe.tokenizer))}))',
+           '"base_model": "any"}))',
+           ("tests/test_tune.py::test_bad_inputs_raise_and_leave_the_stored_study_intact",),
+           "a tuning study resumes on other base-model weights (a retrained world) without a word"),
+    Mutant("pipeline_fingerprint_dtype", "editbench/fingerprint.py",
+           "update_with_tensor(digest, name, t.float() if t.is_floating_point() else t)",
+           "update_with_tensor(digest, name, t)",
+           ("tests/test_reliability_provenance.py::test_pipeline_fingerprint_is_the_weights_values_not_their_dtype",),
+           "the pipeline fingerprint hashes the loaded dtype's bytes (a float16 load is another base model)"),
+    Mutant("prior_resume_ignores_changed_folder", "editbench/methods/prior.py",
+           "            if now == saved:\n                continue",
+           "            if True:\n                continue",
+           ("tests/test_prior.py::test_resuming_after_the_class_folder_changed_is_a_clear_error_and_keeps_the_checkpoint",),
+           "resuming trains on a class-image folder whose content changed since the checkpoint"),
+    Mutant("prior_none_is_a_folder", "editbench/methods/prior.py",
+           "if isinstance(d, str) and d.strip().lower() == NONE:",
+           "if d is None:",
+           ("tests/test_prior.py::test_class_data_dir_none_means_generated_images_not_a_folder_named_none",),
+           "class_data_dir 'none' is read as a folder named none"),
 ]
 
 
