@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import weakref
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -66,14 +66,19 @@ def _vocabulary_bytes(tokenizer: Any) -> bytes:
     return "\n".join(tokens).encode() + b"|" + ids.tobytes()
 
 
-def fingerprint(tensors: Mapping[str, torch.Tensor], tokenizer: Any = None, *, length: int = LENGTH) -> str:
-    """Short hex SHA-256 of ``tensors`` (sorted by name) and of ``tokenizer``'s vocabulary when given."""
-    digest = hashlib.sha256(b"editbench-fingerprint/1|")
-    for name in sorted(tensors):
-        update_with_tensor(digest, name, tensors[name])
+def _hexdigest(header: bytes, named: Iterable[tuple[str, torch.Tensor]], tokenizer: Any, length: int) -> str:
+    """Short hex SHA-256 of ``header``, the ``(name, tensor)`` pairs in the given order, and the vocabulary."""
+    digest = hashlib.sha256(header)
+    for name, t in named:
+        update_with_tensor(digest, name, t)
     if tokenizer is not None:
         digest.update(b"vocab|" + _vocabulary_digest(tokenizer))
     return digest.hexdigest()[:length]
+
+
+def fingerprint(tensors: Mapping[str, torch.Tensor], tokenizer: Any = None, *, length: int = LENGTH) -> str:
+    """Short hex SHA-256 of ``tensors`` (sorted by name) and of ``tokenizer``'s vocabulary when given."""
+    return _hexdigest(b"editbench-fingerprint/1|", ((n, tensors[n]) for n in sorted(tensors)), tokenizer, length)
 
 
 def module_tensors(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -96,15 +101,13 @@ def pipeline_fingerprint(pipeline: Any, tokenizer: Any = None) -> str:
 
     Floating-point weights are hashed as float32 values, one tensor at a time, so a float16 checkpoint loaded in
     float16 on a GPU and in float32 on a CPU has one fingerprint (a bfloat16 load rounds, and differs)."""
-    digest = hashlib.sha256(b"editbench-pipeline/1|")
-    for part in PIPELINE_PARTS:
-        module = getattr(pipeline, part, None)
-        if not isinstance(module, torch.nn.Module):
-            continue
-        tensors = module_tensors(module, part + ".")
-        for name in sorted(tensors):
-            t = tensors[name]
-            update_with_tensor(digest, name, t.float() if t.is_floating_point() else t)
-    if tokenizer is not None:
-        digest.update(b"vocab|" + _vocabulary_digest(tokenizer))
-    return digest.hexdigest()[:LENGTH]
+    def named() -> Iterator[tuple[str, torch.Tensor]]:  # lazily: one float32 copy at a time
+        for part in PIPELINE_PARTS:
+            module = getattr(pipeline, part, None)
+            if isinstance(module, torch.nn.Module):
+                tensors = module_tensors(module, part + ".")
+                for name in sorted(tensors):
+                    t = tensors[name]
+                    yield name, (t.float() if t.is_floating_point() else t)
+
+    return _hexdigest(b"editbench-pipeline/1|", named(), tokenizer, LENGTH)
