@@ -190,7 +190,8 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[Path]:
     made = []
     single = df[df["n_concepts"] == 1]
     labels = list(dict.fromkeys(summary["method"]))
-    palette = dict(zip(labels, sns.color_palette("tab10", max(len(labels), 1))))
+    # tab10 repeats its colours after ten labels (a toy-full report has twelve): evenly spaced hues beyond that
+    palette = dict(zip(labels, sns.color_palette("tab10" if len(labels) <= 10 else "husl", max(len(labels), 1))))
     planes = (("text_alignment", "image_alignment", f"text alignment ({_one(df, 'text_scale', 'text scale')})",
                f"image alignment ({_one(df, 'image_scale', 'image scale')})", "text vs image alignment (95% CI)",
                "alignment.png"),
@@ -199,7 +200,7 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[Path]:
     for x, y, xlabel, ylabel, title, name in planes:
         if summary.empty or not {x, y} <= set(summary):
             continue
-        fig, ax = plt.subplots(figsize=(6.5, 5))
+        fig, ax = plt.subplots(figsize=(9.5, 5))
         for label in labels:
             s = summary[summary["method"] == label].copy()
             param = _sweep_param(single[single["label"] == label])
@@ -217,7 +218,7 @@ def _plots(df: pd.DataFrame, summary: pd.DataFrame, folder: Path) -> list[Path]:
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the points stay visible
         fig.tight_layout()
         made.append(folder / name)
         fig.savefig(made[-1], dpi=120)

@@ -165,7 +165,7 @@ class Runner:
         data = [self.concept_data(editor, n) for n in names]
         steps = m.steps or self.suite.steps
         what = {"method": m.name, "config": dataclasses.asdict(editor.config), "steps": steps, "seed": seed,
-                "model": self.suite.model}
+                "model": self.suite.model_identity()}
         if len(names) == 1:
             what.update(concept=self.suite.concepts[names[0]].identity(), placeholder=data[0].placeholder)
         else:

@@ -41,8 +41,13 @@ class ConceptSpec:
     templates: tuple[str, ...] | None = None   # training prompt templates (None: the library default)
 
     def identity(self) -> dict:
+        """What a cached artifact or cell of this concept depends on: the images' and masks' contents (not their
+        paths: the same suite in another checkout or on another machine reuses its results), the words and the
+        training templates."""
+        from editbench.fingerprint import files_fingerprint
+
         return {"name": self.name, "superclass": self.superclass, "placeholder": self.placeholder,
-                "images": [str(p) for p in self.images], "masks": [str(p) for p in self.masks or ()],
+                "images": files_fingerprint(self.images), "masks": files_fingerprint(self.masks or ()),
                 "templates": list(self.templates or ())}
 
 

@@ -211,6 +211,24 @@ class Suite:
     tuned: list[dict] = field(default_factory=list)
     """Provenance of the tuned settings applied to the methods (``bench --tuned``), recorded in suite.json."""
 
+    def model_identity(self) -> dict:
+        """What the cached cells and artifacts of this suite depend on besides the method and the concept: the base
+        model's files by content (``toyworld``: the committed weights folder, the evaluator's included; a diffusers
+        folder: every file in it; ``tiny``: its builder is seeded). New weights under the same name never reuse
+        results of the old ones."""
+        from editbench.fingerprint import folder_fingerprint
+
+        if self.model == "tiny":
+            return {"name": "tiny"}
+        if self.model == "toyworld":
+            from editbench import toyworld
+
+            return {"name": "toyworld", "files": folder_fingerprint(toyworld.WEIGHTS)}
+        if not Path(self.model).is_dir():
+            raise EditbenchError(f"model folder {self.model} not found; set 'model:' in the suite to a local "
+                                 "diffusers folder (or 'toyworld')")
+        return {"name": "folder", "files": folder_fingerprint(self.model)}
+
     def concept_prompts(self, names: tuple[str, ...]) -> list[tuple[int, str]]:
         if len(names) == 1:
             own, given = self.concepts[names[0]].prompts, self.prompts
@@ -229,7 +247,7 @@ class Suite:
     def cells(self) -> list[Cell]:
         """Every cell, ordered by group (method label, concepts, seed), then setting."""
         units = [(n,) for n in self.concepts] + [p.names for p in self.pairs]
-        common = {"model": self.model, "images_per_prompt": self.images_per_prompt, "steps": self.steps,
+        common = {"model": self.model_identity(), "images_per_prompt": self.images_per_prompt, "steps": self.steps,
                   "generation": self.generation, "metrics": self.metrics}
         out = []
         for m, names, seed in itertools.product(self.methods, units, self.seeds):
