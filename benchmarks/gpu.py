@@ -43,6 +43,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from gpubench import fresh  # noqa: E402
 from gpubench.cuda_tests import junit_counts  # noqa: E402
 from gpubench.pipelines import build_pipeline  # noqa: E402
 from gpubench.plan import (  # noqa: E402
@@ -74,7 +75,7 @@ from gpubench.report import (  # noqa: E402
     table_rows,
 )
 from gpubench.runner import PeakRSSAbove, Runner, classify  # noqa: E402
-from perf_common import METHODS, machine  # noqa: E402
+from perf_common import METHODS, machine, rss  # noqa: E402
 
 __all__ = ["DEFAULT_PYTEST_ARGS", "DOC", "GEOMETRIES", "PRIORITY_METHODS", "RESULTS", "ROW_KEYS", "SAMPLE_CASES",
            "SAMPLE_PRECISIONS", "SCHEMA", "STATUSES", "TABLE_COLUMNS", "TABLE_COLUMN_DOCS", "TOP_KEYS",
@@ -108,6 +109,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--pytest-args", default=DEFAULT_PYTEST_ARGS, help=f"default {DEFAULT_PYTEST_ARGS!r}")
     ap.add_argument("--pytest-timeout-s", type=float, default=300.0)
+    ap.add_argument("--fresh-process", action="store_true",
+                    help="each training / sampling measurement in its own process (memory not left over from the "
+                         "previous one; the way to measure CPU memory)")
+    ap.add_argument("--memory-cap-gb", type=float, default=None,
+                    help="--fresh-process: kill a measurement above this resident memory and record it as oom "
+                         "(default: 90%% of the machine's memory)")
+    ap.add_argument("--only-row", default=None, help=argparse.SUPPRESS)  # the child of --fresh-process
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default: 1 with the tiny pipelines, whose ops are too small to share; "
                          "torch's default otherwise)")
@@ -127,7 +135,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     t0 = clock()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
+    if args.only_row is not None:  # the runtime's memory: everything a measurement imports, imported now
+        fresh.import_runtime()
+    start_rss = rss()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tiny = args.tiny or (not args.full and device.type != "cuda")
     threads = args.threads or (1 if tiny else None)
@@ -136,6 +148,16 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     rows = plan(args.methods, args.geometries, args.sections, args.pytest_args)
+    if args.only_row is not None:
+        rows = [r for r in rows if r["id"] == args.only_row]
+        if not rows:
+            raise SystemExit(f"--only-row {args.only_row}: not in the plan")
+        rows[0]["process_start_rss_bytes"] = start_rss
+    cap = None
+    if args.fresh_process:
+        import psutil
+
+        cap = int((args.memory_cap_gb or 0.9 * psutil.virtual_memory().total / 2**30) * 2**30)
     runner = Runner(args, device, tiny)
     info = machine()
     if device.type == "cuda":
@@ -143,14 +165,15 @@ def main(argv: list[str] | None = None) -> dict:
         info.update(cuda=torch.version.cuda, gpu=props.name, gpu_memory_bytes=int(props.total_memory),
                     cuda_capability=f"{props.major}.{props.minor}", bf16_supported=torch.cuda.is_bf16_supported())
     res = {
-        "schema": SCHEMA, "complete": False, "command": ["python", "benchmarks/gpu.py", *(argv or sys.argv[1:])],
+        "schema": SCHEMA, "complete": False, "command": ["python", "benchmarks/gpu.py", *argv],
         "started_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "finished_utc": None, "wall_s": 0.0,
         "budget_s": args.budget_s, "budget_exhausted": False, "interrupted": False, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "tiny": tiny,
         "settings": {"batch_size": 1, "sample_steps": args.sample_steps, "guidance_scale": args.guidance,
                      "repeats": args.repeats, "methods": args.methods, "geometries": args.geometries,
                      "sections": args.sections, "pytest_args": args.pytest_args,
-                     "torch_threads": torch.get_num_threads()},
+                     "torch_threads": torch.get_num_threads(), "fresh_process": args.fresh_process,
+                     "memory_cap_bytes": cap},
         "machine": info, "pipelines": runner.pipe_info, "measurements": rows, "skipped_for_budget": [],
         "ratios": {}, "pytest": None}
 
@@ -175,7 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"[gpu] {row['rank']}/{len(rows)} {row['id']} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
         try:
-            if row["kind"] == "train":
+            if args.fresh_process and row["kind"] in ("train", "sample"):
+                got = fresh.measure(row, argv, out, cap)
+                row.update(got["row"], rank=row["rank"], started_s=row["started_s"])
+                runner.pipe_info.update(got["pipelines"])
+            elif row["kind"] == "train":
                 runner.train(row)
             elif row["kind"] == "sample":
                 runner.sample(row)

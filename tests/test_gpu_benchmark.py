@@ -166,3 +166,31 @@ def test_the_whole_tiny_plan_through_the_command_line(tmp_path):
     bad = [(r["id"], r["detail"]) for r in res["measurements"] if r["status"] not in ("ok", "unsupported")]
     assert not bad
     assert "rank" in proc.stdout.splitlines()[0]
+
+
+def test_fresh_process_measures_each_row_in_its_own_process(gpu, tmp_path):
+    """``--fresh-process``: the rows come back from child processes with the process's start and peak resident
+    memory, the memory table and its derived GPU column are written; the child gets the parent's options
+    without the parent's own."""
+    argv = ["--out", str(tmp_path / "out"), "--device", "cpu", "--tiny", "--fresh-process", "--methods",
+            "perfusion", "--geometries", "sd15", "--sections", "train", "--budget-s=100"]
+    cmd = gpu.fresh.child_argv(argv, "train/sd15/perfusion/fp32", tmp_path / "child")
+    assert cmd[2:] == ["--device", "cpu", "--tiny", "--methods", "perfusion", "--geometries", "sd15", "--sections",
+                       "train", "--out", str(tmp_path / "child"), "--only-row", "train/sd15/perfusion/fp32"]
+    res = gpu.main(argv)
+    rows = res["measurements"]
+    assert [r["id"] for r in rows] == ["train/sd15/perfusion/fp32", "train/sd15/perfusion/bf16+gc"]
+    assert all(r["status"] == "ok" and r["seconds"] > 0 for r in rows), [r["detail"] for r in rows]
+    assert all(0 < r["process_start_rss_bytes"] < r["process_peak_rss_bytes"] for r in rows)
+    assert res["settings"]["fresh_process"] and res["settings"]["memory_cap_bytes"] > 0
+    assert res["pipelines"]["sd15"]["unet_params"] > 0                         # reported by the children
+    md = (tmp_path / "out" / "gpu.md").read_text()
+    assert "Memory in fresh processes" in md and "12 GB / 16 GB / 24 GB / 40 GB" in md
+
+
+def test_fresh_process_kills_a_measurement_above_the_memory_cap(gpu, tmp_path):
+    res = gpu.main(["--out", str(tmp_path / "out"), "--device", "cpu", "--tiny", "--fresh-process", "--methods",
+                    "perfusion", "--geometries", "sd15", "--sections", "train", "--memory-cap-gb", "0.2"])
+    assert [r["status"] for r in res["measurements"]] == ["oom", "oom"]
+    assert all("memory cap of 0.2 GiB" in r["detail"] for r in res["measurements"])
+    assert "over the cap" in (tmp_path / "out" / "gpu.md").read_text()

@@ -45,6 +45,10 @@ ROW_KEYS = {
                          "applied edits); null on CPU",
     "loop_peak_memory_bytes": "train: the peak the training loop itself reports in the artifact metadata "
                               "(`training.peak_memory_bytes`; the steps only, without the method's setup)",
+    "process_start_rss_bytes": "`--fresh-process`: resident memory of the measuring process after its imports, "
+                               "before the pipeline is built (the Python / torch runtime); null otherwise",
+    "process_peak_rss_bytes": "`--fresh-process`: peak resident memory of the whole measuring process (sampled "
+                              "every 20 ms by the parent); null otherwise",
     "wall_s": "wall time of the whole measurement (artifact building, setup, warm-up and timed part)",
     "started_s": "seconds since the start of the run when the measurement began",
     "traceback": "status `error`: the last lines of the traceback (null otherwise)",
@@ -61,7 +65,8 @@ TOP_KEYS = {
     "device": "the torch device measured",
     "device_name": "`torch.cuda.get_device_name` (or `cpu`)",
     "tiny": "true when the tiny pipelines were measured (`--tiny`, or no CUDA)",
-    "settings": "batch size, sampling steps, guidance scale, repeats, methods, geometries, sections, pytest args",
+    "settings": "batch size, sampling steps, guidance scale, repeats, methods, geometries, sections, pytest args, "
+                "fresh process, CPU memory cap",
     "machine": "host, library versions, CUDA version, GPU memory (benchmarks/perf_common.py `machine()` + CUDA)",
     "pipelines": "per geometry: resolution, parameter counts of UNet / text encoders / VAE, build seconds (or the "
                  "build error)",

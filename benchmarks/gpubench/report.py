@@ -61,6 +61,37 @@ def table_rows(rows: list[dict], width: int = 90) -> list[list[str]]:
     return out
 
 
+GPU_SIZES_GIB = (12, 16, 24, 40)
+CUDA_CONTEXT_GIB = 0.5
+"""Assumed memory of a CUDA context (driver, cuBLAS / cuDNN workspaces) added to a CPU measurement when deriving
+which GPU it would fit; not measured here."""
+MEMORY_COLUMNS = ("measurement", "status", "process peak", "runtime at start", "model + training",
+                  "fits on (derived)")
+
+
+def memory_rows(rows: list[dict]) -> list[list[str]]:
+    """The fresh-process memory table: per measurement the process's peak resident memory, the runtime's share
+    (resident after the imports), their difference (the pipeline's weights, the method's trainable state and
+    optimizer, activations: what a GPU would hold), and the GPUs of :data:`GPU_SIZES_GIB` it would fit with a
+    :data:`CUDA_CONTEXT_GIB` context added (derived, not measured)."""
+    out = []
+    for r in rows:
+        peak, start = r.get("process_peak_rss_bytes"), r.get("process_start_rss_bytes")
+        if not peak:
+            continue
+        need = (peak - start) if start else None
+        if r["status"] == "ok" and need is not None:
+            fits = [g for g in GPU_SIZES_GIB if need / 2**30 + CUDA_CONTEXT_GIB <= g]
+            verdict = (" / ".join(f"{g} GB" for g in fits) if fits else f"none up to {GPU_SIZES_GIB[-1]} GB")
+        elif r["status"] == "oom":
+            verdict = f"over the cap: more than {fmt_bytes(peak)} resident"
+        else:
+            verdict = ""
+        out.append([r["id"], r["status"] or "", fmt_bytes(peak), fmt_bytes(start),
+                    fmt_bytes(need) if r["status"] == "ok" else "", verdict])
+    return out
+
+
 def md_table(header: list[str] | tuple[str, ...], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
     return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in rows])
@@ -94,6 +125,15 @@ def render_md(res: dict, depth: int = 1) -> str:
           f"{res['settings']['guidance_scale']}, VAE decode included. Memory: `torch.cuda.max_memory_allocated` on "
           "CUDA, peak RSS above the start on CPU.", "",
           md_table(TABLE_COLUMNS, table_rows(rows)), ""]
+    mem = memory_rows(rows)
+    if mem:
+        L += [f"{h} Memory in fresh processes", "",
+              "Each measurement ran in its own process (`--fresh-process`). *process peak*: peak resident memory "
+              "of that process (sampled every 20 ms); *runtime at start*: resident after its imports; *model + "
+              "training*: the difference (weights, trainable state, optimizer moments, activations). *fits on*: "
+              f"the GPUs whose memory holds *model + training* plus {CUDA_CONTEXT_GIB} GiB for a CUDA context "
+              "(derived from the CPU measurement, not measured on a GPU; CPU and CUDA kernels may allocate "
+              "differently).", "", md_table(MEMORY_COLUMNS, mem), ""]
     if res["ratios"]:
         L += [f"{h} Ratios", "",
               md_table(["ratio", "value"], [[f"`{k}`", f"{v:.3f}"] for k, v in res["ratios"].items()]), ""]
