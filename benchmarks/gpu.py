@@ -61,10 +61,13 @@ from gpubench.plan import (  # noqa: E402
     plan,
 )
 from gpubench.report import (  # noqa: E402
+    CPU_FULL,
     DOC,
     RESULTS,
     TABLE_COLUMN_DOCS,
     TABLE_COLUMNS,
+    cpu_full_section,
+    cpu_full_targets,
     doc_section,
     fmt_bytes,
     fmt_s,
@@ -77,9 +80,10 @@ from gpubench.report import (  # noqa: E402
 from gpubench.runner import PeakRSSAbove, Runner, classify  # noqa: E402
 from perf_common import METHODS, machine, rss  # noqa: E402
 
-__all__ = ["DEFAULT_PYTEST_ARGS", "DOC", "GEOMETRIES", "PRIORITY_METHODS", "RESULTS", "ROW_KEYS", "SAMPLE_CASES",
-           "SAMPLE_PRECISIONS", "SCHEMA", "STATUSES", "TABLE_COLUMNS", "TABLE_COLUMN_DOCS", "TOP_KEYS",
-           "TRAIN_VARIANTS", "PeakRSSAbove", "Runner", "build_pipeline", "classify", "clock", "doc_section",
+__all__ = ["CPU_FULL", "DEFAULT_PYTEST_ARGS", "DOC", "GEOMETRIES", "PRIORITY_METHODS", "RESULTS", "ROW_KEYS",
+           "SAMPLE_CASES", "SAMPLE_PRECISIONS", "SCHEMA", "STATUSES", "TABLE_COLUMNS", "TABLE_COLUMN_DOCS", "TOP_KEYS",
+           "TRAIN_VARIANTS", "PeakRSSAbove", "Runner", "build_pipeline", "classify", "clock", "cpu_full_section",
+           "cpu_full_targets", "doc_section",
            "fmt_bytes", "fmt_s", "junit_counts", "main", "md_table", "method_order", "parse", "plan",
            "print_table", "ratios", "render_md", "table_rows"]
 

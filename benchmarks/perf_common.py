@@ -278,23 +278,36 @@ def full_unet(geometry: str, dtype: torch.dtype = torch.float32, *, seed: int = 
 
 
 def geometry_pipeline(geometry: str, dtype: torch.dtype = torch.float32):
-    """A ``StableDiffusionPipeline`` with the full-size UNet of ``geometry`` (random weights), a 2-layer CLIP text
-    encoder of the geometry's text width, the tiny VAE and the real tokenizer. Only widths matter for artifacts.
+    """A pipeline with the full-size UNet of ``geometry`` (random weights), 2-layer CLIP text encoders of the
+    geometry's text widths, the tiny VAE and the real tokenizer(s). Only widths matter for artifacts.
 
-    SDXL's two text encoders (768 + 1280, concatenated to 2048) are stood in for by ONE 2048-wide encoder: same
-    number of floats per token embedding and per text vector, which is what artifacts store.
+    ``sdxl``: a ``StableDiffusionXLPipeline`` with SDXL's two encoders (768-wide CLIP-L; 1280-wide OpenCLIP-bigG
+    with its 1280-wide pooled projection), so the artifacts are the ones the methods write for SDXL (textual
+    inversion's ``clip_l`` / ``clip_g``, both encoders' token rows, Perfusion on the concatenated encoding).
+    Otherwise a ``StableDiffusionPipeline``.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from editbench.models import clip_tokenizer
-    from editbench.testing import tiny_vae
+    from editbench.testing import tiny_text_encoder, tiny_vae
 
-    pipe = StableDiffusionPipeline(
-        vae=tiny_vae(), text_encoder=text_encoder(TEXT_WIDTH[geometry]), tokenizer=clip_tokenizer(),
-        unet=full_unet(geometry, dtype),
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
-                                steps_offset=1),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    if geometry == "sdxl":
+        tok_2 = clip_tokenizer()
+        tok_2.pad_token = "!"                                       # OpenCLIP pads with "!" (id 0)
+        pipe = StableDiffusionXLPipeline(
+            vae=tiny_vae(scaling_factor=0.13025), text_encoder=tiny_text_encoder(768),
+            text_encoder_2=tiny_text_encoder(1280, hidden_act="gelu", projection_dim=1280, pad_token_id=0),
+            tokenizer=clip_tokenizer(), tokenizer_2=tok_2, unet=full_unet(geometry, dtype),
+            scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                             steps_offset=1, timestep_spacing="leading"),
+            add_watermarker=False)
+    else:
+        pipe = StableDiffusionPipeline(
+            vae=tiny_vae(), text_encoder=text_encoder(TEXT_WIDTH[geometry]), tokenizer=clip_tokenizer(),
+            unet=full_unet(geometry, dtype),
+            scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                                    steps_offset=1),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -29,10 +29,8 @@ STORAGE_NOTES = {  # what the artifact holds, for the storage table; by registry
     "lora": "peft rank-4 adapters on to_q/to_k/to_v/to_out.0 of every attention layer",
     "dreambooth": "the whole UNet",
 }
-SDXL_NOTE = ("SDXL: no editbench method trains SDXL end to end yet (Perfusion refuses pipelines with a second text "
-             "encoder; the others have no added_cond_kwargs); sizes are from the methods' artifact builders on an "
-             "SD-style pipeline with the SDXL UNet and one 2048-wide text encoder (same float count as SDXL's "
-             "768 + 1280)")
+SDXL_NOTE = ("SDXL: a StableDiffusionXLPipeline with the full SDXL UNet and SDXL's two text encoders (768 + 1280 "
+             "wide; 2 layers each: only widths matter for artifacts); every method's own SDXL artifact")
 LARGE_BYTES = 4 * 2**30
 """Float32 artifacts above this size (a whole SDXL UNet) are not written when sizes are derived (``derive_large``):
 writing one needs about four copies of it in RAM (artifact clone, writer clone, serialised bytes)."""

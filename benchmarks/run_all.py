@@ -332,6 +332,7 @@ def render(results: dict) -> str:
         add("")
     L.extend(body)
     add(gpu.doc_section())  # benchmarks/gpu.py: how to run it, its format, the last GPU run's table
+    add(gpu.cpu_full_section())  # the same command at full size on this CPU, in fresh processes
     add("## Fixes made for these numbers (before / after)")
     add("")
     add(fixes_block(results))

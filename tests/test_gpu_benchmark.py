@@ -194,3 +194,30 @@ def test_fresh_process_kills_a_measurement_above_the_memory_cap(gpu, tmp_path):
     assert [r["status"] for r in res["measurements"]] == ["oom", "oom"]
     assert all("memory cap of 0.2 GiB" in r["detail"] for r in res["measurements"])
     assert "over the cap" in (tmp_path / "out" / "gpu.md").read_text()
+
+
+def test_cpu_full_targets_read_the_fresh_process_rows(gpu):
+    """The real-scale targets from rows: memory is the process's peak minus its start, steps and sampling are
+    ratios between rows of the run; a missing or failed row is 'not measured', never a verdict."""
+    def row(id_, seconds, peak_gb, kind="train"):
+        _, geometry, method, case = id_.split("/")
+        return {"id": id_, "kind": kind, "geometry": geometry, "method": method, "case": case, "status": "ok",
+                "seconds": seconds, "process_start_rss_bytes": int(1e9), "process_peak_rss_bytes": int(peak_gb * 1e9)}
+
+    rows = [row("train/sd15/perfusion/fp32", 10.0, 9.0), row("train/sd15/dreambooth/fp32", 20.0, 21.0),
+            row("train/sd15/perfusion/bf16+gc", 8.0, 5.0), row("train/sd15/dreambooth/bf16+gc", 16.0, 13.0),
+            row("sample/sd15/base/fp32", 10.0, 5.0, "sample"), row("sample/sd15/perfusion_1/fp32", 10.2, 5.0, "sample"),
+            row("sample/sd15/perfusion_10/fp32", 11.5, 5.0, "sample")]
+    got = {t[0]: t[2:] for t in gpu.cpu_full_targets(rows)}
+    assert got["SD 1.5, bf16 + checkpointing: Perfusion's memory / DreamBooth's"] == ["0.33", "**met**"]   # 4 / 12
+    assert got["SD 1.5, bf16 + checkpointing: Perfusion's memory"] == ["4.00 GB", "**met**"]
+    assert got["SD 1.5: perfusion's bf16 + checkpointing memory / its float32 memory"] == ["0.50", "**met**"]
+    assert got["SD 1.5: dreambooth's bf16 + checkpointing memory / its float32 memory"] == ["0.60", "**not met**"]
+    assert got["SD 1.5, fp32: Perfusion's training step / DreamBooth's"] == ["0.50", "**met**"]
+    assert got["SD 1.5, fp32: sampling with 1 Perfusion concept(s) / unedited"] == ["1.020", "**met**"]
+    assert got["SD 1.5, fp32: sampling with 10 Perfusion concept(s) / unedited"] == ["1.150", "**not met**"]
+    assert got["SD 1.5, bf16: sampling with 1 Perfusion concept(s) / unedited"] == ["not measured", ""]
+    rows[3]["status"] = "oom"
+    got = {t[0]: t[2:] for t in gpu.cpu_full_targets(rows)}
+    assert got["SD 1.5, bf16 + checkpointing: Perfusion's memory / DreamBooth's"] == ["not measured", ""]
+    assert got["SD 1.5, bf16+gc: Perfusion's training step / DreamBooth's"] == ["not measured", ""]

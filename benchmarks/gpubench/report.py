@@ -245,3 +245,86 @@ def print_table(rows: list[dict]) -> None:
     with pd.option_context("display.max_rows", None, "display.max_columns", None, "display.width", 250,
                            "display.max_colwidth", 60):
         print(df.to_string(index=False))
+
+
+CPU_FULL = ROOT / "benchmarks" / "results" / "cpu-full"
+"""Where the full-size CPU runs (``--full --device cpu --fresh-process``) go to be shown in docs/performance.md, one
+sub-folder per run (``sd15-train``, ``sd15-sample``, ``sdxl-train``)."""
+
+CPU_FULL_RUNS = {
+    "sd15-train": "--geometries sd15 --sections train",
+    "sd15-sample": "--geometries sd15 --sections sample --methods perfusion --sample-steps 3",
+    "sdxl-train": "--geometries sdxl --sections train",
+}
+
+
+def _model_and_training(r: dict | None) -> int | None:
+    if not r or r.get("status") != "ok" or not r.get("process_peak_rss_bytes") or not r.get("process_start_rss_bytes"):
+        return None
+    return r["process_peak_rss_bytes"] - r["process_start_rss_bytes"]
+
+
+def cpu_full_targets(rows: list[dict]) -> list[list[str]]:
+    """The real-scale targets checked on the full-size CPU rows: ``[target, limit, measured, verdict]``."""
+    by = {r["id"]: r for r in rows}
+    out = []
+
+    def add(what: str, limit: str, value: float | None, ok: bool | None, fmt: str = "{:.2f}") -> None:
+        out.append([what, limit, "not measured" if value is None else fmt.format(value),
+                    "" if ok is None else ("**met**" if ok else "**not met**")])
+
+    p, d = (_model_and_training(by.get(f"train/sd15/{m}/bf16+gc")) for m in ("perfusion", "dreambooth"))
+    add("SD 1.5, bf16 + checkpointing: Perfusion's memory / DreamBooth's", "<= 0.35", p / d if p and d else None,
+        p / d <= 0.35 if p and d else None)
+    add("SD 1.5, bf16 + checkpointing: Perfusion's memory", "<= 6 GB", p / 1e9 if p else None,
+        p / 1e9 <= 6 if p else None, "{:.2f} GB")
+    for m in sorted({r["method"] for r in rows if r["kind"] == "train" and r["geometry"] == "sd15"}):
+        a, b = (_model_and_training(by.get(f"train/sd15/{m}/{v}")) for v in ("bf16+gc", "fp32"))
+        add(f"SD 1.5: {m}'s bf16 + checkpointing memory / its float32 memory", "<= 0.5", a / b if a and b else None,
+            a / b <= 0.5 if a and b else None)
+    for v in ("fp32", "bf16+gc"):
+        p, d = (by.get(f"train/sd15/{m}/{v}") for m in ("perfusion", "dreambooth"))
+        ok = p and d and p["status"] == d["status"] == "ok"
+        add(f"SD 1.5, {v}: Perfusion's training step / DreamBooth's", "<= 0.6",
+            p["seconds"] / d["seconds"] if ok else None, p["seconds"] / d["seconds"] <= 0.6 if ok else None)
+    for n, limit in ((1, 1.03), (10, 1.10)):
+        for prec in ("fp32", "bf16"):
+            s, b = by.get(f"sample/sd15/perfusion_{n}/{prec}"), by.get(f"sample/sd15/base/{prec}")
+            ok = s and b and s["status"] == b["status"] == "ok"
+            add(f"SD 1.5, {prec}: sampling with {n} Perfusion concept(s) / unedited", f"<= {limit}",
+                s["seconds"] / b["seconds"] if ok else None, s["seconds"] / b["seconds"] <= limit if ok else None,
+                "{:.3f}")
+    return out
+
+
+def cpu_full_section(results: Path = CPU_FULL, depth: int = 2) -> str:
+    """docs/performance.md's section on the full-size runs on this CPU: how they were run, the real-scale targets,
+    and each run's tables (memory in fresh processes included)."""
+    h = "#" * (depth + 1)
+    L = ["#" * depth + " 8. Full SD 1.5 / SDXL size on this CPU (`benchmarks/gpu.py --full --device cpu "
+         "--fresh-process`)", "",
+         "The GPU command of section 7 run on this 2-core CPU at full size (random-weight SD 1.5 at 512 px and SDXL "
+         "at 1024 px, batch 1), every training and sampling measurement in a fresh process "
+         "(`--fresh-process`: the memory of one measurement is not the leftover of the one before; a measurement "
+         "above `--memory-cap-gb`, default 90% of the machine's memory, is killed and recorded as `oom`). CPU "
+         "resident memory stands in for GPU memory: *model + training* (the process's peak minus its resident "
+         "memory after the imports) is what a GPU would hold, and the *fits on* column adds an assumed "
+         f"{CUDA_CONTEXT_GIB} GiB CUDA context (derived, not measured on a GPU). Step times are this CPU's, "
+         "measured one process after another (ratios between rows of one run; the runs used both cores and "
+         "nothing else ran). Commands (each with `python benchmarks/gpu.py --full --device cpu --fresh-process "
+         "--out DIR`):", ""]
+    L += [f"- `{name}`: `{args}`" for name, args in CPU_FULL_RUNS.items()] + [""]
+    runs = {}
+    for name in CPU_FULL_RUNS:
+        path = Path(results) / name / "gpu.json"
+        if path.is_file():
+            runs[name] = json.loads(path.read_text())
+    if not runs:
+        L += [f"**Not measured yet** (`{Path(results).relative_to(ROOT)}/<run>/gpu.json`).", ""]
+        return "\n".join(L).rstrip() + "\n"
+    rows = [r for res in runs.values() for r in res["measurements"]]
+    L += [f"{h} Targets (real-scale issue)", "", md_table(["target", "limit", "measured", ""],
+                                                         cpu_full_targets(rows)), ""]
+    for name, res in runs.items():
+        L += [f"{h} `{name}`", "", render_md(res, depth=depth + 2), ""]
+    return "\n".join(L).rstrip() + "\n"
