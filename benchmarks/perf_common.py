@@ -289,15 +289,13 @@ def geometry_pipeline(geometry: str, dtype: torch.dtype = torch.float32):
     from diffusers import DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from editbench.models import clip_tokenizer
-    from editbench.testing import tiny_text_encoder, tiny_vae
+    from editbench.testing import open_clip_tokenizer, tiny_text_encoder, tiny_vae
 
     if geometry == "sdxl":
-        tok_2 = clip_tokenizer()
-        tok_2.pad_token = "!"                                       # OpenCLIP pads with "!" (id 0)
         pipe = StableDiffusionXLPipeline(
             vae=tiny_vae(scaling_factor=0.13025), text_encoder=tiny_text_encoder(768),
             text_encoder_2=tiny_text_encoder(1280, hidden_act="gelu", projection_dim=1280, pad_token_id=0),
-            tokenizer=clip_tokenizer(), tokenizer_2=tok_2, unet=full_unet(geometry, dtype),
+            tokenizer=clip_tokenizer(), tokenizer_2=open_clip_tokenizer(), unet=full_unet(geometry, dtype),
             scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                              steps_offset=1, timestep_spacing="leading"),
             add_watermarker=False)

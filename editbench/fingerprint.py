@@ -115,7 +115,6 @@ def pipeline_fingerprint(pipeline: Any, tokenizer: Any = None) -> str:
     return _hexdigest(b"editbench-pipeline/1|", named(), tokenizer, LENGTH)
 
 
-
 # ------------------------------------------------------------------------------------------ files on disk
 def files_fingerprint(paths: Iterable[str | os.PathLike], root: str | os.PathLike | None = None) -> str:
     """Fingerprint of files' contents, in the given order: for each file its name (relative to ``root``; no name

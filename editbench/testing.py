@@ -129,7 +129,7 @@ def tiny_pipeline(*, seed: int = 0):
     return pipe
 
 
-def _open_clip_tokenizer():
+def open_clip_tokenizer():
     """The CLIP tokenizer as SD 2.x and SDXL's second encoder use it: OpenCLIP pads with "!" (id 0), not with the
     end token."""
     tok = clip_tokenizer()
@@ -147,7 +147,7 @@ def tiny_sd2_pipeline(*, seed: int = 0):
     pipe = StableDiffusionPipeline(
         vae=tiny_vae(seed=seed),
         text_encoder=tiny_text_encoder(48, seed=seed, hidden_act="gelu", pad_token_id=0),
-        tokenizer=_open_clip_tokenizer(),
+        tokenizer=open_clip_tokenizer(),
         unet=tiny_unet("sd21", seed=seed),
         scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                                 steps_offset=1, prediction_type="v_prediction"),
@@ -182,7 +182,7 @@ def tiny_sdxl_pipeline(*, seed: int = 0):
         text_encoder_2=tiny_text_encoder(d2, seed=seed + 1, hidden_act="gelu", projection_dim=pooled,
                                          pad_token_id=0),
         tokenizer=clip_tokenizer(),
-        tokenizer_2=_open_clip_tokenizer(),
+        tokenizer_2=open_clip_tokenizer(),
         unet=unet,
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                          steps_offset=1, timestep_spacing="leading"),
@@ -203,10 +203,12 @@ _RANDOM_TEXT = {
              "tiny": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                           hidden_act="gelu", projection_dim=32, pad_token_id=0)},
 }
-_RANDOM_VAE = {"full": dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                    up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32),
-       "tiny": dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4)}
+_RANDOM_VAE = {
+    "full": dict(block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                 up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, norm_num_groups=32),
+    "tiny": dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=4),
+}
 _VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
 
 
@@ -243,10 +245,8 @@ def random_pipeline(geometry: str = "sd15", device: torch.device | str = "cpu", 
     parts = dict(vae=vae.eval(), text_encoder=text.eval(), tokenizer=clip_tokenizer(), unet=unet.eval(),
                  scheduler=scheduler)
     if geometry == "sdxl":
-        tok_2 = clip_tokenizer()
-        tok_2.pad_token = "!"                                       # OpenCLIP pads with "!" (id 0)
-        pipe = StableDiffusionXLPipeline(text_encoder_2=text_2.eval(), tokenizer_2=tok_2, add_watermarker=False,
-                                         **parts)
+        pipe = StableDiffusionXLPipeline(text_encoder_2=text_2.eval(), tokenizer_2=open_clip_tokenizer(),
+                                         add_watermarker=False, **parts)
     else:
         pipe = StableDiffusionPipeline(safety_checker=None, feature_extractor=None, requires_safety_checker=False,
                                        **parts)
