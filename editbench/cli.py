@@ -19,9 +19,12 @@ def cmd_world_train(args) -> None:
     from editbench.toyworld import WEIGHTS
     from editbench.toyworld.train import WorldConfig, train_world
 
+    from editbench.commands import _kv
+
     cfg = WorldConfig(seed=args.seed)
     if args.smoke:  # a minutes-long run of every stage, for tests and CI
         cfg = WorldConfig.smoke(seed=args.seed)
+    cfg = cfg.replace(**_kv(args.set))  # e.g. --set unet_steps=3000 --set pattern_prob=0.8 (a candidate recipe)
     train_world(Path(args.out or WEIGHTS), work=args.work, cfg=cfg, progress=not args.quiet)
 
 
@@ -99,6 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--work", default=None, help="checkpoint folder (default: OUT/_work)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--smoke", action="store_true", help="a tiny run of every stage (minutes), for testing")
+    t.add_argument("--set", action="append",
+                   help="WorldConfig override key=value (repeatable; recorded in the work folder's config.json and "
+                        "in training_log.json), e.g. --set unet_steps=3000")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_world_train)
     e = wsub.add_parser("eval", help="quality gate of the base model and the evaluator's report")

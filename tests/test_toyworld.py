@@ -224,6 +224,27 @@ def test_world_train_smoke_run_exports_a_loadable_world_and_resumes(tmp_path, mo
         train_world(out, cfg=WorldConfig.smoke(seed=1), progress=False)
 
 
+def test_world_train_set_overrides_the_config_and_refuses_bad_fields(tmp_path, capsys):
+    """`world train --set key=value`: the override reaches the run (its log and the work folder's config); an
+    unknown field or a value of the wrong type is one clear error before anything is trained."""
+    import json
+
+    from editbench.cli import main
+
+    out = tmp_path / "world"
+    assert not main(["world", "train", "--smoke", "--quiet", "--out", str(out), "--set", "unet_steps=3",
+                     "--set", "pattern_prob=1"])
+    log = json.loads((out / "training_log.json").read_text())
+    assert log["stages"]["unet"]["steps"] == 3 and log["config"]["pattern_prob"] == 1.0
+    assert json.loads((out / "_work" / "config.json").read_text())["unet_steps"] == 3
+    for bad, words in ((["--set", "unet_step=3"], "unknown world config field 'unet_step'"),
+                       (["--set", "unet_steps=2.5"], "'unet_steps' takes values of type int, got 2.5")):
+        code = main(["world", "train", "--smoke", "--quiet", "--out", str(tmp_path / "other"), *bad])
+        err = capsys.readouterr().err
+        assert code == 2 and words in err and "Traceback" not in err, err
+        assert not (tmp_path / "other" / "_work").exists()
+
+
 @pytest.mark.slow
 def test_world_training_is_deterministic_for_a_seed(tmp_path):
     from editbench.storage import read_tensors

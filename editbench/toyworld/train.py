@@ -80,6 +80,25 @@ class WorldConfig:
     checkpoint_every: int = 200
     text_width: int = 64
 
+    def replace(self, **overrides) -> "WorldConfig":
+        """A copy with ``overrides`` (``editbench world train --set key=value``): unknown fields and values of the
+        wrong type are an EditbenchError naming them (an int field takes ints only, a float field ints or
+        floats)."""
+        from dataclasses import fields, replace
+
+        from editbench.errors import EditbenchError
+
+        known = {f.name: f for f in fields(self)}
+        for key, value in overrides.items():
+            if key not in known:
+                raise EditbenchError(f"unknown world config field {key!r}; valid: {sorted(known)}")
+            want = type(getattr(self, key))
+            ok = isinstance(value, want) and not (want is int and isinstance(value, bool)) or \
+                (want is float and isinstance(value, int) and not isinstance(value, bool))
+            if not ok:
+                raise EditbenchError(f"world config field {key!r} takes values of type {want.__name__}, got {value!r}")
+        return replace(self, **{k: float(v) if type(getattr(self, k)) is float else v for k, v in overrides.items()})
+
     @classmethod
     def smoke(cls, seed: int = 0) -> "WorldConfig":
         """Every stage for a few steps on a few scenes (seconds): for tests and CI, not for use."""
