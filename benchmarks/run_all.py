@@ -407,12 +407,14 @@ def fixes_block(results: dict) -> str:
 
 
 CAVEATS = [
-    ("Inference and training are measured on the toy world (a 5.2 M-parameter UNet at 32x32 px, text width 64), the "
-    "only trained model on this machine; at SD 1.5 size the K/V projections are a smaller share of a UNet step "
-    "and DreamBooth's optimizer state a much larger share of training memory."),
+    ("Inference and training in sections 2-3 are measured on the toy world (a 5.2 M-parameter UNet at 32x32 px, "
+    "text width 64), the only trained model on this machine; at SD 1.5 size the K/V projections are a smaller "
+    "share of a UNet step and DreamBooth's optimizer state a much larger share of training memory (section 8 "
+    "measures full-size random-weight SD 1.5 and SDXL on this CPU)."),
     ("Storage artifacts are built by the methods' own artifact builders without optimizer steps (file sizes do not "
-    "depend on values); SDXL sizes are what the builders produce on an SD-style stand-in (see section 1), and "
-    "DreamBooth on SDXL is derived from shapes (the formula matches every written file to the byte)."),
+    "depend on values), on SDXL from a pipeline with SDXL's UNet and both of its text encoders (2 layers each: only "
+    "widths matter); DreamBooth on SDXL is derived from shapes (the formula matches every written file to the "
+    "byte)."),
     ("Peak memory on CPU is resident-set size (sampled every 2 ms), which includes allocator caching; it is compared "
     "only between fresh processes doing the same setup."),
 ]
@@ -460,7 +462,10 @@ def main(argv: list[str] | None = None) -> None:
             if section not in SECTIONS:
                 ap.error(f"unknown section {section!r}; choose from {SECTIONS}")
             print(f"[run_all] {section} ...", file=sys.stderr, flush=True)
-            results[section] = run(section, args)
+            new = run(section, args)
+            if section == "storage" and "storage" in results:  # --geometries re-measures some; keep the others
+                new["geometries"] = {**results["storage"].get("geometries", {}), **new["geometries"]}
+            results[section] = new
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=1, default=str))
             print(f"[run_all] {section} done in {results[section]['section_wall_s']} s", file=sys.stderr, flush=True)
