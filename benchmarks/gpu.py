@@ -56,6 +56,7 @@ from gpubench.plan import (  # noqa: E402
     SCHEMA,
     STATUSES,
     TOP_KEYS,
+    PIPELINE_DTYPES,
     TRAIN_VARIANTS,
     method_order,
     plan,
@@ -80,12 +81,11 @@ from gpubench.report import (  # noqa: E402
 from gpubench.runner import PeakRSSAbove, Runner, classify  # noqa: E402
 from perf_common import METHODS, machine, rss  # noqa: E402
 
-__all__ = ["CPU_FULL", "DEFAULT_PYTEST_ARGS", "DOC", "GEOMETRIES", "PRIORITY_METHODS", "RESULTS", "ROW_KEYS",
-           "SAMPLE_CASES", "SAMPLE_PRECISIONS", "SCHEMA", "STATUSES", "TABLE_COLUMNS", "TABLE_COLUMN_DOCS", "TOP_KEYS",
-           "TRAIN_VARIANTS", "PeakRSSAbove", "Runner", "build_pipeline", "classify", "clock", "cpu_full_section",
-           "cpu_full_targets", "doc_section",
-           "fmt_bytes", "fmt_s", "junit_counts", "main", "md_table", "method_order", "parse", "plan",
-           "print_table", "ratios", "render_md", "table_rows"]
+__all__ = ["CPU_FULL", "DEFAULT_PYTEST_ARGS", "DOC", "GEOMETRIES", "PIPELINE_DTYPES", "PRIORITY_METHODS", "RESULTS",
+           "ROW_KEYS", "SAMPLE_CASES", "SAMPLE_PRECISIONS", "SCHEMA", "STATUSES", "TABLE_COLUMNS", "TABLE_COLUMN_DOCS",
+           "TOP_KEYS", "TRAIN_VARIANTS", "PeakRSSAbove", "Runner", "build_pipeline", "classify", "clock",
+           "cpu_full_section", "cpu_full_targets", "doc_section", "fmt_bytes", "fmt_s", "junit_counts", "main",
+           "md_table", "method_order", "parse", "plan", "print_table", "ratios", "render_md", "table_rows"]
 
 clock: Callable[[], float] = time.monotonic
 """The budget's clock (a test replaces it)."""
@@ -108,6 +108,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods (default: all registered)")
     ap.add_argument("--geometries", default=",".join(GEOMETRIES), help="comma-separated, from sd15,sdxl")
     ap.add_argument("--sections", default="train,sample,pytest", help="comma-separated, from train,sample,pytest")
+    ap.add_argument("--variants", default=",".join(TRAIN_VARIANTS),
+                    help=f"training variants, comma-separated, from {','.join(TRAIN_VARIANTS)} (default all)")
     ap.add_argument("--repeats", type=int, default=1, help="timed steps / images after the warm-up (median)")
     ap.add_argument("--sample-steps", type=int, default=25)
     ap.add_argument("--guidance", type=float, default=7.5)
@@ -127,8 +129,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.methods = [m for m in args.methods.split(",") if m]
     args.geometries = [g for g in args.geometries.split(",") if g]
     args.sections = [s for s in args.sections.split(",") if s]
+    args.variants = [v for v in args.variants.split(",") if v]
     for name, got, allowed in (("methods", args.methods, METHODS), ("geometries", args.geometries, GEOMETRIES),
-                               ("sections", args.sections, ("train", "sample", "pytest"))):
+                               ("sections", args.sections, ("train", "sample", "pytest")),
+                               ("variants", args.variants, tuple(TRAIN_VARIANTS))):
         bad = sorted(set(got) - set(allowed))
         if bad:
             ap.error(f"unknown {name} {bad}; choose from {list(allowed)}")
@@ -151,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    rows = plan(args.methods, args.geometries, args.sections, args.pytest_args)
+    rows = plan(args.methods, args.geometries, args.sections, args.pytest_args, args.variants)
     if args.only_row is not None:
         rows = [r for r in rows if r["id"] == args.only_row]
         if not rows:
@@ -175,7 +179,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "tiny": tiny,
         "settings": {"batch_size": 1, "sample_steps": args.sample_steps, "guidance_scale": args.guidance,
                      "repeats": args.repeats, "methods": args.methods, "geometries": args.geometries,
-                     "sections": args.sections, "pytest_args": args.pytest_args,
+                     "sections": args.sections, "variants": args.variants, "pytest_args": args.pytest_args,
                      "torch_threads": torch.get_num_threads(), "fresh_process": args.fresh_process,
                      "memory_cap_bytes": cap},
         "machine": info, "pipelines": runner.pipe_info, "measurements": rows, "skipped_for_budget": [],

@@ -221,25 +221,38 @@ def _random_text_encoder(kind: str, size: str, projection: bool):
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg)
 
 
+def _random_modules(geometry: str, size: str) -> tuple:
+    """UNet, VAE, text encoder(s) of :func:`random_pipeline` (on the current default device and dtype)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    unet = UNet2DConditionModel(**unet_config(geometry, full=size == "full"))
+    down = 2 ** (len(_RANDOM_VAE[size]["block_out_channels"]) - 1)  # pixels per latent
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, scaling_factor=_VAE_SCALING[geometry],
+                        sample_size=unet.config.sample_size * down, **_RANDOM_VAE[size])
+    text = _random_text_encoder("clip-l", size, projection=False)
+    text_2 = _random_text_encoder("bigg", size, projection=True) if geometry == "sdxl" else None
+    return unet, vae, text, text_2
+
+
 def random_pipeline(geometry: str = "sd15", device: torch.device | str = "cpu", *, tiny: bool = False,
-                    seed: int = 0):
+                    seed: int = 0, dtype: torch.dtype = torch.float32):
     """A ``StableDiffusionPipeline`` (sd15) or ``StableDiffusionXLPipeline`` (sdxl) with random weights, every
     module constructed directly on ``device`` (no float32 CPU copy of a 2.6 B-parameter UNet): the UNet of
     :func:`unet_config` (full size unless ``tiny``, the configs of the storage table), CLIP
     ViT-L/14 text encoder(s) (+ OpenCLIP ViT-bigG for SDXL), the SD VAE, the real CLIP tokenizer and a DDIM
-    scheduler. ``tiny``: the same architectures at 16x16 px (editbench.testing's tiny configs)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, \
-        UNet2DConditionModel
+    scheduler. ``tiny``: the same architectures at 16x16 px (editbench.testing's tiny configs). ``dtype``: the
+    weights' floating dtype, built in it (a half-precision SDXL never exists in float32, not even while built)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
 
     size = "tiny" if tiny else "full"
     torch.manual_seed(seed)
-    with torch.device(device):
-        unet = UNet2DConditionModel(**unet_config(geometry, full=not tiny))
-        down = 2 ** (len(_RANDOM_VAE[size]["block_out_channels"]) - 1)  # pixels per latent
-        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, scaling_factor=_VAE_SCALING[geometry],
-                            sample_size=unet.config.sample_size * down, **_RANDOM_VAE[size])
-        text = _random_text_encoder("clip-l", size, projection=False)
-        text_2 = _random_text_encoder("bigg", size, projection=True) if geometry == "sdxl" else None
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            unet, vae, text, text_2 = _random_modules(geometry, size)
+    finally:
+        torch.set_default_dtype(default)
     scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                               set_alpha_to_one=False, steps_offset=1)
     parts = dict(vae=vae.eval(), text_encoder=text.eval(), tokenizer=clip_tokenizer(), unet=unet.eval(),

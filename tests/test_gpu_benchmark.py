@@ -116,7 +116,8 @@ def test_the_budget_stops_after_the_measurement_it_was_spent_in(gpu, tmp_path, m
     first, *rest = res["measurements"]
     assert first["id"] == "train/sd15/textual_inversion/fp32" and first["status"] == "ok"   # finished, recorded
     assert first["seconds"] > 0 and first["memory_kind"] == "cpu_rss_peak_delta" and first["resolution"] == 16
-    assert [r["id"] for r in rest] == ["train/sd15/textual_inversion/bf16+gc", "pytest"]
+    assert [r["id"] for r in rest] == ["train/sd15/textual_inversion/bf16+gc", "train/sd15/textual_inversion/bf16w+gc",
+                                       "pytest"]
     assert all(r["status"] == "skipped" and "1000 s of 100 s" in r["detail"] for r in rest)
     assert res["skipped_for_budget"] == [r["id"] for r in rest] and res["budget_exhausted"] is True
 
@@ -173,13 +174,17 @@ def test_fresh_process_measures_each_row_in_its_own_process(gpu, tmp_path):
     memory, the memory table and its derived GPU column are written; the child gets the parent's options
     without the parent's own."""
     argv = ["--out", str(tmp_path / "out"), "--device", "cpu", "--tiny", "--fresh-process", "--methods",
-            "perfusion", "--geometries", "sd15", "--sections", "train", "--budget-s=100"]
+            "perfusion", "--geometries", "sd15", "--sections", "train", "--variants", "fp32,bf16w+gc", "--budget-s=100"]
     cmd = gpu.fresh.child_argv(argv, "train/sd15/perfusion/fp32", tmp_path / "child")
     assert cmd[2:] == ["--device", "cpu", "--tiny", "--methods", "perfusion", "--geometries", "sd15", "--sections",
-                       "train", "--out", str(tmp_path / "child"), "--only-row", "train/sd15/perfusion/fp32"]
+                       "train", "--variants", "fp32,bf16w+gc", "--out", str(tmp_path / "child"), "--only-row",
+                       "train/sd15/perfusion/fp32"]
+    half = gpu.build_pipeline("sdxl", "cpu", tiny=True, dtype=gpu.PIPELINE_DTYPES["bf16w+gc"])   # built in bf16
+    assert {p.dtype for m in (half.unet, half.vae, half.text_encoder, half.text_encoder_2)
+            for p in m.parameters()} == {torch.bfloat16} and torch.get_default_dtype() == torch.float32
     res = gpu.main(argv)
     rows = res["measurements"]
-    assert [r["id"] for r in rows] == ["train/sd15/perfusion/fp32", "train/sd15/perfusion/bf16+gc"]
+    assert [r["id"] for r in rows] == ["train/sd15/perfusion/fp32", "train/sd15/perfusion/bf16w+gc"]
     assert all(r["status"] == "ok" and r["seconds"] > 0 for r in rows), [r["detail"] for r in rows]
     assert all(0 < r["process_start_rss_bytes"] < r["process_peak_rss_bytes"] for r in rows)
     assert res["settings"]["fresh_process"] and res["settings"]["memory_cap_bytes"] > 0
@@ -190,7 +195,8 @@ def test_fresh_process_measures_each_row_in_its_own_process(gpu, tmp_path):
 
 def test_fresh_process_kills_a_measurement_above_the_memory_cap(gpu, tmp_path):
     res = gpu.main(["--out", str(tmp_path / "out"), "--device", "cpu", "--tiny", "--fresh-process", "--methods",
-                    "perfusion", "--geometries", "sd15", "--sections", "train", "--memory-cap-gb", "0.2"])
+                    "perfusion", "--geometries", "sd15", "--sections", "train", "--variants", "fp32,bf16+gc",
+                    "--memory-cap-gb", "0.2"])
     assert [r["status"] for r in res["measurements"]] == ["oom", "oom"]
     assert all("memory cap of 0.2 GiB" in r["detail"] for r in res["measurements"])
     assert "over the cap" in (tmp_path / "out" / "gpu.md").read_text()
@@ -211,8 +217,9 @@ def test_cpu_full_targets_read_the_fresh_process_rows(gpu):
     got = {t[0]: t[2:] for t in gpu.cpu_full_targets(rows)}
     assert got["SD 1.5, bf16 + checkpointing: Perfusion's memory / DreamBooth's"] == ["0.33", "**met**"]   # 4 / 12
     assert got["SD 1.5, bf16 + checkpointing: Perfusion's memory"] == ["4.00 GB", "**met**"]
-    assert got["SD 1.5: perfusion's bf16 + checkpointing memory / its float32 memory"] == ["0.50", "**met**"]
-    assert got["SD 1.5: dreambooth's bf16 + checkpointing memory / its float32 memory"] == ["0.60", "**not met**"]
+    assert got["SD 1.5: perfusion's memory, bf16 + checkpointing / float32"] == ["0.50", "**met**"]
+    assert got["SD 1.5: dreambooth's memory, bf16 + checkpointing / float32"] == ["0.60", "**not met**"]
+    assert got["SD 1.5: dreambooth's memory, bf16 weights + checkpointing / float32"] == ["not measured", ""]
     assert got["SD 1.5, fp32: Perfusion's training step / DreamBooth's"] == ["0.50", "**met**"]
     assert got["SD 1.5, fp32: sampling with 1 Perfusion concept(s) / unedited"] == ["1.020", "**met**"]
     assert got["SD 1.5, fp32: sampling with 10 Perfusion concept(s) / unedited"] == ["1.150", "**not met**"]

@@ -14,7 +14,13 @@ GEOMETRIES = ("sd15", "sdxl")
 PRIORITY_METHODS = ("perfusion", "dreambooth")
 """Trained first in every block: Perfusion's step time and memory are compared against DreamBooth's."""
 TRAIN_VARIANTS = {"fp32": {"mixed_precision": "no", "gradient_checkpointing": False},
-                  "bf16+gc": {"mixed_precision": "bf16", "gradient_checkpointing": True}}
+                  "bf16+gc": {"mixed_precision": "bf16", "gradient_checkpointing": True},
+                  "bf16w+gc": {"mixed_precision": "bf16", "gradient_checkpointing": True}}
+"""The training config of each variant. ``bf16w+gc`` is ``bf16+gc`` on a pipeline whose weights are bfloat16 (the
+frozen weights in half precision, the trainables float32: what diffusers' training scripts do with
+``--mixed_precision bf16``); the others train on a float32 pipeline."""
+PIPELINE_DTYPES = {"bf16w+gc": torch.bfloat16}
+"""The pipeline weights' dtype per training variant (float32 where not listed)."""
 SAMPLE_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 SAMPLE_CASES = ("base", "perfusion_1", "perfusion_10", "lora_1", "lora_10")
 STATUSES = ("ok", "unsupported", "oom", "error", "failed", "skipped")
@@ -27,8 +33,9 @@ ROW_KEYS = {
     "geometry": "`sd15` or `sdxl` (null for pytest)",
     "resolution": "image side in pixels (512 / 1024; 16 on the tiny pipelines; null for pytest)",
     "method": "the method trained, or the method whose artifacts are applied while sampling (null: unedited model)",
-    "case": "train: `fp32` or `bf16+gc`; sample: `base`, `perfusion_<n>`, `lora_<n>` (n artifacts applied at "
-            "once); pytest: its arguments",
+    "case": "train: `fp32`, `bf16+gc` (bf16 autocast + gradient checkpointing on the float32 pipeline) or "
+            "`bf16w+gc` (the same on a pipeline with bfloat16 weights); sample: `base`, `perfusion_<n>`, `lora_<n>` "
+            "(n artifacts applied at once); pytest: its arguments",
     "precision": "`fp32` or `bf16` (autocast; the weights stay float32)",
     "gradient_checkpointing": "train: gradient checkpointing on (null otherwise)",
     "status": "`ok`; `unsupported` (the method refuses this variant: EditbenchError); `oom`; `error` (any other "
@@ -65,8 +72,8 @@ TOP_KEYS = {
     "device": "the torch device measured",
     "device_name": "`torch.cuda.get_device_name` (or `cpu`)",
     "tiny": "true when the tiny pipelines were measured (`--tiny`, or no CUDA)",
-    "settings": "batch size, sampling steps, guidance scale, repeats, methods, geometries, sections, pytest args, "
-                "fresh process, CPU memory cap",
+    "settings": "batch size, sampling steps, guidance scale, repeats, methods, geometries, sections, training "
+                "variants, pytest args, fresh process, CPU memory cap",
     "machine": "host, library versions, CUDA version, GPU memory (benchmarks/perf_common.py `machine()` + CUDA)",
     "pipelines": "per geometry: resolution, parameter counts of UNet / text encoders / VAE, build seconds (or the "
                  "build error)",
@@ -83,10 +90,12 @@ def method_order(names: list[str]) -> list[str]:
     return [m for m in PRIORITY_METHODS if m in names] + [m for m in names if m not in PRIORITY_METHODS]
 
 
-def plan(methods: list[str], geometries: list[str], sections: list[str], pytest_args: str) -> list[dict]:
+def plan(methods: list[str], geometries: list[str], sections: list[str], pytest_args: str,
+         variants: list[str] | None = None) -> list[dict]:
     """The measurements, most valuable first: SD 1.5 training (float32: the goals' setting; then bf16 +
-    checkpointing: the practical one), SD 1.5 sampling, the CUDA tests, then SDXL (bf16 + checkpointing first: the
-    variant that fits a single GPU) and its sampling; bf16 sampling after float32 sampling."""
+    checkpointing, then the same with bfloat16 weights: the practical ones), SD 1.5 sampling, the CUDA tests, then
+    SDXL (the half-precision variants first: they fit a single GPU) and its sampling; bf16 sampling after float32
+    sampling. ``variants``: the training variants to plan (default all)."""
     out: list[dict] = []
 
     def add(**row: Any) -> None:
@@ -110,9 +119,10 @@ def plan(methods: list[str], geometries: list[str], sections: list[str], pytest_
                         method=method, case=case, precision=precision)
 
     for geometry in geometries:
-        variants = ("bf16+gc", "fp32") if geometry == "sdxl" else ("fp32", "bf16+gc")
-        for v in variants:
-            train(geometry, v)
+        order = ("bf16w+gc", "bf16+gc", "fp32") if geometry == "sdxl" else ("fp32", "bf16+gc", "bf16w+gc")
+        for v in order:
+            if variants is None or v in variants:
+                train(geometry, v)
         for p in SAMPLE_PRECISIONS:
             sample(geometry, p)
         if geometry == geometries[0] and "pytest" in sections:

@@ -252,7 +252,8 @@ CPU_FULL = ROOT / "benchmarks" / "results" / "cpu-full"
 sub-folder per run (``sd15-train``, ``sd15-sample``, ``sdxl-train``)."""
 
 CPU_FULL_RUNS = {
-    "sd15-train": "--geometries sd15 --sections train",
+    "sd15-train": "--geometries sd15 --sections train --variants fp32,bf16+gc",
+    "sd15-train-bf16w": "--geometries sd15 --sections train --variants bf16w+gc",
     "sd15-sample": "--geometries sd15 --sections sample --methods perfusion --sample-steps 3",
     "sdxl-train": "--geometries sdxl --sections train",
 }
@@ -273,16 +274,19 @@ def cpu_full_targets(rows: list[dict]) -> list[list[str]]:
         out.append([what, limit, "not measured" if value is None else fmt.format(value),
                     "" if ok is None else ("**met**" if ok else "**not met**")])
 
-    p, d = (_model_and_training(by.get(f"train/sd15/{m}/bf16+gc")) for m in ("perfusion", "dreambooth"))
-    add("SD 1.5, bf16 + checkpointing: Perfusion's memory / DreamBooth's", "<= 0.35", p / d if p and d else None,
-        p / d <= 0.35 if p and d else None)
-    add("SD 1.5, bf16 + checkpointing: Perfusion's memory", "<= 6 GB", p / 1e9 if p else None,
-        p / 1e9 <= 6 if p else None, "{:.2f} GB")
+    half = {"bf16+gc": "bf16 + checkpointing", "bf16w+gc": "bf16 weights + checkpointing"}
+    for v, words in half.items():
+        p, d = (_model_and_training(by.get(f"train/sd15/{m}/{v}")) for m in ("perfusion", "dreambooth"))
+        add(f"SD 1.5, {words}: Perfusion's memory / DreamBooth's", "<= 0.35", p / d if p and d else None,
+            p / d <= 0.35 if p and d else None)
+        add(f"SD 1.5, {words}: Perfusion's memory", "<= 6 GB", p / 1e9 if p else None,
+            p / 1e9 <= 6 if p else None, "{:.2f} GB")
     for m in sorted({r["method"] for r in rows if r["kind"] == "train" and r["geometry"] == "sd15"}):
-        a, b = (_model_and_training(by.get(f"train/sd15/{m}/{v}")) for v in ("bf16+gc", "fp32"))
-        add(f"SD 1.5: {m}'s bf16 + checkpointing memory / its float32 memory", "<= 0.5", a / b if a and b else None,
-            a / b <= 0.5 if a and b else None)
-    for v in ("fp32", "bf16+gc"):
+        for v, words in half.items():
+            a, b = (_model_and_training(by.get(f"train/sd15/{m}/{x}")) for x in (v, "fp32"))
+            add(f"SD 1.5: {m}'s memory, {words} / float32", "<= 0.5", a / b if a and b else None,
+                a / b <= 0.5 if a and b else None)
+    for v in ("fp32", "bf16+gc", "bf16w+gc"):
         p, d = (by.get(f"train/sd15/{m}/{v}") for m in ("perfusion", "dreambooth"))
         ok = p and d and p["status"] == d["status"] == "ok"
         add(f"SD 1.5, {v}: Perfusion's training step / DreamBooth's", "<= 0.6",

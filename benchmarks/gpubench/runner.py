@@ -53,10 +53,12 @@ class Runner:
         if self.cuda:
             torch.cuda.empty_cache()
 
-    def pipeline(self, geometry: str):
-        """The pipeline of ``geometry``, built on first use; one geometry is kept at a time (GPU memory)."""
-        if geometry in self.pipes:
-            return self.pipes[geometry]
+    def pipeline(self, geometry: str, dtype: torch.dtype = torch.float32):
+        """The pipeline of ``geometry`` with weights in ``dtype``, built on first use; one pipeline is kept at a
+        time (GPU memory)."""
+        key = geometry if dtype == torch.float32 else f"{geometry}/{str(dtype).removeprefix('torch.')}"
+        if key in self.pipes:
+            return self.pipes[key]
         info = self.pipe_info.get(geometry, {})
         if "error" in info:
             raise RuntimeError(f"the {geometry} pipeline could not be built: {info['error']}")
@@ -65,7 +67,7 @@ class Runner:
         self.free()
         t = time.perf_counter()
         try:
-            pipe = build_pipeline(geometry, self.device, tiny=self.tiny)
+            pipe = build_pipeline(geometry, self.device, tiny=self.tiny, dtype=dtype)
         except Exception as err:
             self.pipe_info[geometry] = {"error": f"{type(err).__name__}: {err}"}
             self.free()
@@ -79,7 +81,7 @@ class Runner:
             "text_encoder_2_params": param_count(getattr(pipe, "text_encoder_2", None)),
             "vae_params": param_count(pipe.vae),
             "pipeline_class": type(pipe).__name__, "build_s": round(time.perf_counter() - t, 2)}
-        self.pipes[geometry] = pipe
+        self.pipes[key] = pipe
         return pipe
 
     def cached_fingerprint(self, editor, geometry: str) -> None:

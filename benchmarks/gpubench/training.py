@@ -11,7 +11,7 @@ import time
 import torch
 from perf_common import config_overrides, placeholder_for, random_concept
 
-from .plan import TRAIN_VARIANTS
+from .plan import PIPELINE_DTYPES, TRAIN_VARIANTS
 
 
 def measure(runner, row: dict) -> None:
@@ -19,7 +19,7 @@ def measure(runner, row: dict) -> None:
     memory (the setup's included) and the loop's own peak into ``row``."""
     from editbench import methods
 
-    pipe = runner.pipeline(row["geometry"])
+    pipe = runner.pipeline(row["geometry"], PIPELINE_DTYPES.get(row["case"], torch.float32))
     res = runner.pipe_info[row["geometry"]]["resolution"]
     row["resolution"] = res
     repeats = runner.args.repeats
