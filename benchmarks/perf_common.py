@@ -321,12 +321,15 @@ def config_overrides(method: str, **wanted: Any) -> dict:
 # artifacts
 # ----------------------------------------------------------------------------------------------------------------
 
-def build_artifact(method: str, pipe, concept, *, fingerprints: dict | None = None, **config: Any):
+def build_artifact(method: str, pipe, concept, *, fingerprints: dict | None = None, reference: bool = False,
+                   **config: Any):
     """The artifact ``Editor.fit`` would save, built by ``Editor.shaped_artifact`` (the method's own training
     session, no optimizer step): tensor shapes and metadata entries are exactly those of a trained artifact, only
     the values differ, and file sizes do not depend on values. ``fingerprints`` caches base fingerprints across
-    methods that read the same weights."""
-    editor = methods.get(method)(**config_overrides(method, **config))
+    methods that read the same weights. ``reference``: from the method's ``Config.reference()`` (the published
+    settings for real Stable Diffusion, e.g. LoRA rank 4) instead of its toy-world defaults (LoRA rank 2)."""
+    cls = methods.get(method)
+    editor = cls(cls.Config.reference() if reference else None, **config_overrides(method, **config))
     key = "default" if type(editor).affected_tensors is methods.Editor.affected_tensors else method
     fingerprints = {} if fingerprints is None else fingerprints
     if key not in fingerprints:

@@ -111,7 +111,7 @@ def measure_storage(geometry: str = "sd15", out: str | None = None, derive_large
     for method in METHODS:
         concept = random_concept(placeholder_for(method), "dog", size=resolution(pipe))
         t = time.perf_counter()
-        art = build_artifact(method, pipe, concept, fingerprints=fps)
+        art = build_artifact(method, pipe, concept, fingerprints=fps, reference=True)  # real-SD settings
         row = {"tensors": len(art.tensors), "floats": int(sum(v.numel() for v in art.tensors.values())),
                "build_s": round(time.perf_counter() - t, 2), "note": storage_note(method, art)}
         derive = derive_large and too_large_to_write(art)

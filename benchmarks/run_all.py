@@ -148,7 +148,9 @@ def render(results: dict) -> str:
                     "geometry-only models: the real full-size UNet of each geometry with random weights, a 2-layer "
                     "CLIP text encoder of the right width (only widths matter for artifacts), saved with "
                     "`Artifact.save(dtype=...)` and measured on disk. No optimizer step is run: file sizes do not "
-                    "depend on the values. DreamBooth is reported as it is (the whole UNet).")
+                    "depend on the values. Each method at its `Config.reference()` settings (the published ones "
+                    "for real Stable Diffusion: LoRA rank 4), not its toy-world defaults. DreamBooth is reported as "
+                    "it is (the whole UNet).")
         body.append("")
         for g, res in st["geometries"].items():
             rows = []
