@@ -255,7 +255,7 @@ CPU_FULL_RUNS = {
     "sd15-train": "--geometries sd15 --sections train --variants fp32,bf16+gc",
     "sd15-train-bf16w": "--geometries sd15 --sections train --variants bf16w+gc",
     "sd15-sample": "--geometries sd15 --sections sample --methods perfusion --sample-steps 3",
-    "sdxl-train": "--geometries sdxl --sections train",
+    "sdxl-train": "--geometries sdxl --sections train --budget-s 3600",
 }
 
 
@@ -315,8 +315,9 @@ def cpu_full_section(results: Path = CPU_FULL, depth: int = 2) -> str:
          "memory after the imports) is what a GPU would hold, and the *fits on* column adds an assumed "
          f"{CUDA_CONTEXT_GIB} GiB CUDA context (derived, not measured on a GPU). Step times are this CPU's, "
          "measured one process after another (ratios between rows of one run; the runs used both cores and "
-         "nothing else ran). Commands (each with `python benchmarks/gpu.py --full --device cpu --fresh-process "
-         "--out DIR`):", ""]
+         "nothing else ran). Each method trains at its default config with batch 1, prior preservation off "
+         "(learning rates do not change a step's cost; LoRA's default rank is 2 where the published recipe has 4). "
+         "Commands (each with `python benchmarks/gpu.py --full --device cpu --fresh-process --out DIR`):", ""]
     L += [f"- `{name}`: `{args}`" for name, args in CPU_FULL_RUNS.items()] + [""]
     runs = {}
     for name in CPU_FULL_RUNS:
