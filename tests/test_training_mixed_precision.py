@@ -44,6 +44,26 @@ def test_bf16_autocast_runs_the_forward_in_bf16_and_keeps_trained_parameters_flo
     assert_same(before, snapshot(pipe))
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_every_method_trains_on_a_bfloat16_pipeline_with_float32_trainables(name, recording):
+    """A pipeline loaded in bfloat16 (frozen weights in half precision, as diffusers' training scripts keep them)
+    with bf16 autocast: every method trains float32 parameters with float32 gradients, writes its artifact, and
+    leaves the pipeline's weights and dtypes as they were."""
+    from editbench.testing import tiny_pipeline
+
+    half = tiny_pipeline().to(torch.bfloat16)
+    before = snapshot(half)
+    art = fit(half, name, mixed_precision="bf16", gradient_checkpointing=True)
+    assert recording and all(p == torch.float32 and g in (torch.float32, None)
+                             for step in recording for _, ps in step for p, g in ps), recording[:1]
+    assert math.isfinite(art.metadata["training"]["loss_last"])
+    # DreamBooth's artifact is the tuned components in the base model's dtype (docs/methods/dreambooth.md)
+    assert {v.dtype for v in art.tensors.values() if v.is_floating_point()} == \
+        {torch.bfloat16 if name == "dreambooth" else torch.float32}
+    assert_same(before, snapshot(half))
+    assert {p.dtype for p in half.unet.parameters()} == {torch.bfloat16}
+
+
 def test_no_mixed_precision_runs_float32(pipe):
     seen, hooks = _dtype_probe(pipe)
     try:
