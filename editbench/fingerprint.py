@@ -125,7 +125,7 @@ def files_fingerprint(paths: Iterable[str | os.PathLike], root: str | os.PathLik
 
     paths = [Path(p) for p in paths]
     try:
-        stats = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths)
+        stats = tuple((str(p.resolve()), st.st_size, st.st_mtime_ns) for p in paths for st in (p.stat(),))
     except OSError as err:
         raise EditbenchError(f"cannot read {err.filename}: {err.strerror or err}") from None
     names = tuple(p.relative_to(root).as_posix() if root is not None else "" for p in paths)

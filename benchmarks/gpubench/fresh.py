@@ -72,17 +72,16 @@ def measure(row: dict, argv: list[str], out: Path, cap_bytes: int | None, interv
     folder = out / "_rows" / row["id"].replace("/", "__")
     folder.mkdir(parents=True, exist_ok=True)
     cmd = child_argv(argv, row["id"], folder)
-    log = open(folder / "child.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    ps = psutil.Process(proc.pid)
-    peak, killed = 0, False
-    while proc.poll() is None:
-        peak = max(peak, _tree_rss(ps))
-        if cap_bytes and peak > cap_bytes and not killed:
-            proc.kill()
-            killed = True
-        time.sleep(interval)
-    log.close()
+    with open(folder / "child.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        ps = psutil.Process(proc.pid)
+        peak, killed = 0, False
+        while proc.poll() is None:
+            peak = max(peak, _tree_rss(ps))
+            if cap_bytes and peak > cap_bytes and not killed:
+                proc.kill()
+                killed = True
+            time.sleep(interval)
     got = folder / "gpu.json"
     res = json.loads(got.read_text()) if got.is_file() else {}
     child = next((r for r in res.get("measurements", []) if r["id"] == row["id"]), None)

@@ -1,0 +1,73 @@
+"""Suite cache keys: cells and artifacts are keyed by what they depend on (the reference images' and the base
+model's file contents), not by paths or names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from _eval_stubs import FakeEditor, registered
+
+from editbench.errors import EditbenchError
+from editbench.eval import spec as suite_spec
+
+
+def _copy_concept_folder(dst: Path) -> Path:
+    """The toy world's zebra and halo reference folders (DreamBench layout) copied to ``dst``."""
+    from editbench import toyworld
+
+    for name in ("zebra", "halo"):
+        src = toyworld.DATA / "dreambench" / name
+        for f in src.rglob("*.png"):
+            (dst / name / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            (dst / name / f.relative_to(src)).write_bytes(f.read_bytes())
+    for f in ("concepts.csv", "prompts_zebra.txt", "prompts_halo.txt"):
+        (dst / f).write_bytes((toyworld.DATA / "dreambench" / f).read_bytes())
+    return dst
+
+
+def _model_folder(dst: Path) -> Path:
+    (dst / "unet").mkdir(parents=True)
+    (dst / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights-v1")
+    (dst / "model_index.json").write_text("{}")
+    return dst
+
+
+def test_cells_are_keyed_by_content_not_by_paths(tmp_path):
+    """The same images and model files in another folder (another checkout, another machine) give the same cell
+    and artifact keys; one changed byte of an image or of the model's weights gives new ones."""
+    def ids(images: Path, model: Path) -> list[str]:
+        suite = suite_spec.load_suite({"model": str(model), "methods": ["base", "fake"], "seeds": [0],
+                                       "concepts": [{"dreambench": str(images), "names": ["zebra", "halo"]}]})
+        return [c.id for c in suite.cells()]
+
+    _copy_concept_folder(tmp_path / "a")
+    _model_folder(tmp_path / "ma")
+    with registered(FakeEditor):
+        a = ids(tmp_path / "a", tmp_path / "ma")
+        assert ids(_copy_concept_folder(tmp_path / "b"), _model_folder(tmp_path / "mb")) == a
+        first = sorted((tmp_path / "b" / "zebra").glob("*.png"))[0]
+        first.write_bytes(first.read_bytes() + b"\0")                   # one more byte in one zebra image
+        changed = ids(tmp_path / "b", tmp_path / "mb")
+        assert [x == y for x, y in zip(a, changed)] == ["halo" in x for x in a]   # only zebra's cells are new
+        (tmp_path / "mb" / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"weights-v2")
+        assert not set(ids(tmp_path / "a", tmp_path / "mb")) & set(a)  # new base weights: every cell is new
+    from editbench.fingerprint import files_fingerprint
+
+    first.unlink()
+    with pytest.raises(EditbenchError, match=re.escape(str(first))):          # a reference image gone missing
+        files_fingerprint([first])
+
+
+def test_toyworld_cells_depend_on_the_committed_weights(monkeypatch, tmp_path):
+    from editbench import toyworld
+
+    before = [c.id for c in suite_spec.load_suite("toy-quick").cells()]
+    fake = tmp_path / "weights"
+    for f in toyworld.WEIGHTS.rglob("*"):
+        if f.is_file() and not f.name.endswith(".safetensors"):
+            (fake / f.relative_to(toyworld.WEIGHTS)).parent.mkdir(parents=True, exist_ok=True)
+            (fake / f.relative_to(toyworld.WEIGHTS)).write_bytes(f.read_bytes())
+    monkeypatch.setattr(toyworld, "WEIGHTS", fake)
+    assert not set(c.id for c in suite_spec.load_suite("toy-quick").cells()) & set(before)
