@@ -117,7 +117,7 @@ def test_the_budget_stops_after_the_measurement_it_was_spent_in(gpu, tmp_path, m
     assert first["id"] == "train/sd15/textual_inversion/fp32" and first["status"] == "ok"   # finished, recorded
     assert first["seconds"] > 0 and first["memory_kind"] == "cpu_rss_peak_delta" and first["resolution"] == 16
     assert [r["id"] for r in rest] == ["train/sd15/textual_inversion/bf16+gc", "train/sd15/textual_inversion/bf16w+gc",
-                                       "pytest"]
+                                       "train/sd15/textual_inversion/bf16w+gc+bf16m", "pytest"]
     assert all(r["status"] == "skipped" and "1000 s of 100 s" in r["detail"] for r in rest)
     assert res["skipped_for_budget"] == [r["id"] for r in rest] and res["budget_exhausted"] is True
 
@@ -135,7 +135,7 @@ def test_a_tiny_run_measures_training_sampling_and_the_cuda_tests(gpu, tmp_path)
     assert res["pipelines"]["sdxl"]["text_encoder_2_params"] > 0
     for geometry in ("sd15", "sdxl"):
         for method in ("perfusion", "dreambooth"):
-            for variant in ("fp32", "bf16+gc", "bf16w+gc"):               # 8-bit AdamW only when asked for
+            for variant in ("fp32", "bf16+gc", "bf16w+gc", "bf16w+gc+bf16m"):   # 8-bit AdamW only when asked
                 row = rows[f"train/{geometry}/{method}/{variant}"]
                 # a method without SDXL support is recorded as such; anything else must measure
                 assert row["status"] == "ok" or (geometry == "sdxl" and row["status"] == "unsupported"), row
@@ -214,8 +214,12 @@ def test_cpu_full_targets_read_the_fresh_process_rows(gpu):
     rows = [row("train/sd15/perfusion/fp32", 10.0, 9.0), row("train/sd15/dreambooth/fp32", 20.0, 21.0),
             row("train/sd15/perfusion/bf16+gc", 8.0, 5.0), row("train/sd15/dreambooth/bf16+gc", 16.0, 13.0),
             row("sample/sd15/base/fp32", 10.0, 5.0, "sample"), row("sample/sd15/perfusion_1/fp32", 10.2, 5.0, "sample"),
-            row("sample/sd15/perfusion_10/fp32", 11.5, 5.0, "sample")]
+            row("sample/sd15/perfusion_10/fp32", 11.5, 5.0, "sample"),
+            row("train/sd15/dreambooth/bf16w+gc+bf16m", 18.0, 10.0)]
     got = {t[0]: t[2:] for t in gpu.cpu_full_targets(rows)}
+    assert got["SD 1.5: dreambooth's memory, bf16 weights + checkpointing + bf16 master weights / float32"] == \
+        ["0.45", "**met**"]                                                                          # 9 / 20
+    assert not any("master weights" in k for k in got if "perfusion's" in k)    # only variants that were run
     assert got["SD 1.5, bf16 + checkpointing: Perfusion's memory / DreamBooth's"] == ["0.33", "**met**"]   # 4 / 12
     assert got["SD 1.5, bf16 + checkpointing: Perfusion's memory"] == ["4.00 GB", "**met**"]
     assert got["SD 1.5: perfusion's memory, bf16 + checkpointing / float32"] == ["0.50", "**met**"]

@@ -256,6 +256,7 @@ CPU_FULL_RUNS = {
     "sd15-train-bf16w": "--geometries sd15 --sections train --variants bf16w+gc",
     "sd15-train-bf16w-lora": "--geometries sd15 --sections train --variants bf16w+gc --methods lora",
     "sd15-train-8bit": "--geometries sd15 --sections train --variants bf16w+gc+8bit --methods dreambooth",
+    "sd15-train-bf16m": "--geometries sd15 --sections train --variants bf16w+gc+bf16m",
     "sd15-sample": "--geometries sd15 --sections sample --methods perfusion --sample-steps 3",
     "sdxl-train": "--geometries sdxl --sections train --budget-s 3600",
 }
@@ -284,8 +285,9 @@ def cpu_full_targets(rows: list[dict]) -> list[list[str]]:
         add(f"SD 1.5, {words}: Perfusion's memory", "<= 6 GB", p / 1e9 if p else None,
             p / 1e9 <= 6 if p else None, "{:.2f} GB")
     for m in sorted({r["method"] for r in rows if r["kind"] == "train" and r["geometry"] == "sd15"}):
-        extra = {"bf16w+gc+8bit": "bf16 weights + checkpointing + 8-bit AdamW"} \
-            if f"train/sd15/{m}/bf16w+gc+8bit" in by else {}
+        extra = {v: w for v, w in (("bf16w+gc+bf16m", "bf16 weights + checkpointing + bf16 master weights"),
+                                   ("bf16w+gc+8bit", "bf16 weights + checkpointing + 8-bit AdamW"))
+                 if f"train/sd15/{m}/{v}" in by}
         for v, words in {**half, **extra}.items():
             a, b = (_model_and_training(by.get(f"train/sd15/{m}/{x}")) for x in (v, "fp32"))
             add(f"SD 1.5: {m}'s memory, {words} / float32", "<= 0.5", a / b if a and b else None,

@@ -162,7 +162,13 @@ def _adamw8bit() -> type:
     return bitsandbytes.optim.AdamW8bit
 
 
-def _optimizer(config: TrainConfig, groups: list[ParamGroup]) -> torch.optim.Optimizer:
+def _optimizer(config: TrainConfig, groups: list[ParamGroup], seed: int) -> torch.optim.Optimizer:
+    if config.master_weights == "bf16":
+        from editbench.training.bf16 import StochasticAdamW
+
+        return StochasticAdamW([{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups],
+                               betas=tuple(config.adam_betas), eps=config.adam_eps,
+                               decoupled=config.optimizer == "adamw", seed=seed)
     cls = _adamw8bit() if config.optimizer == "adamw8bit" else OPTIMIZERS[config.optimizer]
     return cls([{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups],
                betas=tuple(config.adam_betas), eps=config.adam_eps)
@@ -380,10 +386,12 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     if len({id(p) for p in params}) != len(params):
         raise TrainingError("a parameter appears in two parameter groups")
     for p in params:
-        if not p.is_floating_point() or p.dtype != torch.float32:
+        if not p.is_floating_point() or p.dtype not in (torch.float32, config.trainable_dtype):
             raise TrainingError(f"trainable parameters must be float32 (got {p.dtype}); keep a float32 copy and "
                                 "cast in the forward pass")
-    opt = _optimizer(config, groups)
+        if p.dtype != config.trainable_dtype:  # master_weights="bf16": the parameters themselves become bfloat16
+            p.data = p.data.to(config.trainable_dtype)
+    opt = _optimizer(config, groups, seed)
     lr_sched = _lr_scheduler(config, opt)
     scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
     any_state = config.optimizer == "adamw8bit"

@@ -21,8 +21,9 @@ from editbench.pipelines import TextConditioning, encode_text
 if TYPE_CHECKING:
     from editbench.methods.base import Artifact
 
-__all__ = ["LR_SCHEDULERS", "MIXED_PRECISION", "OPTIMIZERS", "Param", "ParamGroup", "StepContext", "TrainConfig",
-           "TrainResult", "TrainingSession", "encode_prompts", "masked_mse", "pipeline_device", "tokenize"]
+__all__ = ["LR_SCHEDULERS", "MASTER_WEIGHTS", "MIXED_PRECISION", "OPTIMIZERS", "Param", "ParamGroup", "StepContext",
+           "TrainConfig", "TrainResult", "TrainingSession", "encode_prompts", "masked_mse", "pipeline_device",
+           "tokenize"]
 
 OPTIMIZERS = {"adamw": torch.optim.AdamW, "adam": torch.optim.Adam, "adamw8bit": None}
 """The optimizers ``TrainConfig.optimizer`` names (``adamw8bit``: ``bitsandbytes.optim.AdamW8bit``, imported when
@@ -31,6 +32,9 @@ training starts; bitsandbytes is an optional dependency)."""
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts")
 """``TrainConfig.lr_scheduler`` names: schedules of ``diffusers.optimization.get_scheduler``. ``cosine`` decays to
 0 in one half-wave; ``cosine_with_restarts`` does ``lr_num_cycles`` such half-waves with hard restarts."""
+
+MASTER_WEIGHTS = {"float32": torch.float32, "bf16": torch.bfloat16}
+"""``TrainConfig.master_weights`` -> the dtype of the trained parameters, their gradients and optimizer moments."""
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """``TrainConfig.mixed_precision`` -> the autocast dtype of the forward passes (None: no autocast)."""
@@ -83,6 +87,10 @@ class TrainConfig:
       trained, written to ``checkpoint_dir/validation/step_XXXXX/``.
     * ``log_with``: None or ``"tensorboard"`` (loss, learning rates, validation images in ``checkpoint_dir/logs``).
     * ``optimizer``: ``"adamw"``, ``"adam"`` or ``"adamw8bit"`` (bitsandbytes).
+    * ``master_weights``: ``"float32"`` (trained parameters, their gradients and the optimizer moments in float32)
+      or ``"bf16"`` (all three in bfloat16: half the memory; each update stochastically rounded,
+      :class:`editbench.training.bf16.StochasticAdamW`; needs ``mixed_precision="bf16"`` and ``"adamw"`` /
+      ``"adam"``). The loop casts the trained parameters to :attr:`trainable_dtype`.
     """
 
     steps: int = 400
@@ -106,6 +114,7 @@ class TrainConfig:
     validation_inference_steps: int = 25
     validation_guidance_scale: float = 7.5
     log_with: str | None = None
+    master_weights: str = "float32"
 
     # fields that may change between a checkpoint and its resume (everything else must match)
     RESUMABLE_FIELDS = ("steps", "checkpoint_every", "gradient_checkpointing", "validation_every",
@@ -113,7 +122,7 @@ class TrainConfig:
     # fields added after checkpoints existed: left out of a run's signature while at their defaults, so that a
     # checkpoint written before them still resumes (a method's own later fields may be listed by its Config)
     LATER_FIELDS = ("mixed_precision", "resolution", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
-                    "class_resolution", "class_data_dir")
+                    "class_resolution", "class_data_dir", "master_weights")
 
     def run_signature(self) -> dict:
         """The config entries (JSON types) a training checkpoint must match to be resumed: every field but
@@ -191,11 +200,25 @@ class TrainConfig:
             raise EditbenchError(f"validation_guidance_scale must be a finite number >= 0, got {g!r}")
         if self.log_with not in (None, "tensorboard"):
             raise EditbenchError(f"log_with must be None or 'tensorboard', got {self.log_with!r}")
+        if self.master_weights not in MASTER_WEIGHTS:
+            raise EditbenchError(f"master_weights must be one of {list(MASTER_WEIGHTS)}, got {self.master_weights!r}")
+        if self.master_weights == "bf16" and self.mixed_precision != "bf16":
+            raise EditbenchError("master_weights='bf16' trains bfloat16 parameters inside bfloat16 autocast: set "
+                                 f"mixed_precision='bf16' (got {self.mixed_precision!r})")
+        if self.master_weights == "bf16" and self.optimizer not in ("adamw", "adam"):
+            raise EditbenchError(f"master_weights='bf16' updates with a stochastically rounded Adam / AdamW; "
+                                 f"optimizer={self.optimizer!r} has no such update: use 'adamw' or 'adam'")
+
+    @property
+    def trainable_dtype(self) -> torch.dtype:
+        """The dtype the trained parameters are kept in (:attr:`master_weights`)."""
+        return MASTER_WEIGHTS[self.master_weights]
 
 
 @dataclass
 class ParamGroup:
-    """Trainable parameters sharing one learning rate (and weight decay). Train them in float32."""
+    """Trainable parameters sharing one learning rate (and weight decay). Make them float32 (the loop casts them
+    to bfloat16 for ``master_weights="bf16"``)."""
 
     name: str
     params: list[torch.nn.Parameter]

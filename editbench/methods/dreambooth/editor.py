@@ -97,12 +97,12 @@ class DreamBoothEditor(Editor):
         prior = make_prior(pipeline, concept, config)  # class images from the unedited base model, first
         names = _components(pipeline, config.train_text_encoder)
         tuned, dtypes = {}, {}
-        for name in names:  # train a float32 copy; the base module is put back by the handle afterwards
+        for name in names:  # train a copy in the master-weight dtype; the handle puts the base module back
             base = getattr(pipeline, name)
             dtypes[name] = next(base.parameters()).dtype
             tuned[name] = copy.deepcopy(base)
-            if dtypes[name] != torch.float32:
-                tuned[name].to(torch.float32)
+            if dtypes[name] != config.trainable_dtype:
+                tuned[name].to(config.trainable_dtype)
             handle.set_attr(pipeline, name, tuned[name])
         return _Session(pipeline, prior, tuned, dtypes, config)
 
