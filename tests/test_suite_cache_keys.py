@@ -71,3 +71,16 @@ def test_toyworld_cells_depend_on_the_committed_weights(monkeypatch, tmp_path):
             (fake / f.relative_to(toyworld.WEIGHTS)).write_bytes(f.read_bytes())
     monkeypatch.setattr(toyworld, "WEIGHTS", fake)
     assert not set(c.id for c in suite_spec.load_suite("toy-quick").cells()) & set(before)
+
+
+def test_a_missing_model_folder_is_one_clear_error_for_cells_and_the_runner(tmp_path):
+    from editbench.eval.runner import Runner
+
+    _copy_concept_folder(tmp_path / "a")
+    suite = suite_spec.load_suite({"model": str(tmp_path / "nowhere"), "methods": ["base"], "seeds": [0],
+                                   "concepts": [{"dreambench": str(tmp_path / "a"), "names": ["zebra"]}]})
+    want = re.escape(f"model folder {tmp_path / 'nowhere'} not found")
+    with pytest.raises(EditbenchError, match=want):
+        suite.cells()
+    with pytest.raises(EditbenchError, match=want):
+        Runner(suite, tmp_path / "out", device="cpu", dtype=None, progress=False).pipeline

@@ -110,16 +110,14 @@ class Runner:
 
                 self._pipe = tiny_pipeline().to(self.device, self.dtype)
             else:
-                if not Path(model).is_dir():
-                    raise EditbenchError(f"model folder {model} not found; set 'model:' in the suite to a local "
-                                         "diffusers folder (or 'toyworld')")
+                folder = self.suite.model_folder()
                 from diffusers import DiffusionPipeline
 
                 from editbench.models import dtype_kwargs
                 from editbench.progress import quiet_loading
 
                 quiet_loading()
-                self._pipe = DiffusionPipeline.from_pretrained(model, **dtype_kwargs(self.dtype or torch.float32),
+                self._pipe = DiffusionPipeline.from_pretrained(folder, **dtype_kwargs(self.dtype or torch.float32),
                                                                local_files_only=True).to(self.device)
                 self._pipe.set_progress_bar_config(disable=True)
         return self._pipe

@@ -224,10 +224,14 @@ class Suite:
             from editbench import toyworld
 
             return {"name": "toyworld", "files": folder_fingerprint(toyworld.WEIGHTS)}
+        return {"name": "folder", "files": folder_fingerprint(self.model_folder())}
+
+    def model_folder(self) -> Path:
+        """The suite's diffusers folder (``model:`` other than ``toyworld`` / ``tiny``); EditbenchError if absent."""
         if not Path(self.model).is_dir():
             raise EditbenchError(f"model folder {self.model} not found; set 'model:' in the suite to a local "
                                  "diffusers folder (or 'toyworld')")
-        return {"name": "folder", "files": folder_fingerprint(self.model)}
+        return Path(self.model)
 
     def concept_prompts(self, names: tuple[str, ...]) -> list[tuple[int, str]]:
         if len(names) == 1:

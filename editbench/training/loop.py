@@ -355,8 +355,9 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     gradients flow through (:meth:`TrainingSession.backprop_modules`), autocast of the forward passes
     (``mixed_precision``; fp16 with a loss scaler), a training ``resolution``, a learning-rate schedule (its state
     checkpointed), validation images every ``validation_every`` steps in ``checkpoint_dir/validation/
-    step_XXXXX/``, TensorBoard logs in ``checkpoint_dir/logs``, 8-bit AdamW. :func:`check_training` refuses
-    what this pipeline, device or installation cannot run, before any work.
+    step_XXXXX/``, TensorBoard logs in ``checkpoint_dir/logs``, 8-bit AdamW, bfloat16 master weights (the
+    trained parameters cast to bfloat16, updated by :class:`editbench.training.bf16.StochasticAdamW`).
+    :func:`check_training` refuses what this pipeline, device or installation cannot run, before any work.
 
     Raises TrainingError on a non-finite loss (naming the step; the last checkpoint is kept).
     The pipeline's ``requires_grad`` flags, train/eval modes and gradient-checkpointing switches are restored on
