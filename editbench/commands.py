@@ -342,7 +342,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="recompute activations in the backward pass (UNet, and the text encoder where trained "
                         "through): less memory, more time")
     f.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default=None,
-                   help="autocast the forward passes (trained parameters stay float32; fp16 scales the loss)")
+                   help="autocast the forward passes (trained parameters stay float32 unless --master-weights bf16; "
+                        "fp16 scales the loss)")
     f.add_argument("--resolution", type=int, default=None, metavar="PX",
                    help="resize the concept images to PX before encoding (default: the model's resolution)")
     f.add_argument("--lr-scheduler", default=None, metavar="NAME",

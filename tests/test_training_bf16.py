@@ -44,14 +44,19 @@ def test_stochastic_rounding_picks_a_neighbour_with_the_unbiased_probability():
     assert torch.allclose(draws.mean(0), x.double(), rtol=0, atol=float(5 * ((hi - lo) * sd).max()))
 
 
-def test_stochastic_rounding_keeps_exact_values_signs_and_infinities():
+def test_stochastic_rounding_keeps_exact_values_signs_infinities_and_nans():
     gen = torch.Generator().manual_seed(1)
     exact = torch.tensor([0.0, -0.0, 1.0, -2.5, 3.0e38, float("inf"), float("-inf")]).to(torch.bfloat16).float()
     for _ in range(50):
         out = stochastic_round_bf16(exact, gen)
         assert torch.equal(out.float(), exact) and out.dtype == torch.bfloat16
-    assert torch.equal(stochastic_round_bf16(exact, torch.Generator().manual_seed(3)),
-                       stochastic_round_bf16(exact, torch.Generator().manual_seed(3)))
+        assert torch.equal(torch.signbit(out), torch.signbit(exact))
+    # NaNs whose payload is in the low 16 bits (a carry would make them inf or 0), and a finite value a quarter
+    # step above bfloat16's largest (a carry would make it inf)
+    odd = torch.tensor([0x7F800001, 0x7FFFFFFF, -1, 0x7F7F4000], dtype=torch.int32).view(torch.float32)
+    for _ in range(200):
+        out = stochastic_round_bf16(odd, gen)
+        assert bool(out[:3].isnan().all()) and float(out[3]) == float(torch.finfo(torch.bfloat16).max)
     with pytest.raises(TypeError, match="float32"):
         stochastic_round_bf16(exact.double())
 
@@ -91,7 +96,7 @@ def test_updates_below_half_a_bfloat16_step_survive_in_expectation():
         ours.grad, nearest.grad = torch.ones_like(ours), torch.ones_like(nearest)
         opt.step()
         opt_nearest.step()
-    assert ours.dtype == torch.bfloat16 and opt.state[ours]["exp_avg"].dtype == torch.bfloat16
+    assert ours.dtype == opt.state[ours]["exp_avg"].dtype == opt.state[ours]["exp_avg_sq"].dtype == torch.bfloat16
     assert bool((nearest == 1).all())                                      # every update rounded away
     expected = 1.0 - steps * lr                                             # m / sqrt(v) = 1 after bias correction
     mean = float(ours.double().mean())
@@ -100,19 +105,46 @@ def test_updates_below_half_a_bfloat16_step_survive_in_expectation():
     assert abs(mean - 1.0) > 0.8 * steps * lr
 
 
+def test_the_moments_are_rounded_stochastically_too():
+    """With beta2 = 0.999 each update of exp_avg_sq is below half a bfloat16 step: round-to-nearest would freeze it
+    at its first value; stochastic rounding decays it as in float64."""
+    n = 50_000
+    p = torch.nn.Parameter(torch.ones(n, dtype=torch.bfloat16))
+    opt = StochasticAdamW([p], lr=0.0, betas=(0.9, 0.999), seed=2)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    for _ in range(300):
+        p.grad = torch.zeros_like(p)
+        opt.step()
+    want = 1e-3 * 0.999 ** 300                                  # (1 - beta2) g^2, then 300 decays
+    got = float(opt.state[p]["exp_avg_sq"].double().mean())
+    assert abs(got / want - 1) < 0.01, (got, want)              # nearest: stuck at 1e-3 (ratio 1.35)
+
+
 def test_the_rounding_is_seeded_by_seed_step_and_parameter():
-    def run(seed):
-        torch.manual_seed(0)
-        ps = [torch.nn.Parameter(torch.randn(64).to(torch.bfloat16)) for _ in range(2)]
+    def run(seed, steps=3):
+        ps = [torch.nn.Parameter(torch.full((64,), 1.0, dtype=torch.bfloat16)) for _ in range(2)]
         opt = StochasticAdamW(ps, lr=1e-3, seed=seed)
         torch.manual_seed(123)                                   # the global generator plays no part
-        for _ in range(3):
+        out = []
+        for _ in range(steps):
             for p in ps:
                 p.grad = torch.full_like(p, 0.5)
             opt.step()
-        return torch.cat([p.detach() for p in ps])
+            out.append(torch.stack([p.detach().clone() for p in ps]))
+        return torch.stack(out)                                  # (steps, params, 64)
 
-    assert torch.equal(run(7), run(7)) and not torch.equal(run(7), run(8))
+    torch.manual_seed(0)
+    a = run(7)
+    torch.manual_seed(1)
+    assert torch.equal(run(7), a) and not torch.equal(run(8), a)
+    assert not torch.equal(a[0, 0], a[0, 1])                     # same values and gradients, another parameter
+    opt = StochasticAdamW([torch.nn.Parameter(torch.ones(1))], seed=7)
+    draws = {(t, k): torch.randint(0, 1 << 16, (32,), generator=opt._generator(torch.device("cpu"), t, k))
+             for t in (1, 2) for k in (0, 1)}
+    assert torch.equal(draws[1, 0], torch.randint(0, 1 << 16, (32,),
+                                                  generator=opt._generator(torch.device("cpu"), 1, 0)))
+    assert len({tuple(d.tolist()) for d in draws.values()}) == 4   # every (step, parameter) its own stream
 
 
 @pytest.mark.parametrize("name", METHODS)
@@ -136,6 +168,9 @@ def test_every_method_trains_bfloat16_master_weights(name, monkeypatch):
     art = fit(half, name, mixed_precision="bf16", master_weights="bf16")
     assert len(seen) == 2 and all(s == {(torch.bfloat16, torch.bfloat16)} for s in seen), seen
     assert math.isfinite(art.metadata["training"]["loss_last"])
+    # the artifact's dtypes are those of float32 master weights: the base model's for DreamBooth, else float32
+    assert {v.dtype for v in art.tensors.values() if v.is_floating_point()} == \
+        {torch.bfloat16 if name == "dreambooth" else torch.float32}
     assert art.metadata["config"]["master_weights"] == "bf16"
     assert_same(before, snapshot(half))
     assert {p.dtype for p in half.unet.parameters()} == {torch.bfloat16}
@@ -154,11 +189,13 @@ def test_bf16_master_weights_on_a_float32_pipeline_resume_bitwise(pipe, tmp_path
     assert moments == {torch.bfloat16}
     resumed = fit(pipe, "dreambooth", steps=4, checkpoint_dir=tmp_path, **kw)
     assert resumed.metadata["training"]["resumed_from"] == 2
+    base = {f"unet.{k}": v for k, v in pipe.unet.state_dict().items()}
     changed = 0
     for k, v in full.tensors.items():
         assert torch.equal(resumed.tensors[k], v), k
-        changed += not torch.equal(v, pipe.unet.state_dict().get(k.removeprefix("unet."), v))
-    assert changed > 0                                                     # the weights did move
+        if k in base:   # moved by training, not only by the cast to bfloat16
+            changed += not torch.equal(v, base[k].to(torch.bfloat16).float())
+    assert changed > 0
     assert {v.dtype for v in full.tensors.values()} == {torch.float32}   # written in the base model's dtype
 
 
@@ -185,3 +222,11 @@ def test_master_weights_flag_and_run_signature():
     assert "master_weights" not in TrainConfig().run_signature()          # older checkpoints still resume
     assert TrainConfig(mixed_precision="bf16", master_weights="bf16").run_signature()["master_weights"] == "bf16"
     assert TrainConfig(master_weights="bf16").trainable_dtype == torch.bfloat16
+
+
+def test_custom_diffusion_delta_holds_the_update_not_the_rounding_of_the_base(pipe):
+    """On a float32 pipeline the bfloat16 K/V weights start at the rounded base weights: with a learning rate too
+    small to move a bfloat16 weight, every delta is exactly 0 (as with float32 master weights)."""
+    art = fit(pipe, "custom_diffusion", mixed_precision="bf16", master_weights="bf16", lr=1e-30)
+    deltas = [v for k, v in art.tensors.items() if k.endswith(".delta")]
+    assert deltas and all(v.dtype == torch.float32 and not bool(v.any()) for v in deltas)

@@ -218,10 +218,11 @@ def cap_norms_(rows: torch.Tensor, limits: torch.Tensor | None) -> torch.Tensor:
         return rows
     with torch.no_grad():
         limits = limits.to(rows.device)
-        norms = rows.norm(dim=-1)                                                  # (k,)
+        r = rows.to(torch.promote_types(rows.dtype, torch.float32))   # (k, d); half-precision rows: in float32
+        norms = r.norm(dim=-1)                                                     # (k,)
         over = norms > limits
         if bool(over.any()):
-            rows[over] = rows[over] * (limits[over] / norms[over]).to(rows.dtype)[:, None]
+            rows[over] = (r[over] * (limits[over] / norms[over])[:, None]).to(rows.dtype)
     return rows
 
 

@@ -16,6 +16,7 @@ repeat an uninterrupted one. Here the noise of parameter k at step t comes from 
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 from typing import Any
@@ -31,14 +32,18 @@ _HIGH16 = -0x10000  # 0xFFFF0000 as an int32
 def stochastic_round_bf16(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """``x`` (float32) rounded to bfloat16 without bias: to the neighbour away from zero with probability (the low 16
     bits of ``x``) / 2**16, else toward zero, so that ``E[result] = x``. Values bfloat16 holds exactly are
-    unchanged; infinities stay infinite."""
+    unchanged; infinities stay infinite, NaN stays NaN, and a finite value never rounds to infinity."""
     if x.dtype != torch.float32:
         raise TypeError(f"stochastic_round_bf16 rounds float32 tensors, got {x.dtype}")
     bits = x.contiguous().view(torch.int32)
     noise = torch.randint(0, _LOW16 + 1, x.shape, generator=generator, device=x.device, dtype=torch.int32)
     # adding the noise to the bit pattern carries into bit 16 (one bfloat16 step away from zero, for either sign:
     # the magnitude sits in the low 31 bits) exactly when noise + low16 >= 2**16; truncating then drops the rest
-    return ((bits + noise) & _HIGH16).view(torch.float32).to(torch.bfloat16)
+    out = ((bits + noise) & _HIGH16).view(torch.float32).to(torch.bfloat16)
+    # a NaN's payload may carry into the exponent (NaN -> inf or 0); a finite value within a step of bfloat16's
+    # largest may carry to inf: both keep round-to-nearest's result (NaN stays NaN, the finite value finite)
+    keep = torch.isnan(x) | (torch.isinf(out) & torch.isfinite(x))
+    return torch.where(keep, x.to(torch.bfloat16), out)
 
 
 class StochasticAdamW(torch.optim.Optimizer):
@@ -47,8 +52,9 @@ class StochasticAdamW(torch.optim.Optimizer):
     back to bfloat16 with :func:`stochastic_round_bf16`. Float32 parameters get the same update written exactly.
 
     ``seed``: the rounding noise of the k-th parameter (in group order) at its step t comes from a generator seeded
-    with ``seed``, t and k, so runs, resumes and data-parallel processes round identically. State per parameter:
-    ``step`` (float32 scalar), ``exp_avg``, ``exp_avg_sq`` (the parameter's shape and dtype).
+    with a hash of (``seed``, t, k), so runs, resumes and data-parallel processes round identically. State per
+    parameter: ``step`` (float32 scalar, on the CPU), ``exp_avg``, ``exp_avg_sq`` (the parameter's shape and dtype).
+    Each update makes float32 copies of one parameter at a time (the parameter, its gradient, the two moments).
     """
 
     def __init__(self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -64,7 +70,8 @@ class StochasticAdamW(torch.optim.Optimizer):
         gen = self._generators.get(device)
         if gen is None:
             gen = self._generators[device] = torch.Generator(device=device)
-        return gen.manual_seed((self.seed * 1_000_003 + step * 65_537 + index) % (1 << 63))
+        key = hashlib.blake2b(f"{self.seed}/{step}/{index}".encode(), digest_size=8).digest()
+        return gen.manual_seed(int.from_bytes(key, "little") >> 1)
 
     @staticmethod
     def _store(target: torch.Tensor, value: torch.Tensor, gen: torch.Generator) -> None:
@@ -88,6 +95,8 @@ class StochasticAdamW(torch.optim.Optimizer):
                     state["step"] = torch.zeros((), dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if state["step"].device.type != "cpu":  # a resume puts it beside the parameter: no device sync
+                    state["step"] = state["step"].cpu()
                 state["step"] += 1
                 t = int(state["step"])
                 w = p.float()                                                   # float32 working copies

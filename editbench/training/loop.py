@@ -388,10 +388,13 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
         raise TrainingError("a parameter appears in two parameter groups")
     for p in params:
         if not p.is_floating_point() or p.dtype not in (torch.float32, config.trainable_dtype):
-            raise TrainingError(f"trainable parameters must be float32 (got {p.dtype}); keep a float32 copy and "
-                                "cast in the forward pass")
-        if p.dtype != config.trainable_dtype:  # master_weights="bf16": the parameters themselves become bfloat16
-            p.data = p.data.to(config.trainable_dtype)
+            raise TrainingError(f"trainable parameters must be float32 (got {p.dtype}; or {config.trainable_dtype} "
+                                "with master_weights); keep a float32 copy and cast in the forward pass")
+    # master_weights="bf16": float32 parameters train as bfloat16 and are float32 again afterwards (their values
+    # then bfloat16's), so sessions build their artifacts as always
+    recast = [p for p in params if p.dtype != config.trainable_dtype]
+    for p in recast:
+        p.data = p.data.to(config.trainable_dtype)
     opt = _optimizer(config, groups, seed)
     lr_sched = _lr_scheduler(config, opt)
     scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
@@ -554,6 +557,8 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
                 writer.close()
             if par is not None:
                 par.acc.free_memory()
+            for p in recast:
+                p.data = p.data.to(torch.float32)
     wall = time.perf_counter() - t0
     peak, kind = mem.result()
     return TrainResult(steps=config.steps, losses=losses, wall_time_s=wall, wall_time_total_s=wall_before + wall,

@@ -47,7 +47,7 @@ def use_accelerate() -> bool:
 def make_accelerator() -> Any:
     from accelerate import Accelerator
 
-    # the trained parameters are float32 by contract and the forward runs in the pipeline's dtype: no autocast or
+    # the trained parameters are float32 (or bfloat16 master weights) and the loop does its own autocast: no autocast or
     # loss scaling (an fp16 `accelerate config` would otherwise scale the loss behind the clipping's back)
     return Accelerator(mixed_precision="no")
 

@@ -75,7 +75,8 @@ class TrainConfig:
       (diffusers' ``enable_gradient_checkpointing``) and every text encoder the gradients flow through
       (:meth:`TrainingSession.backprop_modules`); restored afterwards.
     * ``mixed_precision``: ``"no"``, ``"bf16"`` or ``"fp16"``: the forward passes (prompt encoding, UNet, extra
-      losses) run under ``torch.autocast`` on the pipeline's device; trained parameters stay float32; ``"fp16"``
+      losses) run under ``torch.autocast`` on the pipeline's device; trained parameters stay float32 (unless
+      ``master_weights="bf16"``); ``"fp16"``
       scales the loss (``torch.amp.GradScaler``) and skips steps whose gradients overflow.
     * ``resolution``: pixel size the concept images are resized to before VAE encoding (None: the model's own,
       :func:`editbench.concepts.model_resolution`).

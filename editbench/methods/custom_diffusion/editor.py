@@ -127,9 +127,9 @@ class _Session(ClassPromptSession):
     def artifact(self, result: TrainResult) -> Artifact:
         c = self.config
         tensors: dict[str, torch.Tensor] = {k: r.detach().clone() for k, r in zip(ROWS, self.rows)}
-        for name, layer in self.layers.items():
-            tensors.update(_delta_tensors(name, layer.weight.detach() - self.base[name].float(),
-                                          c.svd_rank, c.svd_energy))
+        for name, layer in self.layers.items():  # the update alone (bf16 master weights: from the rounded base)
+            base = self.base[name].to(c.trainable_dtype).float()                       # (o, d)
+            tensors.update(_delta_tensors(name, layer.weight.detach() - base, c.svd_rank, c.svd_energy))
         meta = {"modifier_tokens": [x.placeholder for x in self.concepts],
                 "categories": [x.superclass for x in self.concepts],
                 "compression": None if c.svd_rank is None and c.svd_energy is None

@@ -81,8 +81,8 @@ class _Session(ClassPromptSession):
         super().__init__(pipeline, prior)
         self.adapter, self.config = adapter, config
         self.params = [p for n, p in pipeline.unet.named_parameters() if f".{adapter}." in n and ".lora_" in n]
-        for p in self.params:  # peft makes adapters in the base layer's dtype; they train in the master-weight
-            p.data = p.data.to(config.trainable_dtype)  # dtype (peft casts the input to them), as diffusers' do
+        for p in self.params:  # peft makes adapters in the base layer's dtype; on a half-precision pipeline they
+            p.data = p.data.float()  # train in float32 (peft casts the input to them), as diffusers' scripts do
 
     def param_groups(self) -> list[ParamGroup]:
         return [ParamGroup("lora", self.params, self.config.lr, self.config.weight_decay)]
