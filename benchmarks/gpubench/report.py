@@ -256,7 +256,7 @@ CPU_FULL_RUNS = {
     "sd15-train-bf16w": "--geometries sd15 --sections train --variants bf16w+gc",
     "sd15-train-bf16w-lora": "--geometries sd15 --sections train --variants bf16w+gc --methods lora",
     "sd15-train-8bit": "--geometries sd15 --sections train --variants bf16w+gc+8bit --methods dreambooth",
-    "sd15-train-bf16m": "--geometries sd15 --sections train --variants bf16w+gc+bf16m",
+    "sd15-train-bf16m": "--geometries sd15 --sections train --variants bf16w+gc+bf16m --budget-s 3600",
     "sd15-sample": "--geometries sd15 --sections sample --methods perfusion --sample-steps 3",
     "sdxl-train": "--geometries sdxl --sections train --budget-s 3600",
 }

@@ -390,11 +390,6 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
         if not p.is_floating_point() or p.dtype not in (torch.float32, config.trainable_dtype):
             raise TrainingError(f"trainable parameters must be float32 (got {p.dtype}; or {config.trainable_dtype} "
                                 "with master_weights); keep a float32 copy and cast in the forward pass")
-    # master_weights="bf16": float32 parameters train as bfloat16 and are float32 again afterwards (their values
-    # then bfloat16's), so sessions build their artifacts as always
-    recast = [p for p in params if p.dtype != config.trainable_dtype]
-    for p in recast:
-        p.data = p.data.to(config.trainable_dtype)
     opt = _optimizer(config, groups, seed)
     lr_sched = _lr_scheduler(config, opt)
     scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
@@ -461,7 +456,13 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
 
         bar = progress_bar(total=config.steps, initial=start, desc=desc, unit="step",
                            disable=not progress or (par is not None and not par.main))
+        # master_weights="bf16": float32 parameters train as bfloat16 (the optimizer makes its moments at the first
+        # step, in the parameter's dtype) and are float32 again afterwards, their values then bfloat16's, so
+        # sessions build their artifacts as always
+        recast = [p for p in params if p.dtype != config.trainable_dtype]
         try:
+            for p in recast:
+                p.data = p.data.to(config.trainable_dtype)
             for step in range(start + 1, config.steps + 1):
                 step_loss = 0.0
                 for micro in range(config.grad_accum):
