@@ -99,7 +99,8 @@ TRAIN_FLAGS = {"gradient_checkpointing": "--gradient-checkpointing", "mixed_prec
                "resolution": "--resolution", "lr_scheduler": "--lr-scheduler", "lr_warmup_steps": "--lr-warmup-steps",
                "validation_every": "--validation-every", "validation_prompts": "--validation-prompt",
                "log_with": "--log-with", "optimizer": "--optimizer", "num_class_images": "--num-class-images",
-               "class_resolution": "--class-resolution", "master_weights": "--master-weights"}
+               "class_resolution": "--class-resolution", "master_weights": "--master-weights",
+               "fused_backward": "--fused-backward"}
 """The training options ``editbench train`` has a flag for (config field -> flag); any other field: ``--set``."""
 
 
@@ -361,6 +362,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--master-weights", choices=["float32", "bf16"], default=None,
                    help="dtype of the trained weights, gradients and optimizer moments (bf16: half the memory, "
                         "stochastically rounded AdamW; needs --mixed-precision bf16)")
+    f.add_argument("--fused-backward", action="store_true", default=None,
+                   help="step each parameter inside the backward pass and free its gradient (no gradient memory; "
+                        "grad_accum 1, no clipping, not fp16)")
     f.add_argument("--num-class-images", type=int, default=None, metavar="N",
                    help="prior preservation: class images per concept")
     f.add_argument("--class-resolution", type=int, default=None, metavar="PX",

@@ -4,6 +4,7 @@ training bfloat16 parameters, bitwise resume, clear errors."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -230,3 +231,50 @@ def test_custom_diffusion_delta_holds_the_update_not_the_rounding_of_the_base(pi
     art = fit(pipe, "custom_diffusion", mixed_precision="bf16", master_weights="bf16", lr=1e-30)
     deltas = [v for k, v in art.tensors.items() if k.endswith(".delta")]
     assert deltas and all(v.dtype == torch.float32 and not bool(v.any()) for v in deltas)
+
+
+def test_fused_backward_updates_inside_backward_frees_the_gradients_and_equals_the_step():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).to(torch.bfloat16)
+    twin = copy.deepcopy(net)
+    x = torch.randn(5, 6, dtype=torch.bfloat16)
+    fused = StochasticAdamW(net.parameters(), lr=1e-2, weight_decay=0.1, seed=3)
+    plain = StochasticAdamW(twin.parameters(), lr=1e-2, weight_decay=0.1, seed=3)
+    handles = fused.hooks()
+    for _ in range(3):
+        net(x).square().sum().backward()
+        assert all(p.grad is None for p in net.parameters())          # freed as soon as used
+        twin(x).square().sum().backward()
+        plain.step()
+        plain.zero_grad(set_to_none=True)
+        for p, q in zip(net.parameters(), twin.parameters()):
+            assert torch.equal(p, q)
+    for h in handles:
+        h.remove()
+    net(x).sum().backward()
+    assert all(p.grad is not None for p in net.parameters())          # hooks removed: plain gradients again
+
+
+@pytest.mark.parametrize("master", ["bf16", "float32"])
+def test_fused_backward_trains_like_the_plain_step(pipe, master):
+    kw = {"mixed_precision": "bf16", "master_weights": master, "max_grad_norm": None}  # clipping: not fused
+    plain = fit(pipe, "dreambooth", steps=3, **kw)
+    fused = fit(pipe, "dreambooth", steps=3, fused_backward=True, **kw)
+    assert fused.metadata["config"]["fused_backward"] is True
+    for k, v in plain.tensors.items():
+        if master == "bf16":   # the same optimizer, the same rounding noise: bitwise
+            assert torch.equal(fused.tensors[k], v), k
+        else:                  # torch's AdamW against the same update in editbench's loop
+            torch.testing.assert_close(fused.tensors[k], v, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"grad_accum": 2}, "grad_accum > 1"),
+    ({"max_grad_norm": 1.0}, "max_grad_norm"),
+    ({"mixed_precision": "fp16"}, "fp16"),
+    ({"optimizer": "adamw8bit"}, "optimizer='adamw8bit'"),
+    ({"fused_backward": "yes"}, "fused_backward must be true or false"),
+])
+def test_fused_backward_refuses_what_it_cannot_run(bad, match):
+    with pytest.raises(EditbenchError, match=match):
+        TrainConfig(**{"fused_backward": True, **bad}).validate()

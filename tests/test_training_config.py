@@ -47,7 +47,8 @@ def test_valid_feature_values_pass_and_defaults_keep_the_run_signature():
         cfg = methods.get(name).Config()
         new = {"gradient_checkpointing", "mixed_precision", "resolution", "lr_scheduler", "lr_warmup_steps",
                "lr_num_cycles", "validation_every", "validation_prompts", "validation_inference_steps",
-               "validation_guidance_scale", "log_with", "class_resolution", "master_weights"}
+               "validation_guidance_scale", "log_with", "class_resolution", "master_weights",
+               "fused_backward"}
         # class_data_dir is new too, except where a method's default changed what earlier runs did (Custom
         # Diffusion's real class images): there it is in the signature, so an older checkpoint is not resumed
         new |= {"class_data_dir"} & set(cfg.LATER_FIELDS)

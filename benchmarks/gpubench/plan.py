@@ -18,15 +18,19 @@ TRAIN_VARIANTS = {"fp32": {"mixed_precision": "no", "gradient_checkpointing": Fa
                   "bf16w+gc": {"mixed_precision": "bf16", "gradient_checkpointing": True},
                   "bf16w+gc+bf16m": {"mixed_precision": "bf16", "gradient_checkpointing": True,
                                      "master_weights": "bf16"},
+                  "bf16w+gc+bf16m+fused": {"mixed_precision": "bf16", "gradient_checkpointing": True,
+                                           "master_weights": "bf16", "fused_backward": True, "max_grad_norm": None},
                   "bf16w+gc+8bit": {"mixed_precision": "bf16", "gradient_checkpointing": True,
                                     "optimizer": "adamw8bit"}}
 """The training config of each variant. ``bf16w+gc`` is ``bf16+gc`` on a pipeline whose weights are bfloat16 (the
 frozen weights in half precision, the trainables float32: what diffusers' training scripts do with
 ``--mixed_precision bf16``); ``bf16w+gc+bf16m`` trains bfloat16 master weights too (``master_weights="bf16"``:
-parameters, gradients and AdamW moments in bfloat16, stochastically rounded updates); ``bf16w+gc+8bit`` adds
-bitsandbytes' 8-bit AdamW (planned only when asked for with ``--variants``: it needs bitsandbytes); the others train
-on a float32 pipeline."""
-PIPELINE_DTYPES = {"bf16w+gc": torch.bfloat16, "bf16w+gc+bf16m": torch.bfloat16, "bf16w+gc+8bit": torch.bfloat16}
+parameters, gradients and AdamW moments in bfloat16, stochastically rounded updates); ``bf16w+gc+bf16m+fused``
+also steps inside the backward pass (``fused_backward``: no gradient memory; gradient clipping off, which it
+cannot do) and ``bf16w+gc+8bit`` adds bitsandbytes' 8-bit AdamW (both planned only when asked for with
+``--variants``; 8-bit AdamW needs bitsandbytes); the others train on a float32 pipeline."""
+PIPELINE_DTYPES = {"bf16w+gc": torch.bfloat16, "bf16w+gc+bf16m": torch.bfloat16,
+                   "bf16w+gc+bf16m+fused": torch.bfloat16, "bf16w+gc+8bit": torch.bfloat16}
 """The pipeline weights' dtype per training variant (float32 where not listed)."""
 SAMPLE_PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 SAMPLE_CASES = ("base", "perfusion_1", "perfusion_10", "lora_1", "lora_10")
@@ -42,7 +46,8 @@ ROW_KEYS = {
     "method": "the method trained, or the method whose artifacts are applied while sampling (null: unedited model)",
     "case": "train: `fp32`, `bf16+gc` (bf16 autocast + gradient checkpointing on the float32 pipeline) or "
             "`bf16w+gc` (the same on a pipeline with bfloat16 weights), `bf16w+gc+bf16m` (and bfloat16 master "
-            "weights), `bf16w+gc+8bit` (and 8-bit AdamW); "
+            "weights), `bf16w+gc+bf16m+fused` (and the step fused into the backward pass), `bf16w+gc+8bit` (and "
+            "8-bit AdamW); "
             "sample: `base`, `perfusion_<n>`, `lora_<n>` (n artifacts applied at once); pytest: its arguments",
     "precision": "`fp32` or `bf16` (autocast; the weights stay float32)",
     "gradient_checkpointing": "train: gradient checkpointing on (null otherwise)",
@@ -129,7 +134,7 @@ def plan(methods: list[str], geometries: list[str], sections: list[str], pytest_
     for geometry in geometries:
         order = ("bf16w+gc", "bf16w+gc+bf16m", "bf16+gc", "fp32") if geometry == "sdxl" else \
             ("fp32", "bf16+gc", "bf16w+gc", "bf16w+gc+bf16m")
-        for v in order + ("bf16w+gc+8bit",):
+        for v in order + ("bf16w+gc+bf16m+fused", "bf16w+gc+8bit"):
             if (variants is None and v in order) or (variants is not None and v in variants):
                 train(geometry, v)
         for p in SAMPLE_PRECISIONS:

@@ -257,6 +257,8 @@ CPU_FULL_RUNS = {
     "sd15-train-bf16w-lora": "--geometries sd15 --sections train --variants bf16w+gc --methods lora",
     "sd15-train-8bit": "--geometries sd15 --sections train --variants bf16w+gc+8bit --methods dreambooth",
     "sd15-train-bf16m": "--geometries sd15 --sections train --variants bf16w+gc+bf16m --budget-s 3600 --threads 1",
+    "sd15-train-fused": "--geometries sd15 --sections train --variants bf16w+gc+bf16m+fused --methods dreambooth "
+                        "--budget-s 3600 --threads 1",
     "sd15-sample": "--geometries sd15 --sections sample --methods perfusion --sample-steps 3",
     "sdxl-train": "--geometries sdxl --sections train --budget-s 3600",
 }
@@ -286,6 +288,8 @@ def cpu_full_targets(rows: list[dict]) -> list[list[str]]:
             p / 1e9 <= 6 if p else None, "{:.2f} GB")
     for m in sorted({r["method"] for r in rows if r["kind"] == "train" and r["geometry"] == "sd15"}):
         extra = {v: w for v, w in (("bf16w+gc+bf16m", "bf16 weights + checkpointing + bf16 master weights"),
+                                   ("bf16w+gc+bf16m+fused", "bf16 weights + checkpointing + bf16 master weights + "
+                                                            "fused backward"),
                                    ("bf16w+gc+8bit", "bf16 weights + checkpointing + 8-bit AdamW"))
                  if f"train/sd15/{m}/{v}" in by}
         for v, words in {**half, **extra}.items():

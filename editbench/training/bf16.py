@@ -85,32 +85,52 @@ class StochasticAdamW(torch.optim.Optimizer):
                 loss = closure()
         index = -1
         for group in self.param_groups:
-            lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
             for p in group["params"]:
                 index += 1
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if state["step"].device.type != "cpu":  # a resume puts it beside the parameter: no device sync
-                    state["step"] = state["step"].cpu()
-                state["step"] += 1
-                t = int(state["step"])
-                w = p.float()                                                   # float32 working copies
-                g = p.grad.float()
-                if wd and self.decoupled:
-                    w.mul_(1 - lr * wd)
-                elif wd:
-                    g = g.add(w, alpha=wd)
-                m = state["exp_avg"].float().lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
-                w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
-                gen = self._generator(p.device, t, index)
-                self._store(state["exp_avg"], m, gen)
-                self._store(state["exp_avg_sq"], v, gen)
-                self._store(p, w, gen)
+                if p.grad is not None:
+                    self._update(group, p, index)
         return loss
+
+    def hooks(self) -> list[Any]:
+        """Fuse the step into the backward pass: each parameter is updated as soon as its gradient is complete and
+        the gradient is freed then (``TrainConfig.fused_backward``; no model-sized gradient memory). Returns the
+        hook handles (``.remove()`` them afterwards). The update is the one :meth:`step` makes, bitwise."""
+        handles = []
+        index = -1
+        for group in self.param_groups:
+            for p in group["params"]:
+                index += 1
+
+                def hook(param: torch.Tensor, group: dict = group, index: int = index) -> None:
+                    with torch.no_grad():
+                        self._update(group, param, index)
+                    param.grad = None
+
+                handles.append(p.register_post_accumulate_grad_hook(hook))
+        return handles
+
+    def _update(self, group: dict, p: torch.Tensor, index: int) -> None:
+        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if state["step"].device.type != "cpu":  # a resume puts it beside the parameter: no device sync
+            state["step"] = state["step"].cpu()
+        state["step"] += 1
+        t = int(state["step"])
+        w = p.float()                                                   # float32 working copies
+        g = p.grad.float()
+        if wd and self.decoupled:
+            w.mul_(1 - lr * wd)
+        elif wd:
+            g = g.add(w, alpha=wd)
+        m = state["exp_avg"].float().lerp_(g, 1 - beta1)
+        v = state["exp_avg_sq"].float().mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(eps)
+        w.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+        gen = self._generator(p.device, t, index)
+        self._store(state["exp_avg"], m, gen)
+        self._store(state["exp_avg_sq"], v, gen)
+        self._store(p, w, gen)

@@ -163,7 +163,7 @@ def _adamw8bit() -> type:
 
 
 def _optimizer(config: TrainConfig, groups: list[ParamGroup], seed: int) -> torch.optim.Optimizer:
-    if config.master_weights == "bf16":
+    if config.master_weights == "bf16" or config.fused_backward:
         from editbench.training.bf16 import StochasticAdamW
 
         return StochasticAdamW([{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups],
@@ -395,6 +395,9 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     scaler = torch.amp.GradScaler(device.type) if config.mixed_precision == "fp16" else None
     any_state = config.optimizer == "adamw8bit"
     par = DataParallel(make_accelerator(), device) if use_accelerate() else None
+    if par is not None and config.fused_backward:
+        raise EditbenchError("fused_backward steps each parameter inside the backward pass, before the gradients "
+                             "of a multi-process run are averaged: train in one process or set fused_backward=False")
     stepper = opt if par is None else par.acc.prepare(opt)  # AcceleratedOptimizer around (the state of) opt
     digest = [_concept_digest(c, im, m) for c, (im, m) in zip(concepts, loaded)]
     sig_parts = dict(signature or {}, concept=digest[0] if len(digest) == 1 else digest, seed=seed,
@@ -460,6 +463,7 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
         # step, in the parameter's dtype) and are float32 again afterwards, their values then bfloat16's, so
         # sessions build their artifacts as always
         recast = [p for p in params if p.dtype != config.trainable_dtype]
+        fused = opt.hooks() if config.fused_backward else []   # the step inside backward(), gradients freed there
         try:
             for p in recast:
                 p.data = p.data.to(config.trainable_dtype)
@@ -514,7 +518,9 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
                 if config.max_grad_norm is not None:
                     torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
                 lrs = [g["lr"] for g in opt.param_groups]  # this step's learning rates
-                if scaler is None:
+                if fused:
+                    pass  # every parameter with a gradient was updated in backward()
+                elif scaler is None:
                     stepper.step()
                 else:  # skips the step if a gradient overflowed (and lowers the scale)
                     before = scaler.get_scale()
@@ -560,6 +566,8 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
                 par.acc.free_memory()
             for p in recast:
                 p.data = p.data.to(torch.float32)
+            for h in fused:
+                h.remove()
     wall = time.perf_counter() - t0
     peak, kind = mem.result()
     return TrainResult(steps=config.steps, losses=losses, wall_time_s=wall, wall_time_total_s=wall_before + wall,

@@ -92,6 +92,11 @@ class TrainConfig:
       or ``"bf16"`` (all three in bfloat16: half the memory; each update stochastically rounded,
       :class:`editbench.training.bf16.StochasticAdamW`; needs ``mixed_precision="bf16"`` and ``"adamw"`` /
       ``"adam"``). The loop casts the trained parameters to :attr:`trainable_dtype`.
+    * ``fused_backward``: the optimizer step runs inside the backward pass, one parameter as soon as its gradient
+      is complete, and frees that gradient (no model-sized gradient memory; kohya-ss sd-scripts'
+      ``--fused_backward_pass``). The update is :class:`editbench.training.bf16.StochasticAdamW`'s (torch's AdamW /
+      Adam in float32, exact for float32 parameters); needs ``grad_accum=1``, no ``max_grad_norm``, not fp16, one
+      process.
     """
 
     steps: int = 400
@@ -116,6 +121,7 @@ class TrainConfig:
     validation_guidance_scale: float = 7.5
     log_with: str | None = None
     master_weights: str = "float32"
+    fused_backward: bool = False
 
     # fields that may change between a checkpoint and its resume (everything else must match)
     RESUMABLE_FIELDS = ("steps", "checkpoint_every", "gradient_checkpointing", "validation_every",
@@ -123,7 +129,7 @@ class TrainConfig:
     # fields added after checkpoints existed: left out of a run's signature while at their defaults, so that a
     # checkpoint written before them still resumes (a method's own later fields may be listed by its Config)
     LATER_FIELDS = ("mixed_precision", "resolution", "lr_scheduler", "lr_warmup_steps", "lr_num_cycles",
-                    "class_resolution", "class_data_dir", "master_weights")
+                    "class_resolution", "class_data_dir", "master_weights", "fused_backward")
 
     def run_signature(self) -> dict:
         """The config entries (JSON types) a training checkpoint must match to be resumed: every field but
@@ -206,6 +212,18 @@ class TrainConfig:
         if self.master_weights == "bf16" and self.mixed_precision != "bf16":
             raise EditbenchError("master_weights='bf16' trains bfloat16 parameters inside bfloat16 autocast: set "
                                  f"mixed_precision='bf16' (got {self.mixed_precision!r})")
+        if not isinstance(self.fused_backward, bool):
+            raise EditbenchError(f"fused_backward must be true or false, got {self.fused_backward!r}")
+        if self.fused_backward:
+            why = {"grad_accum > 1 (the gradient must be complete after one backward pass)": self.grad_accum != 1,
+                   "max_grad_norm (clipping needs every gradient at once)": self.max_grad_norm is not None,
+                   "mixed_precision='fp16' (the loss scaler unscales every gradient at once)":
+                       self.mixed_precision == "fp16",
+                   f"optimizer={self.optimizer!r} (fused: 'adamw' or 'adam')": self.optimizer not in ("adamw", "adam")}
+            bad = [k for k, v in why.items() if v]
+            if bad:
+                raise EditbenchError(f"fused_backward steps each parameter inside the backward pass; it cannot run "
+                                     f"with {', '.join(bad)}")
         if self.master_weights == "bf16" and self.optimizer not in ("adamw", "adam"):
             raise EditbenchError(f"master_weights='bf16' updates with a stochastically rounded Adam / AdamW; "
                                  f"optimizer={self.optimizer!r} has no such update: use 'adamw' or 'adam'")
