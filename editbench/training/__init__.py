@@ -12,8 +12,8 @@ checkpoint, the artifact builder).
 Optional, off by default (:class:`TrainConfig`; ``docs/architecture.md``, Training): gradient checkpointing,
 bf16/fp16 autocast (fp16 with loss scaling), a training resolution, learning-rate schedules (diffusers'
 ``get_scheduler``), validation images and TensorBoard logs beside the checkpoint, 8-bit AdamW (bitsandbytes),
-bfloat16 master weights (:mod:`.bf16`); :func:`check_training` refuses what the device, pipeline or installation
-cannot run, before any work.
+bfloat16 master weights and the step fused into the backward pass (:mod:`.bf16`); :func:`check_training` refuses
+what the device, pipeline or installation cannot run, before any work.
 
 With more than one CUDA device and a multi-process launch (``accelerate launch`` / ``torchrun``), or
 ``EDITBENCH_ACCELERATE=1``, the same loop runs data-parallel through ``accelerate`` (see :func:`use_accelerate`);

@@ -356,7 +356,8 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     (``mixed_precision``; fp16 with a loss scaler), a training ``resolution``, a learning-rate schedule (its state
     checkpointed), validation images every ``validation_every`` steps in ``checkpoint_dir/validation/
     step_XXXXX/``, TensorBoard logs in ``checkpoint_dir/logs``, 8-bit AdamW, bfloat16 master weights (the
-    trained parameters cast to bfloat16, updated by :class:`editbench.training.bf16.StochasticAdamW`).
+    trained parameters cast to bfloat16, updated by :class:`editbench.training.bf16.StochasticAdamW`), the step
+    fused into the backward pass (``fused_backward``).
     :func:`check_training` refuses what this pipeline, device or installation cannot run, before any work.
 
     Raises TrainingError on a non-finite loss (naming the step; the last checkpoint is kept).
