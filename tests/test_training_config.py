@@ -31,6 +31,15 @@ from editbench.training.session import TrainConfig
     ({"validation_guidance_scale": float("nan")}, "validation_guidance_scale"),
     ({"log_with": "wandb"}, "log_with must be None or 'tensorboard'"),
     ({"optimizer": "sgd"}, "optimizer must be one of"),
+    ({"master_weights": "fp16"}, "master_weights must be one of"),
+    ({"master_weights": "bf16"}, "set mixed_precision='bf16'"),
+    ({"master_weights": "bf16", "mixed_precision": "fp16"}, "set mixed_precision='bf16'"),
+    ({"master_weights": "bf16", "mixed_precision": "bf16", "optimizer": "adamw8bit"}, "use 'adamw' or 'adam'"),
+    ({"fused_backward": True, "grad_accum": 2}, "grad_accum > 1"),
+    ({"fused_backward": True, "max_grad_norm": 1.0}, "max_grad_norm"),
+    ({"fused_backward": True, "mixed_precision": "fp16"}, "fp16"),
+    ({"fused_backward": True, "optimizer": "adamw8bit"}, "optimizer='adamw8bit'"),
+    ({"fused_backward": "yes"}, "fused_backward must be true or false"),
 ])
 def test_feature_fields_are_validated_with_clear_errors(bad, match):
     with pytest.raises(EditbenchError, match=match):

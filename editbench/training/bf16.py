@@ -3,15 +3,17 @@
 ``TrainConfig.master_weights = "bf16"`` keeps the trained parameters, their gradients and the optimizer moments in
 bfloat16 (half the memory of float32 master weights: what lets DreamBooth's full UNet fine-tune fit where float32
 copies do not; kohya-ss sd-scripts calls it ``--full_bf16``). Rounding an update to nearest would drop every update
-smaller than half a bfloat16 step (2**-9 of the weight: most of a DreamBooth update at lr 5e-6), so each new value is
-rounded up or down at random with the probabilities that make it exact in expectation (Gupta et al. 2015,
-"Deep Learning with Limited Numerical Precision"; Zamirai et al. 2020, "Revisiting BFloat16 Training").
+smaller than half a bfloat16 step (at least 2**-9 of the weight: most of a DreamBooth update at lr 5e-6), so each
+new value is rounded up or down at random with the probabilities that make it exact in expectation (Gupta et al.
+2015, "Deep Learning with Limited Numerical Precision"; Zamirai et al. 2020, "Revisiting BFloat16 Training").
 
 Written here rather than taken from torchao (``torchao.optim._AdamW(bf16_stochastic_round=True)`` does the same
 update) because torchao compiles one kernel per parameter shape (measured on the 2-core CPU: 62 s for the first step
 of 7 shapes, minutes for a UNet's) and draws the rounding noise from the global generator, so a resumed run would not
-repeat an uninterrupted one. Here the noise of parameter k at step t comes from a generator seeded with
+repeat an uninterrupted one. Here the noise of parameter k at step t comes from a generator seeded with a hash of
 (seed, t, k): the same on every process of a data-parallel run and after a resume.
+
+``TrainConfig.fused_backward`` runs the same update inside the backward pass (:meth:`StochasticAdamW.hooks`).
 """
 
 from __future__ import annotations
@@ -83,31 +85,31 @@ class StochasticAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        index = -1
+        for group, p, index in self._indexed():
+            if p.grad is not None:
+                self._update(group, p, index)
+        return loss
+
+    def _indexed(self) -> Iterable[tuple[dict, torch.Tensor, int]]:
+        """(group, parameter, k): k the parameter's position over all groups, which seeds its rounding noise."""
+        k = 0
         for group in self.param_groups:
             for p in group["params"]:
-                index += 1
-                if p.grad is not None:
-                    self._update(group, p, index)
-        return loss
+                yield group, p, k
+                k += 1
 
     def hooks(self) -> list[Any]:
         """Fuse the step into the backward pass: each parameter is updated as soon as its gradient is complete and
         the gradient is freed then (``TrainConfig.fused_backward``; no model-sized gradient memory). Returns the
         hook handles (``.remove()`` them afterwards). The update is the one :meth:`step` makes, bitwise."""
-        handles = []
-        index = -1
-        for group in self.param_groups:
-            for p in group["params"]:
-                index += 1
+        def hook_for(group: dict, index: int) -> Any:
+            def hook(param: torch.Tensor) -> None:
+                with torch.no_grad():
+                    self._update(group, param, index)
+                param.grad = None
+            return hook
 
-                def hook(param: torch.Tensor, group: dict = group, index: int = index) -> None:
-                    with torch.no_grad():
-                        self._update(group, param, index)
-                    param.grad = None
-
-                handles.append(p.register_post_accumulate_grad_hook(hook))
-        return handles
+        return [p.register_post_accumulate_grad_hook(hook_for(group, index)) for group, p, index in self._indexed()]
 
     def _update(self, group: dict, p: torch.Tensor, index: int) -> None:
         lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]

@@ -163,15 +163,14 @@ def _adamw8bit() -> type:
 
 
 def _optimizer(config: TrainConfig, groups: list[ParamGroup], seed: int) -> torch.optim.Optimizer:
-    if config.master_weights == "bf16" or config.fused_backward:
+    spec = [{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups]
+    betas, eps = tuple(config.adam_betas), config.adam_eps
+    if config.stochastic_adamw:
         from editbench.training.bf16 import StochasticAdamW
 
-        return StochasticAdamW([{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups],
-                               betas=tuple(config.adam_betas), eps=config.adam_eps,
-                               decoupled=config.optimizer == "adamw", seed=seed)
+        return StochasticAdamW(spec, betas=betas, eps=eps, decoupled=config.optimizer == "adamw", seed=seed)
     cls = _adamw8bit() if config.optimizer == "adamw8bit" else OPTIMIZERS[config.optimizer]
-    return cls([{"params": g.params, "lr": g.lr, "weight_decay": g.weight_decay} for g in groups],
-               betas=tuple(config.adam_betas), eps=config.adam_eps)
+    return cls(spec, betas=betas, eps=eps)
 
 
 def _lr_scheduler(config: TrainConfig, opt: torch.optim.Optimizer) -> Any:
@@ -355,9 +354,9 @@ def train(pipeline: Any, concept: ConceptData | Sequence[ConceptData], session: 
     gradients flow through (:meth:`TrainingSession.backprop_modules`), autocast of the forward passes
     (``mixed_precision``; fp16 with a loss scaler), a training ``resolution``, a learning-rate schedule (its state
     checkpointed), validation images every ``validation_every`` steps in ``checkpoint_dir/validation/
-    step_XXXXX/``, TensorBoard logs in ``checkpoint_dir/logs``, 8-bit AdamW, bfloat16 master weights (the
-    trained parameters cast to bfloat16, updated by :class:`editbench.training.bf16.StochasticAdamW`), the step
-    fused into the backward pass (``fused_backward``).
+    step_XXXXX/``, TensorBoard logs in ``checkpoint_dir/logs``, 8-bit AdamW, bfloat16 master weights and the
+    step fused into the backward pass (``master_weights`` / ``fused_backward``: the trained parameters updated by
+    :class:`editbench.training.bf16.StochasticAdamW`, cast to bfloat16 for the run with the former).
     :func:`check_training` refuses what this pipeline, device or installation cannot run, before any work.
 
     Raises TrainingError on a non-finite loss (naming the step; the last checkpoint is kept).

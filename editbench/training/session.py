@@ -218,15 +218,21 @@ class TrainConfig:
             why = {"grad_accum > 1 (the gradient must be complete after one backward pass)": self.grad_accum != 1,
                    "max_grad_norm (clipping needs every gradient at once)": self.max_grad_norm is not None,
                    "mixed_precision='fp16' (the loss scaler unscales every gradient at once)":
-                       self.mixed_precision == "fp16",
-                   f"optimizer={self.optimizer!r} (fused: 'adamw' or 'adam')": self.optimizer not in ("adamw", "adam")}
+                       self.mixed_precision == "fp16"}
             bad = [k for k, v in why.items() if v]
             if bad:
                 raise EditbenchError(f"fused_backward steps each parameter inside the backward pass; it cannot run "
                                      f"with {', '.join(bad)}")
-        if self.master_weights == "bf16" and self.optimizer not in ("adamw", "adam"):
-            raise EditbenchError(f"master_weights='bf16' updates with a stochastically rounded Adam / AdamW; "
-                                 f"optimizer={self.optimizer!r} has no such update: use 'adamw' or 'adam'")
+        if self.stochastic_adamw and self.optimizer not in ("adamw", "adam"):
+            raise EditbenchError(f"master_weights='bf16' and fused_backward update with editbench's Adam / AdamW "
+                                 f"(stochastically rounded for bfloat16); optimizer={self.optimizer!r} has no such "
+                                 "update: use 'adamw' or 'adam'")
+
+    @property
+    def stochastic_adamw(self) -> bool:
+        """Whether the loop's optimizer is :class:`editbench.training.bf16.StochasticAdamW` (bfloat16 master
+        weights, or the step fused into the backward pass) rather than :data:`OPTIMIZERS`'."""
+        return self.master_weights == "bf16" or self.fused_backward
 
     @property
     def trainable_dtype(self) -> torch.dtype:
