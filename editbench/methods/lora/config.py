@@ -22,15 +22,15 @@ class LoRAConfig(PriorConfigMixin, TrainConfig):
     ``rank`` / ``alpha``: the adapter's ``W + (alpha / rank) B A`` (reference r = 4, alpha = 4);
     ``target_modules``: peft's module-name suffixes; ``init_lora_weights``: peft's init ("gaussian" as diffusers'
     scripts: A Gaussian, B zero). Defaults are the toy world's (32x32 px), tuned by ``editbench tune`` on its
-    validation concepts (benchmarks/tuning/toy-quick/lora/tuned.json): 208 steps of batch 4, lr 1.25e-3, rank 2
+    validation concepts (benchmarks/tuning/toy-quick/lora/tuned.json): 254 steps of batch 4, lr 1.06e-3, rank 2
     (alpha 4); AdamW weight decay 1e-2, clipping at 1.0, prior preservation off (as in diffusers' DreamBooth-LoRA
     example; switch it on with ``with_prior_preservation=True``). :meth:`reference` is diffusers' recipe.
     """
 
-    steps: int = 208
+    steps: int = 254
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 1.25e-3
+    lr: float = 1.06e-3
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
     rank: int = 2
