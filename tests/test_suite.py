@@ -47,7 +47,7 @@ def fakes():
         yield
 
 
-def test_cells_cover_the_grid():
+def test_cells_cover_the_grid(fakes):
     suite = suite_spec.load_suite(BASE)
     cells = suite.cells()
     # 3 methods x (3 concepts + 1 pair) x 2 seeds, the fake method with 2 settings
@@ -124,7 +124,7 @@ def test_kill_mid_run_then_resume_has_no_duplicate_or_missing_rows(tmp_path, fak
     assert not list((tmp_path / "out" / "cells").glob(".*.tmp"))
 
 
-def test_shards_partition_the_cells_exactly():
+def test_shards_partition_the_cells_exactly(fakes):
     cells = suite_spec.load_suite(BASE).cells()
     for n in (1, 2, 3, 7):
         parts = [suite_spec.shard_cells(cells, (i, n)) for i in range(n)]
@@ -375,12 +375,13 @@ def test_multi_option_is_parsed_and_validated(fakes):
             suite_spec.load_suite({**JOINT, "methods": [{"name": "base", "multi": "joint"}]}).validate()
     # an entry's cell ids do not depend on the other entries, and 'multi' is part of them: the same label with
     # 'multi: joint' makes other cells (its single-concept cells included)
-    plain = suite_spec.load_suite({**JOINT, "methods": ["fake_joint"]}).cells()
-    assert [c.id for c in plain] == [c.id for c in suite.cells() if c.method.label == "fake_joint"]
-    assert {c.id for c in suite.cells() if c.method.label == "fj-joint"}.isdisjoint(c.id for c in plain)
-    assert [c.id for c in plain] == [c.id for c in suite_spec.load_suite(
-        {**JOINT, "methods": [{"name": "fake_joint", "multi": "separate"}]}).cells()]
-    joint = suite_spec.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": "joint"}]}).cells()
+    with registered(FakeJointEditor):  # cell ids cover the method's resolved config: it must be registered
+        plain = suite_spec.load_suite({**JOINT, "methods": ["fake_joint"]}).cells()
+        assert [c.id for c in plain] == [c.id for c in suite.cells() if c.method.label == "fake_joint"]
+        assert {c.id for c in suite.cells() if c.method.label == "fj-joint"}.isdisjoint(c.id for c in plain)
+        assert [c.id for c in plain] == [c.id for c in suite_spec.load_suite(
+            {**JOINT, "methods": [{"name": "fake_joint", "multi": "separate"}]}).cells()]
+        joint = suite_spec.load_suite({**JOINT, "methods": [{"name": "fake_joint", "multi": "joint"}]}).cells()
     assert [c.id.rsplit("-", 1)[0] for c in joint] == [c.id.rsplit("-", 1)[0] for c in plain]
     assert {c.id for c in joint}.isdisjoint(c.id for c in plain)
 

@@ -84,3 +84,39 @@ def test_a_missing_model_folder_is_one_clear_error_for_cells_and_the_runner(tmp_
         suite.cells()
     with pytest.raises(EditbenchError, match=want):
         Runner(suite, tmp_path / "out", device="cpu", dtype=None, progress=False).pipeline
+
+
+def test_new_method_defaults_give_new_cells(tmp_path):
+    """A method whose Config or Settings defaults change (a new tuning) gets new cells, the other entries keep
+    theirs: a results folder never serves results made at the old defaults. An override in the suite entry that
+    equals the new default keeps the key (the key is the resolved config, not how it was written)."""
+    import dataclasses
+
+    from editbench.training import TrainConfig
+
+    _copy_concept_folder(tmp_path / "a")
+    _model_folder(tmp_path / "m")
+
+    def ids(method_entry) -> list[str]:
+        suite = suite_spec.load_suite({"model": str(tmp_path / "m"), "methods": ["base", method_entry], "seeds": [0],
+                                       "concepts": [{"dreambench": str(tmp_path / "a"), "names": ["zebra"]}]})
+        return [c.id for c in suite.cells()]
+
+    @dataclasses.dataclass
+    class RetunedConfig(TrainConfig):
+        lr: float = 1e-3
+        steps: int = 40
+
+    @dataclasses.dataclass
+    class RetunedSettings:
+        scale: float = 0.5
+
+    with registered(FakeEditor):
+        before = ids("fake")
+        same_written_out = ids({"name": "fake", "config": {"steps": FakeEditor.Config().steps}})
+    assert same_written_out == before
+    for change in ({"Config": RetunedConfig}, {"Settings": RetunedSettings}):
+        retuned = type("FakeEditor", (FakeEditor,), change)
+        with registered(retuned):
+            after = ids("fake")
+        assert [x == y for x, y in zip(before, after)] == ["base__" in x for x in before], change

@@ -154,6 +154,21 @@ class MethodSpec:
         return [{**self.settings, **dict(zip(keys, vals))}
                 for vals in itertools.product(*(self.sweep[k] for k in keys))] or [dict(self.settings)]
 
+    def resolved(self) -> dict:
+        """What the entry leaves to the method: its full ``Config`` (the method's defaults with the entry's
+        overrides) and its ``Settings`` defaults, as JSON types ({} for the base model). Part of every cell's key,
+        so that new method defaults (e.g. from a new tuning) give new cells instead of reusing the old results."""
+        from editbench import methods as registry
+
+        if self.name == BASE_METHOD:
+            return {}
+        cls = registry.get(self.name)
+        settings = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                    for f in dataclasses.fields(cls.Settings)
+                    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+        return json.loads(json.dumps({"config": dataclasses.asdict(cls(**self.config).config),
+                                      "settings": settings}, default=str))
+
 
 def setting_label(settings: dict) -> str:
     return ",".join(f"{k}={v}" for k, v in settings.items()) or "default"
@@ -254,9 +269,12 @@ class Suite:
         common = {"model": self.model_identity(), "images_per_prompt": self.images_per_prompt, "steps": self.steps,
                   "generation": self.generation, "metrics": self.metrics}
         out = []
+        resolved = {m.label: m.resolved() for m in self.methods}
         for m, names, seed in itertools.product(self.methods, units, self.seeds):
             prompts = tuple(self.concept_prompts(names))
-            method = dataclasses.asdict(m)
+            # the entry's config overrides are keyed as the config they resolve to
+            method = {**{k: v for k, v in dataclasses.asdict(m).items() if k != "config"},
+                      "resolved": resolved[m.label]}
             for point in m.points():
                 spec = {**common, "method": method, "concepts": [self.concepts[n].identity() for n in names],
                         "seed": seed, "settings": point, "prompts": prompts}
