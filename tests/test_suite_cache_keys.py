@@ -3,14 +3,17 @@ model's file contents), not by paths or names."""
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import re
 from pathlib import Path
 
 import pytest
-from _eval_stubs import FakeEditor, registered
+from _eval_stubs import FakeEditor, FakeRareWordEditor, registered
 
 from editbench.errors import EditbenchError
 from editbench.eval import spec as suite_spec
+from editbench.training import TrainConfig
 
 
 def _copy_concept_folder(dst: Path) -> Path:
@@ -86,22 +89,18 @@ def test_a_missing_model_folder_is_one_clear_error_for_cells_and_the_runner(tmp_
         Runner(suite, tmp_path / "out", device="cpu", dtype=None, progress=False).pipeline
 
 
+def _suite(tmp_path, methods, names=("zebra",), **top):
+    if not (tmp_path / "a").exists():
+        _copy_concept_folder(tmp_path / "a")
+        _model_folder(tmp_path / "m")
+    return suite_spec.load_suite({"model": str(tmp_path / "m"), "methods": methods, "seeds": [0],
+                                  "concepts": [{"dreambench": str(tmp_path / "a"), "names": list(names)}], **top})
+
+
 def test_new_method_defaults_give_new_cells(tmp_path):
     """A method whose Config or Settings defaults change (a new tuning) gets new cells, the other entries keep
-    theirs: a results folder never serves results made at the old defaults. An override in the suite entry that
-    equals the new default keeps the key (the key is the resolved config, not how it was written)."""
-    import dataclasses
-
-    from editbench.training import TrainConfig
-
-    _copy_concept_folder(tmp_path / "a")
-    _model_folder(tmp_path / "m")
-
-    def ids(method_entry) -> list[str]:
-        suite = suite_spec.load_suite({"model": str(tmp_path / "m"), "methods": ["base", method_entry], "seeds": [0],
-                                       "concepts": [{"dreambench": str(tmp_path / "a"), "names": ["zebra"]}]})
-        return [c.id for c in suite.cells()]
-
+    theirs: a results folder never serves results made at the old defaults. An override equal to the default (same
+    value and type) keeps the key: the key is the resolved config, not how it was written."""
     @dataclasses.dataclass
     class RetunedConfig(TrainConfig):
         lr: float = 1e-3
@@ -110,6 +109,9 @@ def test_new_method_defaults_give_new_cells(tmp_path):
     @dataclasses.dataclass
     class RetunedSettings:
         scale: float = 0.5
+
+    def ids(entry) -> list[str]:
+        return [c.id for c in _suite(tmp_path, ["base", entry]).cells()]
 
     with registered(FakeEditor):
         before = ids("fake")
@@ -120,3 +122,42 @@ def test_new_method_defaults_give_new_cells(tmp_path):
         with registered(retuned):
             after = ids("fake")
         assert [x == y for x, y in zip(before, after)] == ["base__" in x for x in before], change
+
+
+def test_cells_and_artifacts_are_keyed_by_a_dtype_other_than_float32(tmp_path):
+    """A bfloat16 run (suite ``dtype:`` or the run's ``--dtype``) never reuses float32 cells or artifacts; float32
+    and no dtype (which loads float32) share them."""
+    from editbench.eval.runner import Runner
+
+    with registered(FakeEditor):
+        plain = _suite(tmp_path, ["base", "fake"])
+        ids = {name: [c.id for c in plain.with_dtype(name).cells()] for name in (None, "float32", "bf16", "fp16")}
+        assert ids[None] == ids["float32"] == [c.id for c in _suite(tmp_path, ["base", "fake"], dtype="fp32").cells()]
+        assert ids["bf16"] == [c.id for c in _suite(tmp_path, ["base", "fake"], dtype="bfloat16").cells()]
+        assert len({tuple(ids[k]) for k in ("float32", "bf16", "fp16")}) == 3
+        assert not set(ids["bf16"]) & set(ids["float32"])
+        runner = Runner(plain, tmp_path / "out", device="cpu", dtype="bf16", progress=False, pipeline=object())
+        assert runner.suite.dtype_key() == {"dtype": "bfloat16"} and plain.dtype_key() == {}
+
+
+def test_rare_word_cells_depend_on_the_concepts_index(tmp_path):
+    """A method that binds a concept to an existing rare word picks the word by the concept's index among the
+    suite's concepts: adding a concept that sorts before it gives that method new cells; a method that adds a new
+    token keeps its cells."""
+    with registered(FakeEditor, FakeRareWordEditor):
+        one = {c.method.label: c.id for c in _suite(tmp_path, ["fake", "fake_single"], ["zebra"]).cells()}
+        two = {c.method.label: c.id for c in _suite(tmp_path, ["fake", "fake_single"], ["zebra", "halo"]).cells()
+               if c.concepts == ("zebra",)}
+    assert one["fake"] == two["fake"] and one["fake_single"] != two["fake_single"]
+
+
+def test_key_values_are_the_same_in_every_process_or_refused():
+    """Cache keys take JSON-like values, sets in sorted order, paths as text, enums by value; an object whose
+    text would carry a memory address is refused by name instead of giving each process (shard) other keys."""
+    class Mode(enum.Enum):
+        FAST = "fast"
+
+    assert suite_spec._key_json({"a": (1, 2.5), "b": {"y", "x"}, "c": Path("/p/q"), "d": Mode.FAST, "e": None},
+                                "cfg") == {"a": [1, 2.5], "b": ["x", "y"], "c": "/p/q", "d": "fast", "e": None}
+    with pytest.raises(EditbenchError, match=r"cfg\.hook: a value of type object"):
+        suite_spec._key_json({"hook": object()}, "cfg")

@@ -86,11 +86,12 @@ class Runner:
 
     def __init__(self, suite: Suite, out: Path, *, device: Any, dtype: Any, progress: bool, pipeline: Any = None,
                  clip: Any = None, dino: Any = None):
+        suite = suite.with_dtype(dtype)
         self.suite, self.out, self.progress = suite, out, progress
         self.device = device or suite.device or ("cuda" if torch.cuda.is_available() else "cpu")
         if str(self.device) == "cuda" and os.environ.get("LOCAL_RANK", "").isdigit():  # one GPU per launched process
             self.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        self.dtype = parse_dtype(dtype or suite.dtype)
+        self.dtype = parse_dtype(suite.dtype)
         self._pipe, self._clip, self._dino = pipeline, clip, dino
         self._editors: dict[str, Any] = {}
         self._artifacts: dict[tuple, Any] = {}
@@ -163,7 +164,7 @@ class Runner:
         data = [self.concept_data(editor, n) for n in names]
         steps = m.steps or self.suite.steps
         what = {"method": m.name, "config": dataclasses.asdict(editor.config), "steps": steps, "seed": seed,
-                "model": self.suite.model_identity()}
+                "model": self.suite.model_identity(), **self.suite.dtype_key()}
         if len(names) == 1:
             what.update(concept=self.suite.concepts[names[0]].identity(), placeholder=data[0].placeholder)
         else:
@@ -336,7 +337,7 @@ def run_suite(suite: str | os.PathLike | Suite, out: str | os.PathLike, *, shard
     """
     from editbench.progress import progress as progress_bar
 
-    suite = suite if isinstance(suite, Suite) else load_suite(suite)
+    suite = (suite if isinstance(suite, Suite) else load_suite(suite)).with_dtype(dtype)
     shard = parse_shard(shard)
     out = Path(out)
     if out.exists() and not out.is_dir():

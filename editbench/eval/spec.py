@@ -155,9 +155,10 @@ class MethodSpec:
                 for vals in itertools.product(*(self.sweep[k] for k in keys))] or [dict(self.settings)]
 
     def resolved(self) -> dict:
-        """What the entry leaves to the method: its full ``Config`` (the method's defaults with the entry's
-        overrides) and its ``Settings`` defaults, as JSON types ({} for the base model). Part of every cell's key,
-        so that new method defaults (e.g. from a new tuning) give new cells instead of reusing the old results."""
+        """The method's full ``Config`` (its defaults with this entry's overrides) and its ``Settings`` defaults, as
+        JSON ({} for the base model): part of every cell's key, so that new method defaults (e.g. from a new tuning)
+        give new cells instead of reusing the old results. An override equal to the default (same value and type)
+        keeps the key."""
         from editbench import methods as registry
 
         if self.name == BASE_METHOD:
@@ -166,8 +167,31 @@ class MethodSpec:
         settings = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                     for f in dataclasses.fields(cls.Settings)
                     if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-        return json.loads(json.dumps({"config": dataclasses.asdict(cls(**self.config).config),
-                                      "settings": settings}, default=str))
+        config = dataclasses.asdict(cls(**self.config).config)
+        return {"config": _key_json(config, f"{self.name} config"),
+                "settings": _key_json(settings, f"{self.name} settings")}
+
+
+def _key_json(value: Any, where: str) -> Any:
+    """``value`` as JSON types for a cache key, the same in every process: tuples and lists as lists, sets sorted,
+    paths as strings, enums by value. Anything else (an object whose text would carry a memory address) is an
+    EditbenchError naming it, instead of keys that differ between processes and shards."""
+    import enum
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, enum.Enum):
+        return _key_json(value.value, where)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, dict):
+        return {str(k): _key_json(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_key_json(v, where) for v in value]
+    if isinstance(value, (set, frozenset)):
+        return sorted((_key_json(v, where) for v in value), key=repr)
+    raise EditbenchError(f"{where}: a value of type {type(value).__name__} ({value!r:.60}) cannot be part of a cache "
+                         "key; use None, bool, int, float, str, a path, an enum or a list / dict of them")
 
 
 def setting_label(settings: dict) -> str:
@@ -263,21 +287,45 @@ class Suite:
         pairs = list(enumerate(prompts))
         return pairs[: self.max_prompts] if self.max_prompts else pairs
 
+    def with_dtype(self, dtype: Any) -> Suite:
+        """This suite with ``dtype`` (a name or torch dtype) in place of its own, or itself if ``dtype`` is None: a
+        run's ``--dtype`` override goes into the suite, so its cells and artifacts are keyed by it."""
+        from editbench.storage import parse_dtype
+
+        if dtype is None:
+            return self
+        return dataclasses.replace(self, dtype=str(parse_dtype(dtype)).removeprefix("torch."))
+
+    def dtype_key(self) -> dict:
+        """The suite's dtype for cache keys: {} for float32 (and None, which loads float32), else {"dtype": name}."""
+        import torch
+
+        from editbench.storage import parse_dtype
+
+        dtype = parse_dtype(self.dtype)
+        return {} if dtype in (None, torch.float32) else {"dtype": str(dtype).removeprefix("torch.")}
+
     def cells(self) -> list[Cell]:
         """Every cell, ordered by group (method label, concepts, seed), then setting."""
+        from editbench import methods as registry
+
         units = [(n,) for n in self.concepts] + [p.names for p in self.pairs]
         common = {"model": self.model_identity(), "images_per_prompt": self.images_per_prompt, "steps": self.steps,
-                  "generation": self.generation, "metrics": self.metrics}
+                  "generation": self.generation, "metrics": self.metrics, **self.dtype_key()}
+        # the entry's config overrides are keyed as the config they resolve to
+        method = {m.label: {**{k: v for k, v in dataclasses.asdict(m).items() if k != "config"},
+                            "resolved": m.resolved()} for m in self.methods}
+        # a method that binds a concept to an existing rare word picks it by the concept's index in the suite
+        # (Runner.concept_data): another concept list can give the same concept another word
+        rare_word = {m.label: m.name != BASE_METHOD and not registry.get(m.name).new_token for m in self.methods}
+        order = sorted(self.concepts)
         out = []
-        resolved = {m.label: m.resolved() for m in self.methods}
         for m, names, seed in itertools.product(self.methods, units, self.seeds):
             prompts = tuple(self.concept_prompts(names))
-            # the entry's config overrides are keyed as the config they resolve to
-            method = {**{k: v for k, v in dataclasses.asdict(m).items() if k != "config"},
-                      "resolved": resolved[m.label]}
             for point in m.points():
-                spec = {**common, "method": method, "concepts": [self.concepts[n].identity() for n in names],
-                        "seed": seed, "settings": point, "prompts": prompts}
+                spec = {**common, "method": method[m.label], "concepts": [self.concepts[n].identity() for n in names],
+                        "seed": seed, "settings": point, "prompts": prompts,
+                        **({"word_index": [order.index(n) for n in names]} if rare_word[m.label] else {})}
                 out.append(Cell(m, names, seed, point, prompts, spec_hash(spec)))
         return sorted(out, key=lambda c: (c.group, list(c.method.points()).index(c.settings)))
 
