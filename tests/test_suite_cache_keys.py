@@ -161,3 +161,30 @@ def test_key_values_are_the_same_in_every_process_or_refused():
                                 "cfg") == {"a": [1, 2.5], "b": ["x", "y"], "c": "/p/q", "d": "fast", "e": None}
     with pytest.raises(EditbenchError, match=r"cfg\.hook: a value of type object"):
         suite_spec._key_json({"hook": object()}, "cfg")
+
+
+def test_a_class_image_folder_is_keyed_by_its_contents(tmp_path):
+    """A method reading real class images from a folder (``class_data_dir``, ``{}`` = the superclass) gets new cells
+    when an image in it changes and keeps them when the same images sit under another path; generated images and the
+    toy world's retrieval are keyed by the config value alone."""
+    @dataclasses.dataclass
+    class FolderConfig(TrainConfig):
+        class_data_dir: str | None = None
+
+    def folder(path: Path, extra: bytes = b"") -> Path:
+        (path / "heart" / "images").mkdir(parents=True, exist_ok=True)
+        (path / "heart" / "images" / "0.png").write_bytes(b"png-bytes" + extra)
+        (path / "heart" / "caption.txt").write_text("a heart\n")
+        return path
+
+    def ids(class_data_dir) -> list[str]:
+        entry = {"name": "fake", "config": {"class_data_dir": class_data_dir}}
+        return [c.id for c in _suite(tmp_path, [entry]).cells()]
+
+    with registered(type("FakeEditor", (FakeEditor,), {"Config": FolderConfig})):
+        assert _suite(tmp_path, ["fake"]).concepts["zebra"].superclass == "heart"
+        a = ids(str(folder(tmp_path / "ca")) + "/{}")
+        assert ids(str(folder(tmp_path / "cb")) + "/{}") == a                  # the same images under another path
+        assert not set(ids(str(folder(tmp_path / "cb", b"!")) + "/{}")) & set(a)  # one image changed
+        assert len({tuple(ids(None)), tuple(ids("toyworld")), tuple(a)}) == 3    # other sources, other cells
+        assert ids(str(tmp_path / "nowhere")) != ids(str(tmp_path / "elsewhere"))  # not a folder: keyed by path

@@ -163,8 +163,9 @@ class Runner:
         names = (name,) if isinstance(name, str) else tuple(name)
         data = [self.concept_data(editor, n) for n in names]
         steps = m.steps or self.suite.steps
-        what = {"method": m.name, "config": dataclasses.asdict(editor.config), "steps": steps, "seed": seed,
-                "model": self.suite.model_identity(), **self.suite.dtype_key()}
+        config, class_data = self.suite.class_data_keys(dataclasses.asdict(editor.config), names)
+        what = {"method": m.name, "config": config, "steps": steps, "seed": seed,
+                "model": self.suite.model_identity(), **self.suite.dtype_key(), **class_data}
         if len(names) == 1:
             what.update(concept=self.suite.concepts[names[0]].identity(), placeholder=data[0].placeholder)
         else:

@@ -305,6 +305,17 @@ class Suite:
         dtype = parse_dtype(self.dtype)
         return {} if dtype in (None, torch.float32) else {"dtype": str(dtype).removeprefix("torch.")}
 
+    def class_data_keys(self, config: dict, names: Sequence[str]) -> tuple[dict, dict]:
+        """``(config, {"class_data": [...]})`` for a cache key: if ``config`` reads class images from a folder
+        (``class_data_dir``), the folder's contents per concept of ``names`` (see
+        :func:`editbench.methods.prior.class_data_key`) replace its path; else ``(config, {})``."""
+        from editbench.methods.prior import class_data_key
+
+        keys = [class_data_key(config.get("class_data_dir"), self.concepts[n].superclass) for n in names]
+        if all(k is None for k in keys):
+            return config, {}
+        return {k: v for k, v in config.items() if k != "class_data_dir"}, {"class_data": keys}
+
     def cells(self) -> list[Cell]:
         """Every cell, ordered by group (method label, concepts, seed), then setting."""
         from editbench import methods as registry
@@ -322,9 +333,12 @@ class Suite:
         out = []
         for m, names, seed in itertools.product(self.methods, units, self.seeds):
             prompts = tuple(self.concept_prompts(names))
+            config, class_data = self.class_data_keys(method[m.label]["resolved"].get("config", {}), names)
+            mspec = {**method[m.label], "resolved": {**method[m.label]["resolved"], "config": config}} if class_data \
+                else method[m.label]
             for point in m.points():
-                spec = {**common, "method": method[m.label], "concepts": [self.concepts[n].identity() for n in names],
-                        "seed": seed, "settings": point, "prompts": prompts,
+                spec = {**common, "method": mspec, "concepts": [self.concepts[n].identity() for n in names],
+                        "seed": seed, "settings": point, "prompts": prompts, **class_data,
                         **({"word_index": [order.index(n) for n in names]} if rare_word[m.label] else {})}
                 out.append(Cell(m, names, seed, point, prompts, spec_hash(spec)))
         return sorted(out, key=lambda c: (c.group, list(c.method.points()).index(c.settings)))

@@ -41,7 +41,7 @@ from editbench.training import StepContext, TrainingSession, encode_prompts
 
 __all__ = ["AUTO", "IMAGE_SUFFIXES", "NONE", "TOYWORLD", "ClassFolder", "ClassPromptSession", "ClassSource",
            "PriorConfigMixin", "PriorPreservation", "class_data_folder", "class_images", "default_cache_dir",
-           "load_class_folder", "make_prior", "parse_class_folder", "resize_images"]
+           "class_data_key", "load_class_folder", "make_prior", "parse_class_folder", "resize_images"]
 
 _MANIFEST = "manifest.json"
 _FINGERPRINT_KEY = "prior/class_data_fingerprint/"  # + concept index: a checkpoint's session state
@@ -317,6 +317,21 @@ class ClassSource:
     kind: str
     folder: Path | None = None
     category: str | None = None
+
+
+def class_data_key(class_data_dir: str | None, superclass: str) -> str | None:
+    """What a ``class_data_dir`` folder holds for ``superclass``, for cache keys (suite cells, artifacts): the
+    fingerprint of its files' contents (names relative to the folder), so that other images under the same path give
+    new cells and artifacts and the same images under another path share them; the absolute path if it is not a
+    folder (yet); None for generated images and the toy world's retrieval, which follow from the config and model."""
+    from editbench.fingerprint import files_fingerprint
+
+    if class_data_dir is None or class_data_dir in (TOYWORLD, AUTO) or class_data_dir.lower() == NONE:
+        return None
+    folder = Path(os.path.expanduser(class_data_dir.replace("{}", superclass)))
+    if not folder.is_dir():
+        return str(folder.resolve())
+    return files_fingerprint(sorted(f for f in folder.rglob("*") if f.is_file()), root=folder)
 
 
 def class_data_folder(config: PriorConfigMixin, superclass: str, pipeline: Any) -> ClassSource:
