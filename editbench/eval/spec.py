@@ -290,20 +290,20 @@ class Suite:
     def with_dtype(self, dtype: Any) -> Suite:
         """This suite with ``dtype`` (a name or torch dtype) in place of its own, or itself if ``dtype`` is None: a
         run's ``--dtype`` override goes into the suite, so its cells and artifacts are keyed by it."""
-        from editbench.storage import parse_dtype
+        from editbench.storage import dtype_name, parse_dtype
 
         if dtype is None:
             return self
-        return dataclasses.replace(self, dtype=str(parse_dtype(dtype)).removeprefix("torch."))
+        return dataclasses.replace(self, dtype=dtype_name(parse_dtype(dtype)))
 
     def dtype_key(self) -> dict:
         """The suite's dtype for cache keys: {} for float32 (and None, which loads float32), else {"dtype": name}."""
         import torch
 
-        from editbench.storage import parse_dtype
+        from editbench.storage import dtype_name, parse_dtype
 
         dtype = parse_dtype(self.dtype)
-        return {} if dtype in (None, torch.float32) else {"dtype": str(dtype).removeprefix("torch.")}
+        return {} if dtype in (None, torch.float32) else {"dtype": dtype_name(dtype)}
 
     def class_data_keys(self, config: dict, names: Sequence[str]) -> tuple[dict, dict]:
         """``(config, {"class_data": [...]})`` for a cache key: if ``config`` reads class images from a folder
