@@ -161,6 +161,10 @@ def test_key_values_are_the_same_in_every_process_or_refused():
                                 "cfg") == {"a": [1, 2.5], "b": ["x", "y"], "c": "/p/q", "d": "fast", "e": None}
     with pytest.raises(EditbenchError, match=r"cfg\.hook: a value of type object"):
         suite_spec._key_json({"hook": object()}, "cfg")
+    # spec_hash, the key of every cell and artifact, encodes so
+    assert suite_spec.spec_hash({"b": {"y", "x"}}) == suite_spec.spec_hash({"b": ["x", "y"]})
+    with pytest.raises(EditbenchError, match=r"cache key\.config\.hook: a value of type object"):
+        suite_spec.spec_hash({"config": {"hook": object()}})
 
 
 def test_a_class_image_folder_is_keyed_by_its_contents(tmp_path):

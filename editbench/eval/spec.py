@@ -74,8 +74,8 @@ def inside(out: Path, path: Path) -> Path:
 
 
 def spec_hash(obj: Any, n: int = 10) -> str:
-    """Short SHA-256 of ``obj`` as key-sorted JSON: the cache key of cells and artifacts."""
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]
+    """Short SHA-256 of ``obj`` as key-sorted JSON (:func:`_key_json`): the cache key of cells and artifacts."""
+    return hashlib.sha256(json.dumps(_key_json(obj, "cache key"), sort_keys=True).encode()).hexdigest()[:n]
 
 
 def parse_shard(shard: str | Sequence[int]) -> tuple[int, int]:
@@ -156,9 +156,9 @@ class MethodSpec:
 
     def resolved(self) -> dict:
         """The method's full ``Config`` (its defaults with this entry's overrides) and its ``Settings`` defaults, as
-        JSON ({} for the base model): part of every cell's key, so that new method defaults (e.g. from a new tuning)
-        give new cells instead of reusing the old results. An override equal to the default (same value and type)
-        keeps the key."""
+        plain data ({} for the base model): part of every cell's key, so that new method defaults (e.g. from a new
+        tuning) give new cells instead of reusing the old results. An override equal to the default (same value and
+        type) keeps the key."""
         from editbench import methods as registry
 
         if self.name == BASE_METHOD:
@@ -167,9 +167,7 @@ class MethodSpec:
         settings = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
                     for f in dataclasses.fields(cls.Settings)
                     if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
-        config = dataclasses.asdict(cls(**self.config).config)
-        return {"config": _key_json(config, f"{self.name} config"),
-                "settings": _key_json(settings, f"{self.name} settings")}
+        return {"config": dataclasses.asdict(cls(**self.config).config), "settings": settings}
 
 
 def _key_json(value: Any, where: str) -> Any:
