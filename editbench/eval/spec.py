@@ -329,16 +329,16 @@ class Suite:
         rare_word = {m.label: m.name != BASE_METHOD and not registry.get(m.name).new_token for m in self.methods}
         order = sorted(self.concepts)
         out = []
-        for m, names, seed in itertools.product(self.methods, units, self.seeds):
+        for m, names in itertools.product(self.methods, units):  # what the (method, concepts) cells share
             prompts = tuple(self.concept_prompts(names))
             config, class_data = self.class_data_keys(method[m.label]["resolved"].get("config", {}), names)
             mspec = {**method[m.label], "resolved": {**method[m.label]["resolved"], "config": config}} if class_data \
                 else method[m.label]
-            for point in m.points():
-                spec = {**common, "method": mspec, "concepts": [self.concepts[n].identity() for n in names],
-                        "seed": seed, "settings": point, "prompts": prompts, **class_data,
-                        **({"word_index": [order.index(n) for n in names]} if rare_word[m.label] else {})}
-                out.append(Cell(m, names, seed, point, prompts, spec_hash(spec)))
+            unit = {**common, "method": mspec, "concepts": [self.concepts[n].identity() for n in names],
+                    "prompts": prompts, **class_data,
+                    **({"word_index": [order.index(n) for n in names]} if rare_word[m.label] else {})}
+            for seed, point in itertools.product(self.seeds, m.points()):
+                out.append(Cell(m, names, seed, point, prompts, spec_hash({**unit, "seed": seed, "settings": point})))
         return sorted(out, key=lambda c: (c.group, list(c.method.points()).index(c.settings)))
 
     def validate(self) -> None:
