@@ -49,6 +49,9 @@ class WorldConfig:
     decoder_lr: float = 5e-4
     checkpoint_every: int = 200
     text_width: int = 64
+    # Attention heads of every UNet attention layer: diffusers' ``attention_head_dim`` argument is the number of
+    # heads (its naming quirk), so the committed world's 32 means heads of 3 and 4 channels.
+    unet_heads: int = 32
 
     def replace(self, **overrides) -> "WorldConfig":
         """A copy with ``overrides`` (``editbench world train --set key=value``): unknown fields and values of the
@@ -92,7 +95,7 @@ def unet_config(cfg: WorldConfig) -> dict:
                 block_out_channels=(48, 96, 128),
                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                layers_per_block=1, cross_attention_dim=cfg.text_width, attention_head_dim=32,
+                layers_per_block=1, cross_attention_dim=cfg.text_width, attention_head_dim=cfg.unet_heads,
                 norm_num_groups=16)
 
 
