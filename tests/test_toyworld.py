@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,6 +195,25 @@ def test_committed_weights_load_offline_like_an_sd_folder(monkeypatch):
     assert f.shape == (2, 64) and torch.isfinite(f).all()
     total = sum(p.stat().st_size for p in toyworld.WEIGHTS.rglob("*") if p.is_file() and "_work" not in p.parts)
     assert total <= 40 * 2**20, f"committed toy-world weights are {total / 2**20:.1f} MB (budget 40 MB)"
+
+
+def test_committed_weights_are_the_shapes_world_config_builds():
+    """The committed model's UNet, VAE and text-encoder configs are what ``WorldConfig()``'s recipe builds (heads
+    included: diffusers' ``attention_head_dim`` is the number of heads), and so is its recorded training config."""
+    import json
+
+    from editbench import toyworld
+    from editbench.toyworld.config import WorldConfig, text_config, unet_config, vae_config
+
+    cfg, root = WorldConfig(), Path(toyworld.model_path())
+    for folder, want in (("unet", unet_config(cfg)), ("vae", vae_config(cfg)), ("text_encoder", text_config(cfg))):
+        stored = json.loads((root / folder / "config.json").read_text())
+        got = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items() if k in want}
+        assert got == {k: tuple(v) if isinstance(v, list) else v for k, v in want.items()}, folder
+    unet = json.loads((root / "unet" / "config.json").read_text())
+    assert unet["attention_head_dim"] == cfg.unet_heads
+    recorded = json.loads((toyworld.WEIGHTS / "training_log.json").read_text())["config"]
+    assert recorded.get("unet_heads", 32) == cfg.unet_heads
 
 
 def test_world_train_smoke_run_exports_a_loadable_world_and_resumes(tmp_path, monkeypatch):
