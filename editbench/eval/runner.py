@@ -150,7 +150,7 @@ class Runner:
 
         c = self.suite.concepts[name]
         tokenizer = None if editor.new_token else self.pipeline.tokenizer  # the pipeline loads only if needed
-        placeholder = editor.placeholder(tokenizer, c.placeholder, sorted(self.suite.concepts).index(name))
+        placeholder = editor.placeholder(tokenizer, c.placeholder, self.suite.word_index(name))
         return ConceptData(placeholder, c.superclass, list(c.images), list(c.masks) if c.masks else None,
                            templates=c.templates)
 

@@ -270,6 +270,11 @@ class Suite:
                                  "diffusers folder (or 'toyworld')")
         return Path(self.model)
 
+    def word_index(self, name: str) -> int:
+        """The concept's index among the suite's concepts in sorted order: a method that binds a concept to an
+        existing rare word picks the word by it (``Editor.placeholder``), so it is part of such a method's cell keys."""
+        return sorted(self.concepts).index(name)
+
     def concept_prompts(self, names: tuple[str, ...]) -> list[tuple[int, str]]:
         if len(names) == 1:
             own, given = self.concepts[names[0]].prompts, self.prompts
@@ -325,9 +330,8 @@ class Suite:
         method = {m.label: {**{k: v for k, v in dataclasses.asdict(m).items() if k != "config"},
                             "resolved": m.resolved()} for m in self.methods}
         # a method that binds a concept to an existing rare word picks it by the concept's index in the suite
-        # (Runner.concept_data): another concept list can give the same concept another word
+        # (word_index): another concept list can give the same concept another word
         rare_word = {m.label: m.name != BASE_METHOD and not registry.get(m.name).new_token for m in self.methods}
-        order = sorted(self.concepts)
         out = []
         for m, names in itertools.product(self.methods, units):  # what the (method, concepts) cells share
             prompts = tuple(self.concept_prompts(names))
@@ -336,7 +340,7 @@ class Suite:
                 else method[m.label]
             unit = {**common, "method": mspec, "concepts": [self.concepts[n].identity() for n in names],
                     "prompts": prompts, **class_data,
-                    **({"word_index": [order.index(n) for n in names]} if rare_word[m.label] else {})}
+                    **({"word_index": [self.word_index(n) for n in names]} if rare_word[m.label] else {})}
             for seed, point in itertools.product(self.seeds, m.points()):
                 out.append(Cell(m, names, seed, point, prompts, spec_hash({**unit, "seed": seed, "settings": point})))
         return sorted(out, key=lambda c: (c.group, list(c.method.points()).index(c.settings)))
