@@ -41,7 +41,8 @@ from editbench.training import StepContext, TrainingSession, encode_prompts
 
 __all__ = ["AUTO", "IMAGE_SUFFIXES", "NONE", "TOYWORLD", "ClassFolder", "ClassPromptSession", "ClassSource",
            "PriorConfigMixin", "PriorPreservation", "class_data_folder", "class_images", "default_cache_dir",
-           "class_data_key", "load_class_folder", "make_prior", "parse_class_folder", "resize_images"]
+           "class_data_key", "class_folder_path", "load_class_folder", "make_prior", "parse_class_folder",
+           "resize_images"]
 
 _MANIFEST = "manifest.json"
 _FINGERPRINT_KEY = "prior/class_data_fingerprint/"  # + concept index: a checkpoint's session state
@@ -319,6 +320,12 @@ class ClassSource:
     category: str | None = None
 
 
+def class_folder_path(class_data_dir: str, superclass: str) -> Path:
+    """The folder a ``class_data_dir`` that is neither ``"toyworld"`` nor ``"auto"`` names for ``superclass``:
+    ``{}`` replaced by the superclass, ``~`` expanded."""
+    return Path(os.path.expanduser(class_data_dir.replace("{}", superclass)))
+
+
 def class_data_key(class_data_dir: str | None, superclass: str) -> str | None:
     """What a ``class_data_dir`` folder holds for ``superclass``, for cache keys (suite cells, artifacts): the
     fingerprint of its files' contents (names relative to the folder), so that other images under the same path give
@@ -328,7 +335,7 @@ def class_data_key(class_data_dir: str | None, superclass: str) -> str | None:
 
     if class_data_dir is None or class_data_dir in (TOYWORLD, AUTO) or class_data_dir.lower() == NONE:
         return None
-    folder = Path(os.path.expanduser(class_data_dir.replace("{}", superclass)))
+    folder = class_folder_path(class_data_dir, superclass)
     if not folder.is_dir():
         return str(folder.resolve())
     return files_fingerprint(sorted(f for f in folder.rglob("*") if f.is_file()), root=folder)
@@ -344,7 +351,7 @@ def class_data_folder(config: PriorConfigMixin, superclass: str, pipeline: Any) 
     if d is None:
         return ClassSource("generated")
     if d not in (TOYWORLD, AUTO):
-        return ClassSource("folder", Path(os.path.expanduser(d.replace("{}", superclass))))
+        return ClassSource("folder", class_folder_path(d, superclass))
     from editbench.toyworld.scenes import CATEGORIES
 
     res = model_resolution(pipeline)
