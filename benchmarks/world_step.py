@@ -1,44 +1,41 @@
-"""Cost of one toy-world training step (UNet + text encoder, forward, backward, AdamW) by number of attention heads.
+"""Cost of one toy-world training step (UNet + text encoder) by number of attention heads.
 
     python benchmarks/world_step.py [--heads 32 4] [--batch 64] [--repeats 5]
 
-The world's `UNet2DConditionModel` is built from `editbench.toyworld.config.unet_config` with
+The world's own UNet + text-encoder step (`editbench.toyworld.train`: v-prediction, caption dropout,
+object-weighted loss, gradient clipping, AdamW) on models built by its `build_unet_and_text` with
 `WorldConfig.unet_heads` set to each value (diffusers' ``attention_head_dim`` argument is the number of heads);
-random latents, timesteps and 77-token captions of the training batch size. The variants are timed interleaved in
-one process (repeats x 5 steps each, after 3 warm-up steps) and reported as seconds per step and as a ratio to the
-first variant (the peer). Numbers in docs/toyworld.md.
+random latents, captions and object masks stand in for the rendered scenes (a step's cost does not depend on their
+values). The variants are timed interleaved in one process (repeats x 5 steps each, after 3 warm-up steps) and
+reported as seconds per step and as a ratio to the first variant (the peer). Numbers in docs/toyworld.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import pandas as pd
 import torch
 
 from editbench.models import CLIP_MAX_LENGTH
-from editbench.toyworld.config import WorldConfig, text_config, unet_config
+from editbench.toyworld.config import WorldConfig
+from editbench.toyworld.train import _diffusion_step, _noise_scheduler, build_unet_and_text
 
 
-def make_step(cfg: WorldConfig, batch: int):
-    from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
+def make_step(cfg: WorldConfig, n: int = 256):
     torch.manual_seed(0)
-    unet, text = UNet2DConditionModel(**unet_config(cfg)), CLIPTextModel(CLIPTextConfig(**text_config(cfg)))
-    opt = torch.optim.AdamW(list(unet.parameters()) + list(text.parameters()), lr=1e-4)
-    s = cfg.image_size // 2
-    ids = torch.randint(0, 49406, (batch, CLIP_MAX_LENGTH))                         # (b, 77)
-    x, t = torch.randn(batch, 4, s, s), torch.randint(0, 1000, (batch,))           # (b, 4, s, s), (b,)
-
-    def step():
-        h = text(ids).last_hidden_state                                            # (b, 77, d)
-        loss = (unet(x, t, h).sample - x).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return step
+    unet, text = build_unet_and_text(cfg)
+    opt = torch.optim.AdamW(list(unet.parameters()) + list(text.parameters()), lr=cfg.unet_lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    s = cfg.image_size
+    data = {"input_ids": torch.randint(0, 49406, (n, CLIP_MAX_LENGTH)),                    # (N, 77)
+            "masks": (torch.rand(n, s, s) < 0.2).to(torch.uint8)}                          # (N, h, w)
+    latents = torch.randn(n, 4, s // 2, s // 2)                                            # (N, 4, h/2, w/2)
+    step_fn = _diffusion_step(cfg, Path("."), data, latents, unet, text, opt, sched, _noise_scheduler())
+    gen = torch.Generator().manual_seed(0)
+    return lambda: step_fn(0, gen)
 
 
 def main(argv: list[str] | None = None) -> pd.DataFrame:
@@ -47,7 +44,7 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     ap.add_argument("--batch", type=int, default=WorldConfig().unet_batch)
     ap.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
-    steps = {h: make_step(WorldConfig().replace(unet_heads=h), args.batch) for h in args.heads}
+    steps = {h: make_step(WorldConfig().replace(unet_heads=h, unet_batch=args.batch)) for h in args.heads}
     for step in steps.values():
         for _ in range(3):
             step()

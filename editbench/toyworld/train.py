@@ -316,14 +316,18 @@ def _noise_scheduler():
     return DDPMScheduler(**{k: v for k, v in scheduler_kwargs().items() if k not in ("set_alpha_to_one",)})
 
 
-def stage_unet(cfg, work, data, latents, progress=True):
+def build_unet_and_text(cfg: WorldConfig) -> tuple:
+    """A freshly initialised world UNet and text encoder (``unet_config`` / ``text_config`` of ``cfg``)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    return UNet2DConditionModel(**unet_config(cfg)), CLIPTextModel(CLIPTextConfig(**text_config(cfg)))
+
+
+def stage_unet(cfg, work, data, latents, progress=True):
     torch.manual_seed(cfg.seed + 1)
-    unet = UNet2DConditionModel(**unet_config(cfg))
-    text = CLIPTextModel(CLIPTextConfig(**text_config(cfg)))
-    ema_unet, ema_text = UNet2DConditionModel(**unet_config(cfg)), CLIPTextModel(CLIPTextConfig(**text_config(cfg)))
+    unet, text = build_unet_and_text(cfg)
+    ema_unet, ema_text = build_unet_and_text(cfg)
     ema_unet.load_state_dict(unet.state_dict())
     ema_text.load_state_dict(text.state_dict())
     noise_sched = _noise_scheduler()
