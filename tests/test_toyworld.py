@@ -199,7 +199,8 @@ def test_committed_weights_load_offline_like_an_sd_folder(monkeypatch):
 
 def test_committed_weights_are_the_shapes_world_config_builds():
     """The committed model's UNet, VAE and text-encoder configs are what ``WorldConfig()``'s recipe builds (heads
-    included: diffusers' ``attention_head_dim`` is the number of heads), and so is its recorded training config."""
+    included: diffusers' ``attention_head_dim`` is the number of heads), and the training log records the same heads
+    (logs from before the field: 32)."""
     import json
 
     from editbench import toyworld
