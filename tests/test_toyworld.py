@@ -199,9 +199,10 @@ def test_committed_weights_load_offline_like_an_sd_folder(monkeypatch):
 
 def test_committed_weights_are_the_shapes_world_config_builds():
     """The committed model's UNet, VAE and text-encoder configs are what ``WorldConfig()``'s recipe builds (heads
-    included: diffusers' ``attention_head_dim`` is the number of heads), and the training log records the same heads
-    (logs from before the field: 32)."""
+    included: diffusers' ``attention_head_dim`` is the number of heads), and the weights were trained by exactly
+    ``WorldConfig()``'s recipe (their training log's config), so ``editbench world train`` reproduces them."""
     import json
+    from dataclasses import asdict
 
     from editbench import toyworld
     from editbench.toyworld.config import WorldConfig, text_config, unet_config, vae_config
@@ -214,7 +215,7 @@ def test_committed_weights_are_the_shapes_world_config_builds():
     unet = json.loads((root / "unet" / "config.json").read_text())
     assert unet["attention_head_dim"] == cfg.unet_heads
     recorded = json.loads((toyworld.WEIGHTS / "training_log.json").read_text())["config"]
-    assert recorded.get("unet_heads", 32) == cfg.unet_heads
+    assert recorded == asdict(cfg)
 
 
 def test_world_train_smoke_run_exports_a_loadable_world_and_resumes(tmp_path, monkeypatch):
