@@ -20,13 +20,13 @@ class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     token per concept (``"<new1> cat"``), resize augmentation with a masked loss, prior preservation.
 
     Defaults are the toy world's (32x32 px), tuned by ``editbench tune`` on its validation concepts
-    (benchmarks/tuning/toy-quick/custom_diffusion/tuned.json): 118 steps of batch 4 (+4 class images), 16 class
-    images, lr 2.73e-4 (K/V and modifier rows), prior loss weight 1.11, modifier rows kept at <= 0.75 x the
-    superclass word's norm (``embedding_norm_cap``). Everything else is the reference's: AdamW with weight decay
-    1e-2 and gradient clipping at 1.0, augmentation p = 0.66, modifier tokens initialised from rare tokens, and
-    *real* class images with their own captions (``class_data_dir="auto"``: the toy world's retrieval of the
-    category, :mod:`editbench.toyworld.retrieval`; on a model that is not toy-sized, or for a category the toy
-    world lacks, generated images unless ``class_data_dir`` names a folder; :mod:`editbench.methods.prior`).
+    (benchmarks/tuning/toy-quick/custom_diffusion/tuned.json, tests/test_tuned_defaults.py): ``steps`` of batch 4 (+4
+    class images; 16 class images), ``lr`` (K/V and modifier rows), ``prior_loss_weight``, and ``embedding_norm_cap``
+    (modifier rows kept at <= cap x the superclass word's norm). Everything else is the reference's: AdamW with weight
+    decay 1e-2 and gradient clipping at 1.0, augmentation p = 0.66, modifier tokens initialised from rare tokens, and
+    *real* class images with their own captions (``class_data_dir="auto"``: the toy world's retrieval of the category,
+    :mod:`editbench.toyworld.retrieval`; on a model that is not toy-sized, or for a category the toy world lacks,
+    generated images unless ``class_data_dir`` names a folder; :mod:`editbench.methods.prior`).
 
     ``svd_rank`` / ``svd_energy`` store each K/V delta as a truncated SVD (rank, or the smallest rank keeping
     that fraction of the singular-value sum; the paper's compression uses 0.6). ``merge_ridge`` is the ridge
@@ -35,10 +35,10 @@ class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     over 10 d for SD 1.x's d = 768; the reference uses 200).
     """
 
-    steps: int = 118
+    steps: int = 182
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 2.73e-4
+    lr: float = 5.01e-4
     lr_modifier: float | None = None            # None: same as lr (the reference trains both with one lr)
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
@@ -49,8 +49,8 @@ class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     svd_energy: float | None = None
     merge_ridge: float = 1e-6
     merge_captions: int | None = 1000          # first N of default_captions() for C (None: all 3,000)
-    prior_loss_weight: float = 1.11
-    embedding_norm_cap: float | None = 0.75
+    prior_loss_weight: float = 1.1
+    embedding_norm_cap: float | None = 2.11
     class_data_dir: str | None = AUTO           # real class images (the toy world's retrieval); None: generated
 
     # class_data_dir is not a "later field" here: its default changed from generated to real images, so a

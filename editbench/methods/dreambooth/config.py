@@ -21,20 +21,21 @@ class DreamBoothConfig(PriorConfigMixin, TrainConfig):
     "<identifier> <class>" with prior preservation (``loss = instance + prior_loss_weight * prior``).
 
     Defaults are the toy world's (32x32 px), tuned by ``editbench tune`` on its validation concepts
-    (benchmarks/tuning/toy-quick/dreambooth/tuned.json): 196 steps of batch 4 (+4 class images), 16 class images,
-    lr 2.13e-4, prior loss weight 1.08. As in the reference: AdamW with weight decay 1e-2, gradient clipping at
-    1.0, text encoder frozen unless ``train_text_encoder`` (then at ``lr_text_encoder``, default ``lr``).
+    (benchmarks/tuning/toy-quick/dreambooth/tuned.json, tests/test_tuned_defaults.py): ``steps`` of batch 4 (+4 class
+    images; 16 class images), ``lr`` and ``prior_loss_weight``. As in the reference: AdamW with weight decay 1e-2,
+    gradient clipping at 1.0, text encoder frozen unless ``train_text_encoder`` (then at ``lr_text_encoder``, default
+    ``lr``).
     """
 
-    steps: int = 196
+    steps: int = 254
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 2.13e-4
+    lr: float = 3.05e-4
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
     train_text_encoder: bool = False
     lr_text_encoder: float | None = None
-    prior_loss_weight: float = 1.08
+    prior_loss_weight: float = 0.565
 
     @classmethod
     def reference(cls, **overrides) -> DreamBoothConfig:

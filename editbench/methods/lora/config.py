@@ -19,21 +19,22 @@ class LoRAConfig(PriorConfigMixin, TrainConfig):
     """Training settings of DreamBooth-LoRA: peft LoRA adapters on the UNet attention projections, prompts
     "<identifier> <class>".
 
-    ``rank`` / ``alpha``: the adapter's ``W + (alpha / rank) B A`` (reference r = 4, alpha = 4);
-    ``target_modules``: peft's module-name suffixes; ``init_lora_weights``: peft's init ("gaussian" as diffusers'
-    scripts: A Gaussian, B zero). Defaults are the toy world's (32x32 px), tuned by ``editbench tune`` on its
-    validation concepts (benchmarks/tuning/toy-quick/lora/tuned.json): 254 steps of batch 4, lr 1.06e-3, rank 2
-    (alpha 4); AdamW weight decay 1e-2, clipping at 1.0, prior preservation off (as in diffusers' DreamBooth-LoRA
-    example; switch it on with ``with_prior_preservation=True``). :meth:`reference` is diffusers' recipe.
+    ``rank`` / ``alpha``: the adapter's ``W + (alpha / rank) B A`` (reference r = 4, alpha = 4); ``target_modules``:
+    peft's module-name suffixes; ``init_lora_weights``: peft's init ("gaussian" as diffusers' scripts: A Gaussian, B
+    zero). Defaults are the toy world's (32x32 px), tuned by ``editbench tune`` on its validation concepts
+    (benchmarks/tuning/toy-quick/lora/tuned.json, tests/test_tuned_defaults.py): ``steps`` of batch 4, ``lr`` and
+    ``rank`` (alpha 4); AdamW weight decay 1e-2, clipping at 1.0, prior preservation off (as in diffusers'
+    DreamBooth-LoRA example; switch it on with ``with_prior_preservation=True``). :meth:`reference` is diffusers'
+    recipe.
     """
 
-    steps: int = 254
+    steps: int = 126
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 1.06e-3
+    lr: float = 7.45e-4
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
-    rank: int = 2
+    rank: int = 4
     alpha: float = 4.0
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     init_lora_weights: str = "gaussian"

@@ -18,8 +18,9 @@ class TextualInversionConfig(EmbeddingNormCap, TrainConfig):
     """Training settings of textual inversion: only the placeholder's embedding row(s) are learned.
 
     Defaults are the toy world's (32x32 px), tuned by ``editbench tune`` on its validation concepts
-    (benchmarks/tuning/toy-quick/textual_inversion/tuned.json): 161 steps of batch 4, lr 3.8e-4, the learned row kept
-    at <= 1.52 x the superclass word's norm (``embedding_norm_cap``; docs/methods/textual_inversion.md). The
+    (benchmarks/tuning/toy-quick/textual_inversion/tuned.json, tests/test_tuned_defaults.py): ``steps`` of batch 4,
+    ``lr``, and ``embedding_norm_cap`` (the learned row kept at <= cap x the superclass word's norm;
+    docs/methods/textual_inversion.md). The
     reference's ``scale_lr`` rule (5e-4 x batch x accumulation = 2e-3) made the row grow to ~2x a word's norm on
     the toy text encoder; :meth:`reference` keeps it (and no cap). ``num_vectors`` > 1 learns several vectors,
     stored as tokens ``<p>``, ``<p>_1``, ... (diffusers' multi-vector convention; the pipeline expands ``<p>`` in
@@ -27,14 +28,14 @@ class TextualInversionConfig(EmbeddingNormCap, TrainConfig):
     single-token word the vectors start from (None: the concept's superclass word).
     """
 
-    steps: int = 161
+    steps: int = 206
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 3.8e-4
+    lr: float = 5.35e-3
     weight_decay: float = 1e-2          # AdamW decay of the learned rows only (the reference decays them too)
     num_vectors: int = 1
     initializer: str | None = None
-    embedding_norm_cap: float | None = 1.52
+    embedding_norm_cap: float | None = 0.812
 
     @classmethod
     def reference(cls, **overrides) -> TextualInversionConfig:
