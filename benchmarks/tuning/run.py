@@ -7,8 +7,7 @@ the run is stopped (Ctrl-C, or a ``STOP`` file in --work: the workers finish the
 trial counts differ by at most one, and ``editbench tune --trials N`` with N the smallest count writes each method's
 ``tuned.json`` from its first N complete trials: the same budget for every method. ``editbench tune`` alone gives
 that only at the end of every study; on a 2-core machine whose sessions end, this is what keeps the studies equal.
-Re-running resumes (each study is resumable; k starts from nothing, but a job whose study already holds k complete
-trials returns at once).
+Re-running resumes: each method's jobs start after the complete trials its study already holds.
 
     python benchmarks/tuning/run.py --trials 20 --workers 2
     cp runs/tune/<method>/{tuned.json,trials.csv,study.json} benchmarks/tuning/toy-quick/<method>/
@@ -28,6 +27,19 @@ ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("dreambooth", "custom_diffusion", "lora", "textual_inversion", "perfusion")  # slowest trials first
 
 
+def _complete(db: Path, name: str) -> int:
+    """Complete trials of the study ``name`` in the SQLite file ``db`` (0 when there is none yet)."""
+    import optuna
+
+    if not db.is_file():
+        return 0
+    try:
+        study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
+    except KeyError:
+        return 0
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--suite", default="toy-quick")
@@ -36,7 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "tune", help="--out of each study: work/<method>")
     args = ap.parse_args(argv)
-    jobs = [(k, m) for k in range(1, args.trials + 1) for m in args.methods]
+    done = {m: _complete(ROOT / "benchmarks" / "tuning" / args.suite / m / "study.db", f"{args.suite}:{m}")
+            for m in args.methods}
+    jobs = [(k, m) for k in range(1, args.trials + 1) for m in args.methods if k > done[m]]
     busy: set[str] = set()
     lock = threading.Lock()
     args.work.mkdir(parents=True, exist_ok=True)
