@@ -48,8 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "tune", help="--out of each study: work/<method>")
     args = ap.parse_args(argv)
-    done = {m: _complete(ROOT / "benchmarks" / "tuning" / args.suite / m / "study.db", f"{args.suite}:{m}")
-            for m in args.methods}
+    studies = {m: ROOT / "benchmarks" / "tuning" / args.suite / m / "study.db" for m in args.methods}
+    done = {m: _complete(studies[m], f"{args.suite}:{m}") for m in args.methods}
     jobs = [(k, m) for k in range(1, args.trials + 1) for m in args.methods if k > done[m]]
     busy: set[str] = set()
     lock = threading.Lock()
@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> None:
             k, m = job
             note(f"start {m} k={k}")
             t0 = time.time()
-            study = ROOT / "benchmarks" / "tuning" / args.suite / m / "study.db"
             cmd = [sys.executable, "-m", "editbench.cli", "tune", "--suite", args.suite, "--method", m,
-                   "--trials", str(k), "--out", str(args.work / m), "--storage", f"sqlite:///{study}"]
+                   "--trials", str(k), "--out", str(args.work / m), "--storage", f"sqlite:///{studies[m]}"]
             with (args.work / f"{m}.log").open("a") as f:
                 rc = subprocess.call(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
             note(f"done {m} k={k} rc={rc} {time.time() - t0:.0f} s")
