@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -118,6 +119,38 @@ def test_pattern_stage_scenes_are_pattern_rich_and_exclude_personal_appearances(
     assert abs(share["patterns"] - cfg.pattern_stage_prob) < 0.03 and abs(share["base"] - cfg.pattern_prob) < 0.03
     assert pattern_scene(cfg, 0).caption != base_scene(cfg, 0).caption or pattern_scene(cfg, 1).caption != \
         base_scene(cfg, 1).caption
+
+
+def test_unsaid_single_object_positions_are_centred_and_nothing_else_changes():
+    """With ``unsaid_position`` a single object whose caption states no position is placed there; every other
+    draw (the captions, two-object scenes, stated positions, jitter) is the scene the same seed gives without it.
+    Base training and the patterns stage use the config's rule; the evaluator's fully specified stream does not."""
+    from editbench.toyworld.train import WorldConfig, base_spec, evaluator_scene, pattern_scene
+
+    unsaid, moved = 0, 0
+    for seed in range(600):
+        a = R.sample_scene(random.Random(seed), pattern_prob=0.6)
+        b = R.sample_scene(random.Random(seed), pattern_prob=0.6, unsaid_position="center")
+        assert b.caption() == a.caption() and b.background == a.background
+        for oa, ob in zip(a.objects, b.objects):
+            if len(a.objects) == 1 and not a.say_position:
+                assert ob.position == "center" and replace(ob, position=oa.position) == oa
+                unsaid += 1
+                moved += oa.position != "center"
+            else:
+                assert ob == oa
+    assert 40 < unsaid < 130 and moved > 0.7 * unsaid        # ~15% of captions omit the position
+    cfg = WorldConfig()
+    assert cfg.unsaid_position == "center"
+    singles = [s for s in (base_spec(cfg, i) for i in range(400)) if len(s.objects) == 1 and not s.say_position]
+    assert singles and all(s.objects[0].position == "center" for s in singles)
+    patt = [pattern_scene(cfg, i).spec for i in range(400)]
+    assert all(s.objects[0].position == "center" for s in patt if len(s.objects) == 1 and not s.say_position)
+    ev = [evaluator_scene(cfg, i).spec.objects[0].position for i in range(600)]
+    assert ev.count("center") / len(ev) < 0.16   # 1/9 of 9 positions; centred unsaid objects would make it ~0.24
+    anywhere = [s for s in (base_spec(cfg.replace(unsaid_position=""), i) for i in range(400))
+                if len(s.objects) == 1 and not s.say_position]
+    assert len({s.objects[0].position for s in anywhere}) > 3
 
 
 def test_heldout_specs_are_heldout():

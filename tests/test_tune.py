@@ -118,6 +118,8 @@ def test_trials_is_the_total_budget_and_a_rerun_resumes_it(tmp_path, models):
     study = optuna.load_study(study_name="t:textual_inversion", storage=f"sqlite:///{out / 'study.db'}")
     assert study.user_attrs["method"] == METHOD and study.user_attrs["suite"] == "t"
     assert study.user_attrs["budget"] == 2 and study.user_attrs["objectives"] == list(T.GROUND_TRUTH)
+    url = f"sqlite:///{out / 'study.db'}"                                  # what benchmarks/tuning/run.py reads
+    assert T.complete_trials(url, "t", METHOD) == 3 and T.complete_trials(url, "t", "lora") == 0
     table = __import__("pandas").read_csv(out / "trials.csv")
     assert len(table) == 3 and {"values_identity", "values_prompt_fidelity", "params_lr"} <= set(table.columns)
     # each trial ran the method alone on the validation concept

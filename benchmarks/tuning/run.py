@@ -23,21 +23,10 @@ import threading
 import time
 from pathlib import Path
 
+from editbench.eval.tune import complete_trials
+
 ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("dreambooth", "custom_diffusion", "lora", "textual_inversion", "perfusion")  # slowest trials first
-
-
-def _complete(db: Path, name: str) -> int:
-    """Complete trials of the study ``name`` in the SQLite file ``db`` (0 when there is none yet)."""
-    import optuna
-
-    if not db.is_file():
-        return 0
-    try:
-        study = optuna.load_study(study_name=name, storage=f"sqlite:///{db}")
-    except KeyError:
-        return 0
-    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,7 +38,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "tune", help="--out of each study: work/<method>")
     args = ap.parse_args(argv)
     studies = {m: ROOT / "benchmarks" / "tuning" / args.suite / m / "study.db" for m in args.methods}
-    done = {m: _complete(studies[m], f"{args.suite}:{m}") for m in args.methods}
+    done = {m: complete_trials(f"sqlite:///{studies[m]}", args.suite, m) if studies[m].is_file() else 0
+            for m in args.methods}
     jobs = [(k, m) for k in range(1, args.trials + 1) for m in args.methods if k > done[m]]
     busy: set[str] = set()
     lock = threading.Lock()

@@ -50,7 +50,7 @@ from editbench.storage import atomic_target, read_json, write_json
 from editbench.training import Param
 
 __all__ = ["CLIP_OBJECTIVES", "FLOORS", "GROUND_TRUTH", "RULE", "apply_tuned", "check_space", "choose",
-           "objectives", "open_storage", "tune", "validation_suite"]
+           "complete_trials", "objectives", "open_storage", "study_name_of", "tune", "validation_suite"]
 
 KINDS = ("log", "float", "int", "categorical")
 TARGETS = ("config", "settings", "steps")
@@ -273,6 +273,23 @@ def _study(storage: Any, name: str, attrs: dict, url: str) -> Any:
     return study
 
 
+def study_name_of(suite: str, method: str) -> str:
+    """The Optuna study name of ``method`` tuned on the suite named ``suite`` (one study per pair)."""
+    return f"{suite}:{method}"
+
+
+def complete_trials(url: str, suite: str, method: str) -> int:
+    """How many COMPLETE trials the study of (``suite``, ``method``) in the storage ``url`` holds; 0 when the
+    storage has no such study."""
+    import optuna
+
+    try:
+        study = optuna.load_study(study_name=study_name_of(suite, method), storage=str(url))
+    except KeyError:
+        return 0
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+
+
 # ------------------------------------------------------------------------------------------------ tune
 def tune(suite: str | Any, method: str, trials: int, out: str | Any, storage: str | None = None,
          progress: bool = True, *, device: Any = None, dtype: Any = None, pipeline: Any = None,
@@ -296,7 +313,7 @@ def tune(suite: str | Any, method: str, trials: int, out: str | Any, storage: st
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise EditbenchError(f"output {out} exists and is not a folder; choose another --out")
-    study_name = f"{suite.name}:{method}"
+    study_name = study_name_of(suite.name, method)
     marker = out / "study.json"
     if marker.is_file() and read_json(marker).get("study") != study_name:
         raise EditbenchError(f"{out} belongs to the study {read_json(marker).get('study')!r}; use another --out for "

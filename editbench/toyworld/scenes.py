@@ -279,12 +279,16 @@ def sample_object(rng: random.Random, *, position: str | None = None, size: str 
 
 
 def sample_scene(rng: random.Random, *, split: str = "train", two_object_prob: float = 0.25,
-                 pattern_prob: float = 0.3, patterns=PATTERNS, excluded=frozenset()) -> SceneSpec:
+                 pattern_prob: float = 0.3, patterns=PATTERNS, excluded=frozenset(),
+                 unsaid_position: str | None = None) -> SceneSpec:
     """A random scene from the grammar.
 
     ``split="train"`` never yields a held-out (category, color, background) triple, ``"heldout"`` only yields
     those (for single objects), ``"any"`` ignores the split. ``excluded`` is a set of appearance tuples
     ``(category, color, pattern, pattern_color)`` that must never be drawn (the personal concepts').
+    ``unsaid_position``: where a single object is placed when the caption does not say its position (as in
+    photos, where an object nobody placed is centred); None places it anywhere. Every random draw is the same
+    either way, so the two settings give the same scenes apart from that object's position.
     """
     while True:
         background = rng.choice(COLORS)
@@ -307,10 +311,13 @@ def sample_scene(rng: random.Random, *, split: str = "train", two_object_prob: f
             continue
         if split == "heldout" and not all(held):
             continue
-        return SceneSpec(
+        spec = SceneSpec(
             objects=objects, background=background,
             say_position=rng.random() < 0.85, say_size=rng.random() < 0.7, say_background=rng.random() < 0.9,
         )
+        if unsaid_position is not None and not spec.say_position and len(objects) == 1:
+            spec = replace(spec, objects=(replace(objects[0], position=unsaid_position),))
+        return spec
 
 
 def random_scene(seed: int, **kwargs) -> Rendered:

@@ -347,7 +347,7 @@ def pattern_scene(cfg: WorldConfig, i: int) -> R.Rendered:
     """Scene ``i`` of the patterns stage: base training's grammar and exclusions (never a personal concept's exact
     appearance nor a held-out triple), ``cfg.pattern_stage_prob`` of the objects with a pattern."""
     spec = R.sample_scene(_scene_rng(cfg.seed, i, "patterns"), split="train", pattern_prob=cfg.pattern_stage_prob,
-                          excluded=EXCLUDED_APPEARANCES)
+                          excluded=EXCLUDED_APPEARANCES, unsaid_position=cfg.unsaid_position or None)
     return R.render(spec, cfg.image_size)
 
 
@@ -393,7 +393,7 @@ def stage_patterns(cfg, work, tokenizer, vae, scale, unet, text, progress=True):
 def base_spec(cfg: WorldConfig, i: int) -> R.SceneSpec:
     """The spec of base-model training scene ``i`` (:func:`base_scene` without the rendering)."""
     return R.sample_scene(_scene_rng(cfg.seed, i, "base"), split="train", pattern_prob=cfg.pattern_prob,
-                          excluded=EXCLUDED_APPEARANCES)
+                          excluded=EXCLUDED_APPEARANCES, unsaid_position=cfg.unsaid_position or None)
 
 
 def base_scene(cfg: WorldConfig, i: int) -> R.Rendered:
