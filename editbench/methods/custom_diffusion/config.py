@@ -35,10 +35,10 @@ class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     over 10 d for SD 1.x's d = 768; the reference uses 200).
     """
 
-    steps: int = 182
+    steps: int = 173
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 5.01e-4
+    lr: float = 5.05e-4
     lr_modifier: float | None = None            # None: same as lr (the reference trains both with one lr)
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
@@ -49,8 +49,8 @@ class CustomDiffusionConfig(EmbeddingNormCap, PriorConfigMixin, TrainConfig):
     svd_energy: float | None = None
     merge_ridge: float = 1e-6
     merge_captions: int | None = 1000          # first N of default_captions() for C (None: all 3,000)
-    prior_loss_weight: float = 1.1
-    embedding_norm_cap: float | None = 2.11
+    prior_loss_weight: float = 1.09
+    embedding_norm_cap: float | None = 1.4
     class_data_dir: str | None = AUTO           # real class images (the toy world's retrieval); None: generated
 
     # class_data_dir is not a "later field" here: its default changed from generated to real images, so a

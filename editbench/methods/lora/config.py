@@ -28,13 +28,13 @@ class LoRAConfig(PriorConfigMixin, TrainConfig):
     recipe.
     """
 
-    steps: int = 126
+    steps: int = 273
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 7.45e-4
+    lr: float = 1.26e-3
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
-    rank: int = 4
+    rank: int = 16
     alpha: float = 4.0
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
     init_lora_weights: str = "gaussian"

@@ -28,14 +28,14 @@ class TextualInversionConfig(EmbeddingNormCap, TrainConfig):
     single-token word the vectors start from (None: the concept's superclass word).
     """
 
-    steps: int = 206
+    steps: int = 40
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 5.35e-3
+    lr: float = 1.36e-3
     weight_decay: float = 1e-2          # AdamW decay of the learned rows only (the reference decays them too)
     num_vectors: int = 1
     initializer: str | None = None
-    embedding_norm_cap: float | None = 0.812
+    embedding_norm_cap: float | None = 2.37
 
     @classmethod
     def reference(cls, **overrides) -> TextualInversionConfig:
