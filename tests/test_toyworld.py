@@ -151,6 +151,10 @@ def test_unsaid_single_object_positions_are_centred_and_nothing_else_changes():
     anywhere = [s for s in (base_spec(cfg.replace(unsaid_position=""), i) for i in range(400))
                 if len(s.objects) == 1 and not s.say_position]
     assert len({s.objects[0].position for s in anywhere}) > 3
+    from editbench.errors import EditbenchError
+
+    with pytest.raises(EditbenchError, match="unsaid_position must be one of"):
+        base_spec(cfg.replace(unsaid_position="middle"), 0)
 
 
 def test_heldout_specs_are_heldout():

@@ -19,8 +19,8 @@ class WorldConfig:
     image_size: int = 32
     n_scenes: int = 30000
     pattern_prob: float = 0.6  # share of base-training objects with a second-color pattern (eight patterns)
-    # where a single object goes when its caption states no position ("center", as in photos; "": anywhere):
-    # placed anywhere, position-free prompts drew a second copy of the object in 0.42 of images (docs/toyworld.md)
+    # where a single object goes when its caption states no position ("center", as in photos; "": anywhere, which
+    # gives a position-free prompt nine answers and the model draws two copies at once: docs/toyworld.md)
     unsaid_position: str = "center"
     vae_steps: int = 1200
     vae_batch: int = 32

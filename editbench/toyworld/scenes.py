@@ -290,6 +290,10 @@ def sample_scene(rng: random.Random, *, split: str = "train", two_object_prob: f
     photos, where an object nobody placed is centred); None places it anywhere. Every random draw is the same
     either way, so the two settings give the same scenes apart from that object's position.
     """
+    if unsaid_position is not None and unsaid_position not in POSITIONS:
+        from editbench.errors import EditbenchError
+
+        raise EditbenchError(f"unsaid_position must be one of {sorted(POSITIONS)} or None, got {unsaid_position!r}")
     while True:
         background = rng.choice(COLORS)
         if rng.random() < two_object_prob:
