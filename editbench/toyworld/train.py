@@ -343,12 +343,17 @@ def stage_unet(cfg, work, data, latents, progress=True):
     return ema_unet.eval(), ema_text.eval(), noise_sched
 
 
+def _training_spec(cfg: WorldConfig, i: int, stream: str, pattern_prob: float) -> R.SceneSpec:
+    """Scene ``i`` of the UNet's training ``stream``: never a personal concept's exact appearance nor a held-out
+    triple, single objects of position-free captions at ``cfg.unsaid_position`` ("": anywhere)."""
+    return R.sample_scene(_scene_rng(cfg.seed, i, stream), split="train", pattern_prob=pattern_prob,
+                          excluded=EXCLUDED_APPEARANCES, unsaid_position=cfg.unsaid_position or None)
+
+
 def pattern_scene(cfg: WorldConfig, i: int) -> R.Rendered:
     """Scene ``i`` of the patterns stage: base training's grammar and exclusions (never a personal concept's exact
     appearance nor a held-out triple), ``cfg.pattern_stage_prob`` of the objects with a pattern."""
-    spec = R.sample_scene(_scene_rng(cfg.seed, i, "patterns"), split="train", pattern_prob=cfg.pattern_stage_prob,
-                          excluded=EXCLUDED_APPEARANCES, unsaid_position=cfg.unsaid_position or None)
-    return R.render(spec, cfg.image_size)
+    return R.render(_training_spec(cfg, i, "patterns", cfg.pattern_stage_prob), cfg.image_size)
 
 
 def encode_latents(vae, images: torch.Tensor, scale: float, progress=True) -> torch.Tensor:
@@ -392,8 +397,7 @@ def stage_patterns(cfg, work, tokenizer, vae, scale, unet, text, progress=True):
 
 def base_spec(cfg: WorldConfig, i: int) -> R.SceneSpec:
     """The spec of base-model training scene ``i`` (:func:`base_scene` without the rendering)."""
-    return R.sample_scene(_scene_rng(cfg.seed, i, "base"), split="train", pattern_prob=cfg.pattern_prob,
-                          excluded=EXCLUDED_APPEARANCES, unsaid_position=cfg.unsaid_position or None)
+    return _training_spec(cfg, i, "base", cfg.pattern_prob)
 
 
 def base_scene(cfg: WorldConfig, i: int) -> R.Rendered:
