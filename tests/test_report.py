@@ -41,6 +41,34 @@ def test_bootstrap_ci_mean_interval_and_clamp():
     assert m3 == pytest.approx(0.99) and lo3 == pytest.approx(0.0) and hi3 == pytest.approx(1.0)
 
 
+def test_paired_difference_against_a_float64_reference():
+    rng = np.random.default_rng(1)
+    rows = []
+    for label in ("a", "b"):
+        for c in range(6 if label == "a" else 7):                   # b has a cluster a lacks: left out
+            for k in range(1 + c % 3):                              # unequal cluster sizes
+                rows.append({"label": label, "setting": "s", "n_concepts": 1, "concepts": f"c{c}", "seed": 0,
+                             "prompt_index": 0, "x": float(rng.normal())})
+    rows.append({"label": "a", "setting": "s", "n_concepts": 2, "concepts": "c0+c1", "seed": 0, "prompt_index": 0,
+                 "x": 100.0})                                       # a pair cell: not a single-concept row
+    df = pd.DataFrame(rows)
+    m, lo, hi = R.paired_difference(df, ("a", "s"), ("b", "s"), "x")
+    sums = {lab: np.array([df[(df.label == lab) & (df.n_concepts == 1) & (df.concepts == f"c{c}")].x.sum()
+                           for c in range(6)]) for lab in "ab"}
+    counts = np.array([1 + c % 3 for c in range(6)], float)
+    assert m == pytest.approx(sums["a"].sum() / counts.sum() - sums["b"].sum() / counts.sum(), abs=1e-12)
+    idx = np.random.default_rng(0).integers(0, 6, size=(1000, 6))
+    boots = (sums["a"][idx].sum(1) - sums["b"][idx].sum(1)) / counts[idx].sum(1)
+    assert (lo, hi) == pytest.approx((np.quantile(boots, 0.025), np.quantile(boots, 0.975)), abs=1e-12)
+    shifted = df.assign(label="c", x=df.x - 0.25)[df.label == "a"]  # a constant shift: a zero-width interval
+    assert R.paired_difference(pd.concat([df, shifted]), ("a", "s"), ("c", "s"), "x") == pytest.approx(
+        (0.25, 0.25, 0.25), abs=1e-12)
+    with pytest.raises(EditbenchError, match="label 'z'"):
+        R.paired_difference(df, ("a", "s"), ("z", "s"), "x")
+    with pytest.raises(EditbenchError, match="share no"):
+        R.paired_difference(df.assign(seed=np.where(df.label == "a", 0, 1)), ("a", "s"), ("b", "s"), "x")
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     out = tmp_path_factory.mktemp("report") / "out"

@@ -29,7 +29,7 @@ from editbench.eval.results import collect
 from editbench.eval.spec import safe_name
 from editbench.eval.validity import disagreements, rank_agreement
 
-__all__ = ["bootstrap_ci", "composition_table", "console_table", "summary_table", "write_report"]
+__all__ = ["bootstrap_ci", "composition_table", "console_table", "paired_difference", "summary_table", "write_report"]
 
 _CLUSTER = ["concepts", "seed", "prompt_index"]
 # ground-truth scores of toy-world suites (editbench.toyworld.oracle), aggregated like the CLIP scores:
@@ -61,6 +61,37 @@ def bootstrap_ci(df: pd.DataFrame, column: str, *, scale: str = "cosine", n_boot
     boots = clamp(sums[idx].sum(1) / counts[idx].sum(1))
     a = (1 - level) / 2
     return (mean, float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a)))
+
+
+def paired_difference(df: pd.DataFrame, a: tuple[str, str], b: tuple[str, str], column: str, *,
+                      single: bool = True, n_boot: int = 1000, level: float = 0.95,
+                      seed: int = 0) -> tuple[float, float, float]:
+    """``(mean, low, high)`` of ``column`` in rows ``a`` minus rows ``b``, each a ``(label, setting)``.
+
+    Paired over the (concept(s), seed, prompt) clusters both rows have (others are left out): each bootstrap
+    resample draws clusters once and takes both rows' means over them, so what a cluster shares between the two
+    (the concept's difficulty, the prompt, the training seed's data) cancels, and the interval is narrower than two
+    independent intervals would suggest. ``single`` selects single-concept cells (else multi-concept cells)."""
+    d = df[(df["n_concepts"] == 1) == single] if "n_concepts" in df else df
+    sides = []
+    for label, setting in (a, b):
+        rows = d[(d["label"] == label) & (d["setting"] == setting)][[*_CLUSTER, column]].dropna(subset=[column])
+        if rows.empty:
+            raise EditbenchError(f"no {'single' if single else 'multi'}-concept rows with a {column!r} score for "
+                                 f"label {label!r}, setting {setting!r}")
+        sides.append(rows.groupby(_CLUSTER, dropna=False)[column].agg(["sum", "count"]))
+    shared = sides[0].index.intersection(sides[1].index)
+    if shared.empty:
+        raise EditbenchError(f"{a} and {b} share no (concept(s), seed, prompt) cluster: nothing to pair")
+    (sa, ca), (sb, cb) = ((g.loc[shared, "sum"].to_numpy(float), g.loc[shared, "count"].to_numpy(float))
+                          for g in sides)
+    mean = float(sa.sum() / ca.sum() - sb.sum() / cb.sum())
+    if len(shared) < 2:
+        return (mean, math.nan, math.nan)
+    idx = np.random.default_rng(seed).integers(0, len(shared), size=(n_boot, len(shared)))  # (resample, cluster)
+    boots = sa[idx].sum(1) / ca[idx].sum(1) - sb[idx].sum(1) / cb[idx].sum(1)
+    q = (1 - level) / 2
+    return (mean, float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q)))
 
 
 def _one(df: pd.DataFrame, column: str, name: str) -> Any:
