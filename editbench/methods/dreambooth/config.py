@@ -27,15 +27,15 @@ class DreamBoothConfig(PriorConfigMixin, TrainConfig):
     ``lr``).
     """
 
-    steps: int = 254
+    steps: int = 282
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 3.05e-4
+    lr: float = 2.60e-4
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
     train_text_encoder: bool = False
     lr_text_encoder: float | None = None
-    prior_loss_weight: float = 0.565
+    prior_loss_weight: float = 0.325
 
     @classmethod
     def reference(cls, **overrides) -> DreamBoothConfig:

@@ -28,10 +28,10 @@ class LoRAConfig(PriorConfigMixin, TrainConfig):
     recipe.
     """
 
-    steps: int = 273
+    steps: int = 278
     batch_size: int = 4
     grad_accum: int = 1
-    lr: float = 1.26e-3
+    lr: float = 1.57e-3
     weight_decay: float = 1e-2
     max_grad_norm: float | None = 1.0
     rank: int = 16

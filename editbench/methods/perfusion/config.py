@@ -44,19 +44,19 @@ class PerfusionConfig(EmbeddingNormCap, TrainConfig):
     encoders that carry the concept direction into all later tokens (measured on the toy world:
     docs/methods/perfusion.md). Stored in the artifact; :class:`PerfusionSettings` uses it unless overridden."""
 
-    steps: int = 178
+    steps: int = 196
     batch_size: int = 4
     grad_accum: int = 1
-    lr_values: float = 0.183       # o*_V of every cross-attention layer
-    lr_embedding: float = 2.77e-3  # the concept word's embedding row
-    beta_train: float = 0.517      # sigmoid bias of the gate during training
+    lr_values: float = 0.299       # o*_V of every cross-attention layer
+    lr_embedding: float = 1.71e-3  # the concept word's embedding row
+    beta_train: float = 0.565      # sigmoid bias of the gate during training
     tau_train: float = 0.10        # sigmoid temperature during training
     ema_decay: float = 0.99        # of i*, the concept token's encoding
     cov_ridge: float = 1e-4        # C + cov_ridge * tr(C) / d * I
     key_locking: bool = True       # False: the "trained keys" ablation (o*_K learned and stored per layer)
-    lr_keys: float = 0.183         # o*_K of every layer (= lr_values), only when key_locking is False
+    lr_keys: float = 0.299         # o*_K of every layer (= lr_values), only when key_locking is False
     gate_tokens: str = "all"       # "all" (paper) or "concept" (edit only the concept token's positions)
-    embedding_norm_cap: float | None = 2.6  # learned row <= cap x |e(superclass)| (None: uncapped)
+    embedding_norm_cap: float | None = 2.92  # learned row <= cap x |e(superclass)| (None: uncapped)
 
     @classmethod
     def reference(cls, **overrides) -> PerfusionConfig:
