@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import shutil
 from pathlib import Path
 
@@ -26,8 +27,8 @@ from editbench.toyworld import concepts
 
 ROOT = Path(__file__).resolve().parents[1]
 SCORES = ("identity", "prompt_fidelity", "background_ok", "image_alignment", "text_alignment")
-# (label, setting, row title): each method at its tuned point (the toy suites' settings)
-ROWS = (("perfusion", "beta=0.454,tau=0.199", "Perfusion b0.454"), ("dreambooth", "default", "DreamBooth"),
+# (label, setting, row title): each method at its tuned point (Perfusion's: the setting of its tuned beta)
+ROWS = (("perfusion", None, "Perfusion"), ("dreambooth", "default", "DreamBooth"),
         ("lora", "scale=1.0", "LoRA"), ("custom_diffusion", "default", "Custom Diff."),
         ("textual_inversion", "default", "Text. inv."))
 PROMPTS = (0, 2, 3)  # a new background; a new position on a reference background; a new position and background
@@ -36,7 +37,11 @@ PROMPTS = (0, 2, 3)  # a new background; a new position on a reference backgroun
 def samples_figure(run: Path, df: pd.DataFrame, path: Path, *, cell: int = 84, margin: int = 130) -> None:
     names = list(dict.fromkeys(df[df["n_concepts"] == 1]["concepts"]))
     refs = {c.name: c.images for c in concepts()}
-    rows = [("references", None)] + [(title, (label, setting)) for label, setting, title in ROWS]
+    beta = json.loads((ROOT / "benchmarks" / "tuning" / "toy-quick" / "perfusion" / "tuned.json").read_text())
+    beta = beta["settings"]["beta"]
+    perf = df[(df["label"] == "perfusion") & df["set_beta"].sub(beta).abs().lt(0.01 * beta)]["setting"]
+    rows = [("references", None)] + [(title, (label, setting if setting else perf.iloc[0]))
+                                     for label, setting, title in ROWS if setting or not perf.empty]
     canvas = Image.new("RGB", (margin + cell * len(names) * len(PROMPTS), 20 + cell * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
     seed0 = df[(df["seed"] == df["seed"].min()) & (df["image_index"] == 0) & (df["n_concepts"] == 1)]
