@@ -30,6 +30,7 @@ SCORES = ("identity", "prompt_fidelity", "background_ok", "image_alignment", "te
 # (label, setting, row title): each method at its tuned point (Perfusion's: the setting of its tuned beta)
 ROWS = (("perfusion", None, "Perfusion"), ("dreambooth", "default", "DreamBooth"),
         ("lora", "scale=1.0", "LoRA"), ("custom_diffusion", "default", "Custom Diff."),
+        ("custom_diffusion-joint", "default", "Custom Diff."),  # toy-full: the full-rank single-concept artifact
         ("textual_inversion", "default", "Text. inv."))
 PROMPTS = (0, 2, 3)  # a new background; a new position on a reference background; a new position and background
 
@@ -37,14 +38,16 @@ PROMPTS = (0, 2, 3)  # a new background; a new position on a reference backgroun
 def samples_figure(run: Path, df: pd.DataFrame, path: Path, *, cell: int = 84, margin: int = 130) -> None:
     names = list(dict.fromkeys(df[df["n_concepts"] == 1]["concepts"]))
     refs = {c.name: c.images for c in concepts()}
+    seed0 = df[(df["seed"] == df["seed"].min()) & (df["image_index"] == 0) & (df["n_concepts"] == 1)]
     beta = json.loads((ROOT / "benchmarks" / "tuning" / "toy-quick" / "perfusion" / "tuned.json").read_text())
     beta = beta["settings"]["beta"]
     perf = df[(df["label"] == "perfusion") & df["set_beta"].sub(beta).abs().lt(0.01 * beta)]["setting"]
+    have = set(zip(seed0["label"], seed0["setting"]))
     rows = [("references", None)] + [(title, (label, setting if setting else perf.iloc[0]))
-                                     for label, setting, title in ROWS if setting or not perf.empty]
+                                     for label, setting, title in ROWS
+                                     if (label, setting) in have or (setting is None and not perf.empty)]
     canvas = Image.new("RGB", (margin + cell * len(names) * len(PROMPTS), 20 + cell * len(rows)), "white")
     draw = ImageDraw.Draw(canvas)
-    seed0 = df[(df["seed"] == df["seed"].min()) & (df["image_index"] == 0) & (df["n_concepts"] == 1)]
     for j, name in enumerate(names):
         draw.text((margin + j * len(PROMPTS) * cell + 2, 4), name, fill="black")
         for i, (title, key) in enumerate(rows):
