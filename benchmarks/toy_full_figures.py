@@ -41,7 +41,8 @@ def samples_figure(run: Path, df: pd.DataFrame, path: Path, *, cell: int = 84, m
     seed0 = df[(df["seed"] == df["seed"].min()) & (df["image_index"] == 0) & (df["n_concepts"] == 1)]
     beta = json.loads((ROOT / "benchmarks" / "tuning" / "toy-quick" / "perfusion" / "tuned.json").read_text())
     beta = beta["settings"]["beta"]
-    perf = df[(df["label"] == "perfusion") & df["set_beta"].sub(beta).abs().lt(0.01 * beta)]["setting"]
+    perf = (df[(df["label"] == "perfusion") & df["set_beta"].sub(beta).abs().lt(0.01 * beta)]["setting"]
+            if "set_beta" in df else pd.Series(dtype=str))
     have = set(zip(seed0["label"], seed0["setting"]))
     rows = [("references", None)] + [(title, (label, setting if setting else perf.iloc[0]))
                                      for label, setting, title in ROWS

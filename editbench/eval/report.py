@@ -71,7 +71,8 @@ def paired_difference(df: pd.DataFrame, a: tuple[str, str], b: tuple[str, str], 
     Paired over the (concept(s), seed, prompt) clusters both rows have (others are left out): each bootstrap
     resample draws clusters once and takes both rows' means over them, so what a cluster shares between the two
     (the concept's difficulty, the prompt, the training seed's data) cancels, and the interval is narrower than two
-    independent intervals would suggest. ``single`` selects single-concept cells (else multi-concept cells)."""
+    independent intervals would suggest. ``single`` selects single-concept cells (else multi-concept cells). The
+    difference is of raw means: a score on the ``torchmetrics`` scale is not clamped at 0 here."""
     d = df[(df["n_concepts"] == 1) == single] if "n_concepts" in df else df
     sides = []
     for label, setting in (a, b):
