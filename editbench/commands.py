@@ -282,8 +282,31 @@ def cmd_tune(args) -> None:
 def cmd_report(args) -> None:
     from editbench.eval.report import write_report
 
+    if args.paired:
+        return _print_paired(Path(args.out), *args.paired, multi=args.multi)
     path = write_report(Path(args.out))
     print(f"report written to {path} and {path.with_suffix('.html')}")
+
+
+def _print_paired(out: Path, a: str, b: str, *, multi: bool) -> None:
+    """Row ``a`` minus row ``b`` (``LABEL[:SETTING]``) on every score the run has, paired over shared clusters."""
+    import pandas as pd
+
+    from editbench.eval.report import paired_difference
+    from editbench.eval.results import collect
+
+    df = collect(out)
+    rows = [tuple(x.split(":", 1)) if ":" in x else (x, "default") for x in (a, b)]
+    scores = ("identity", "identity_frac", "prompt_fidelity", "background_ok", "count_ok", "text_alignment",
+              "image_alignment") if not multi else (
+              "identity_0", "identity_1", "composition_oracle", "prompt_fidelity", "count_ok", "text_alignment",
+              "image_alignment_0", "image_alignment_1")
+    d = df[(df["n_concepts"] > 1) == multi]
+    table = pd.DataFrame([(c, *paired_difference(df, rows[0], rows[1], c, single=not multi)) for c in scores
+                          if c in d and d[c].notna().any()], columns=["score", "difference", "low", "high"])
+    print(f"{rows[0][0]}:{rows[0][1]} minus {rows[1][0]}:{rows[1][1]} "
+          f"({'multi' if multi else 'single'}-concept cells; paired 95% cluster-bootstrap intervals)")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))
 
 
 def cmd_demo(args) -> None:
@@ -426,6 +449,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     r = sub.add_parser("report", help="write report.md, report.html and plots for a suite output folder")
     r.add_argument("out")
+    r.add_argument("--paired", nargs=2, metavar=("A", "B"), default=None,
+                   help="instead: print row A minus row B (each LABEL or LABEL:SETTING, as in report.md) on every "
+                        "score, paired over the (concept(s), seed, prompt) clusters both have")
+    r.add_argument("--multi", action="store_true", help="with --paired: compare the multi-concept cells")
     r.set_defaults(func=cmd_report)
 
     d = sub.add_parser("demo", help="Perfusion on one toy concept, beside the base model")

@@ -85,6 +85,11 @@ def test_bench_then_report(tmp_path, capsys):
     (out / "report.md").unlink()
     assert main(["report", str(out)]) == 0
     assert (out / "report.md").is_file() and "report written" in capsys.readouterr().out
+    assert main(["report", str(out), "--paired", "textual_inversion", "base:default"]) == 0
+    printed = capsys.readouterr().out
+    assert "textual_inversion:default minus base:default" in printed and "text_alignment" in printed
+    assert main(["report", str(out), "--paired", "nope", "base"]) == 2
+    assert "label 'nope'" in capsys.readouterr().err
 
 
 def test_demo(tmp_path, capsys):
