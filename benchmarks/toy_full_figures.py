@@ -5,7 +5,7 @@
 Writes ``docs/img/results_identity_fidelity.png`` and ``results_alignment.png`` (the report's ``plots/oracle.png``
 and ``plots/alignment.png``), ``docs/img/results_samples.png`` (first row each test concept's references, then one
 image per method at its tuned point: training seed 0, image 0, three prompts per concept) and ``paired.csv`` in the
-run folder: every two single-concept rows' paired difference (``editbench.eval.report.paired_difference``) in
+run folder: every two single-concept rows' paired difference (``editbench.eval.report.paired_table``) in
 identity, prompt fidelity, background and CLIP image / text alignment, the numbers the findings quote.
 """
 
@@ -21,7 +21,7 @@ import pandas as pd
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from editbench.eval.report import paired_difference
+from editbench.eval.report import paired_table
 from editbench.eval.results import collect
 from editbench.toyworld import concepts
 
@@ -69,15 +69,15 @@ def samples_figure(run: Path, df: pd.DataFrame, path: Path, *, cell: int = 84, m
     canvas.save(path)
 
 
-def paired_table(df: pd.DataFrame) -> pd.DataFrame:
+def all_pairs(df: pd.DataFrame) -> pd.DataFrame:
     single = df[df["n_concepts"] == 1]
     keys = list(dict.fromkeys(zip(single["label"], single["setting"])))
     rows = []
     for a, b in tqdm(list(itertools.combinations(keys, 2)), desc="paired differences"):
         r = {"a": f"{a[0]} {a[1]}", "b": f"{b[0]} {b[1]}"}
-        for col in SCORES:
-            if col in single and single[col].notna().any():
-                r[col], r[f"{col}_lo"], r[f"{col}_hi"] = paired_difference(single, a, b, col)
+        for t in paired_table(single, a, b).itertuples():
+            if t.score in SCORES:
+                r[t.score], r[f"{t.score}_lo"], r[f"{t.score}_hi"] = t.difference, t.low, t.high
         rows.append(r)
     return pd.DataFrame(rows)
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     for src, dst in (("oracle.png", "results_identity_fidelity.png"), ("alignment.png", "results_alignment.png")):
         shutil.copyfile(args.run / "plots" / src, args.img / dst)
     samples_figure(args.run, df, args.img / "results_samples.png")
-    paired_table(df).to_csv(args.run / "paired.csv", index=False, float_format="%.4f")
+    all_pairs(df).to_csv(args.run / "paired.csv", index=False, float_format="%.4f")
     print(f"wrote {args.img}/results_*.png and {args.run / 'paired.csv'}")
 
 

@@ -290,20 +290,11 @@ def cmd_report(args) -> None:
 
 def _print_paired(out: Path, a: str, b: str, *, multi: bool) -> None:
     """Row ``a`` minus row ``b`` (``LABEL[:SETTING]``) on every score the run has, paired over shared clusters."""
-    import pandas as pd
-
-    from editbench.eval.report import paired_difference
+    from editbench.eval.report import paired_table
     from editbench.eval.results import collect
 
-    df = collect(out)
     rows = [tuple(x.split(":", 1)) if ":" in x else (x, "default") for x in (a, b)]
-    scores = ("identity", "identity_frac", "prompt_fidelity", "background_ok", "count_ok", "text_alignment",
-              "image_alignment") if not multi else (
-              "identity_0", "identity_1", "composition_oracle", "prompt_fidelity", "count_ok", "text_alignment",
-              "image_alignment_0", "image_alignment_1")
-    d = df[(df["n_concepts"] > 1) == multi]
-    table = pd.DataFrame([(c, *paired_difference(df, rows[0], rows[1], c, single=not multi)) for c in scores
-                          if c in d and d[c].notna().any()], columns=["score", "difference", "low", "high"])
+    table = paired_table(collect(out), rows[0], rows[1], single=not multi)
     print(f"{rows[0][0]}:{rows[0][1]} minus {rows[1][0]}:{rows[1][1]} "
           f"({'multi' if multi else 'single'}-concept cells; paired 95% cluster-bootstrap intervals)")
     print(table.to_string(index=False, float_format=lambda v: f"{v:+.3f}"))

@@ -29,7 +29,8 @@ from editbench.eval.results import collect
 from editbench.eval.spec import safe_name
 from editbench.eval.validity import disagreements, rank_agreement
 
-__all__ = ["bootstrap_ci", "composition_table", "console_table", "paired_difference", "summary_table", "write_report"]
+__all__ = ["bootstrap_ci", "composition_table", "console_table", "paired_difference", "paired_table",
+           "summary_table", "write_report"]
 
 _CLUSTER = ["concepts", "seed", "prompt_index"]
 # ground-truth scores of toy-world suites (editbench.toyworld.oracle), aggregated like the CLIP scores:
@@ -38,6 +39,11 @@ ORACLE_SINGLE = (("identity", "identity"), ("identity_frac", "identity attrs"), 
                  ("background_ok", "background"), ("count_ok", "count"))
 ORACLE_PAIR = (("identity_0", "identity A"), ("identity_1", "identity B"), ("prompt_fidelity", "prompt fidelity"),
                ("count_ok", "count"), ("composition_oracle", "composition (ground truth)"))
+# every score of report.md's tables, (column, title): single-concept and multi-concept cells
+SINGLE_SCORES = (("text_alignment", "text alignment"), ("image_alignment", "image alignment"),
+                 ("dino_image", "DINO image"), *ORACLE_SINGLE)
+PAIR_SCORES = (("text_alignment", "text alignment"), ("image_alignment_0", "image alignment A"),
+               ("image_alignment_1", "image alignment B"), ("composition_hit", "composition (CLIP)"), *ORACLE_PAIR)
 
 
 def bootstrap_ci(df: pd.DataFrame, column: str, *, scale: str = "cosine", n_boot: int = 1000, level: float = 0.95,
@@ -93,6 +99,15 @@ def paired_difference(df: pd.DataFrame, a: tuple[str, str], b: tuple[str, str], 
     boots = sa[idx].sum(1) / ca[idx].sum(1) - sb[idx].sum(1) / cb[idx].sum(1)
     q = (1 - level) / 2
     return (mean, float(np.quantile(boots, q)), float(np.quantile(boots, 1 - q)))
+
+
+def paired_table(df: pd.DataFrame, a: tuple[str, str], b: tuple[str, str], *, single: bool = True) -> pd.DataFrame:
+    """:func:`paired_difference` of ``a`` minus ``b`` on every score of report.md's table (single- or multi-concept)
+    that the run has: columns ``score``, ``difference``, ``low``, ``high``."""
+    cells = df[(df["n_concepts"] == 1) == single]
+    rows = [(col, *paired_difference(df, a, b, col, single=single)) for col, _ in
+            (SINGLE_SCORES if single else PAIR_SCORES) if col in cells and cells[col].notna().any()]
+    return pd.DataFrame(rows, columns=["score", "difference", "low", "high"])
 
 
 def _one(df: pd.DataFrame, column: str, name: str) -> Any:
@@ -356,13 +371,9 @@ def write_report(out: str | os.PathLike) -> Path:
     grids = [_grid(out, g, out / "grids" / f"{safe_name(label)}.png") for label, g in df.groupby("label", sort=False)]
 
     text_scale, image_scale = _one(df, "text_scale", "text scale"), _one(df, "image_scale", "image scale")
-    single_cols = [("text_alignment", "text alignment"), ("image_alignment", "image alignment"),
-                   ("dino_image", "DINO image"), *ORACLE_SINGLE]
-    pair_cols = [("text_alignment", "text alignment"), ("image_alignment_0", "image alignment A"),
-                 ("image_alignment_1", "image alignment B"), ("composition_hit", "composition (CLIP)"), *ORACLE_PAIR]
     notes: list[str] = []
-    single_cols = _informative(df[df["n_concepts"] == 1], single_cols, notes, "single-concept")
-    pair_cols = _informative(df[df["n_concepts"] > 1], pair_cols, notes, "multi-concept")
+    single_cols = _informative(df[df["n_concepts"] == 1], list(SINGLE_SCORES), notes, "single-concept")
+    pair_cols = _informative(df[df["n_concepts"] > 1], list(PAIR_SCORES), notes, "multi-concept")
     shown = _display(summary, single_cols)
     if not summary.empty:
         shown["storage"] = [_bytes(v) for v in summary["storage_bytes"]]

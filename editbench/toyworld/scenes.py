@@ -16,6 +16,8 @@ from dataclasses import asdict, dataclass, field, replace
 import numpy as np
 from PIL import Image
 
+from editbench.errors import EditbenchError
+
 PALETTE: dict[str, tuple[int, int, int]] = {
     "red": (215, 35, 35),
     "green": (35, 160, 60),
@@ -291,8 +293,6 @@ def sample_scene(rng: random.Random, *, split: str = "train", two_object_prob: f
     either way, so the two settings give the same scenes apart from that object's position.
     """
     if unsaid_position is not None and unsaid_position not in POSITIONS:
-        from editbench.errors import EditbenchError
-
         raise EditbenchError(f"unsaid_position must be one of {sorted(POSITIONS)} or None, got {unsaid_position!r}")
     while True:
         background = rng.choice(COLORS)
